@@ -1,0 +1,566 @@
+"""Functional neural similarity: the math behind every NSL layer.
+
+A convolution scores a filter ``w`` against an input patch ``x`` with ``w^T x``; neural similarity
+(Liu et al., NeurIPS 2019) uses the bilinear form ``w^T M x``. For a ``kh x kw`` kernel with
+``P = kh * kw`` positions numbered row-major (``q = i * kw + j``, ``offset(q) = (i, j)``, the
+indexing of :func:`torch.nn.functional.conv2d`)::
+
+    out[n, o, y] = bias[o] + sum_{c, p, q} w[o, c, p] * M[p, q](y)
+                              * x[n, c, y * stride + dilation * offset(q) - padding]
+
+``M[p, q]`` links kernel position ``p`` of the filter to input position ``q`` of the patch, and
+``c`` runs over the input channels of ``o``'s group. ``M = I`` gives :func:`F.conv2d` exactly.
+
+``M`` is static (one matrix for every location, learned as a parameter) or dynamic (predicted
+per sample and output location). Static similarity is a reparametrised weight
+``W'[o, c, q] = sum_p W[o, c, p] M[p, q]`` and costs one ordinary convolution. Dynamic
+similarity runs on one of several backends that all compute the same numbers:
+
+* ``"reference"``: explicit: gather the ``P`` shifted input views, mix them with ``M(y)``,
+  contract with the weight; plain autograd; traceable, exportable, any dtype.
+* ``"unfold"``: the same columns built chunk by chunk inside a custom autograd function that
+  saves only ``x``, ``w`` and ``M`` and recomputes columns in backward (memory-lean).
+* ``"ztrick"``: ``z_p = w_p^T x`` for every ``p`` as one 1x1 convolution to ``P * C_out``
+  channels, then ``out(y) = sum_{p,q} M[p, q](y) z_p(y * stride + dilation * offset(q) - padding)``;
+  it keeps ``P`` times the output instead of ``P`` times the input, so it wins when
+  ``C_out < C_in`` (especially with full ``M``). Memory-lean backward as well.
+* ``"cpp"``: a fused C++ kernel (CPU, float32/float64) that builds modulated column tiles in
+  cache and feeds them to a GEMM, forward and backward; compiled on first use.
+
+``"auto"`` (the default) picks ``cpp`` where it applies, otherwise ``ztrick`` or ``unfold`` by
+shape, and ``reference`` while tracing for ``torch.compile`` or export. Select with
+:func:`set_backend` or the :func:`use_backend` context manager.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "ns_conv2d",
+    "sphere_conv2d",
+    "static_weight",
+    "similarity_kind",
+    "conv_output_size",
+    "set_backend",
+    "get_backend",
+    "use_backend",
+    "BACKENDS",
+]
+
+BACKENDS = ("auto", "reference", "unfold", "ztrick", "cpp")
+
+_state = threading.local()
+_default_backend = "auto"
+# Bound on the elements of one chunk's column tensor in the pure-PyTorch lean backends.
+_CHUNK_ELEMENTS = 1 << 23
+
+
+# --------------------------------------------------------------------------------------------
+# backend selection
+# --------------------------------------------------------------------------------------------
+def set_backend(name: str) -> None:
+    """Set the process-wide backend for dynamic similarity (one of :data:`BACKENDS`)."""
+    global _default_backend
+    _default_backend = _check_backend(name)
+
+
+def get_backend() -> str:
+    """The backend in force in this thread (a :func:`use_backend` override, else the default)."""
+    return getattr(_state, "backend", None) or _default_backend
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Context manager selecting the dynamic-similarity backend in this thread.
+
+    Example::
+
+        with nsl.functional.use_backend("reference"):
+            out = layer(x)
+    """
+    previous = getattr(_state, "backend", None)
+    _state.backend = _check_backend(name)
+    try:
+        yield
+    finally:
+        _state.backend = previous
+
+
+def _check_backend(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+# --------------------------------------------------------------------------------------------
+# geometry and argument checks
+# --------------------------------------------------------------------------------------------
+def _pair(value, name: str) -> tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value)
+    if isinstance(value, Sequence) and len(value) == 2 and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        return (int(value[0]), int(value[1]))
+    raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+
+
+def _resolve_padding(padding, kernel: tuple[int, int], stride: tuple[int, int],
+                     dilation: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Padding as ``(top, bottom, left, right)`` for ints, pairs, ``'same'`` and ``'valid'``."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0, 0, 0)
+        if padding == "same":
+            if stride != (1, 1):
+                raise ValueError(f"padding='same' needs stride 1 (as in F.conv2d), got stride {stride}")
+            total = [d * (k - 1) for d, k in zip(dilation, kernel)]
+            return (total[0] // 2, total[0] - total[0] // 2, total[1] // 2, total[1] - total[1] // 2)
+        raise ValueError(f"padding must be an int, a pair of ints, 'same' or 'valid', got {padding!r}")
+    ph, pw = _pair(padding, "padding")
+    if ph < 0 or pw < 0:
+        raise ValueError(f"padding must be non-negative, got {padding!r}")
+    return (ph, ph, pw, pw)
+
+
+def conv_output_size(size: tuple[int, int], kernel_size, stride=1, padding=0, dilation=1) -> tuple[int, int]:
+    """Output ``(H_out, W_out)`` of a convolution over an ``(H, W)`` input (``F.conv2d``'s rule).
+
+    ``H_out = floor((H + pad_top + pad_bottom - dilation * (kh - 1) - 1) / stride) + 1``.
+    """
+    kernel = _pair(kernel_size, "kernel_size")
+    stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
+    pt, pb, pl, pr = _resolve_padding(padding, kernel, stride, dilation)
+    h = (size[0] + pt + pb - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+    w = (size[1] + pl + pr - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+    return (h, w)
+
+
+def similarity_kind(similarity: Tensor, positions: int) -> str:
+    """Classify a similarity tensor by its shape.
+
+    Returns ``'static-diagonal'`` for ``[P]``, ``'static-full'`` for ``[P, P]``,
+    ``'dynamic-diagonal'`` for ``[N, P, H_out, W_out]`` and ``'dynamic-full'`` for
+    ``[N, P, P, H_out, W_out]``; raises :class:`ValueError` otherwise.
+    """
+    P = positions
+    shape = tuple(similarity.shape)
+    if shape == (P,):
+        return "static-diagonal"
+    if shape == (P, P):
+        return "static-full"
+    if similarity.dim() == 4 and shape[1] == P:
+        return "dynamic-diagonal"
+    if similarity.dim() == 5 and shape[1:3] == (P, P):
+        return "dynamic-full"
+    raise ValueError(
+        f"similarity has shape {list(shape)}; expected [P] or [P, P] (static) or [N, P, H_out, W_out] "
+        f"or [N, P, P, H_out, W_out] (dynamic) with P = kh * kw = {P}"
+    )
+
+
+def _check_tensor(t, name: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _check_devices(tensors: dict[str, Tensor | None]) -> None:
+    devices = {k: v.device for k, v in tensors.items() if v is not None}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{k} on {v}" for k, v in devices.items())
+        raise ValueError(f"ns_conv2d: input, weight, similarity and bias must be on one device; got {listed}")
+
+
+def _check_dtypes(tensors: dict[str, Tensor | None]) -> None:
+    dtypes = {k: v.dtype for k, v in tensors.items() if v is not None}
+    if not dtypes["input"].is_floating_point:
+        raise TypeError(f"ns_conv2d: input must be a floating-point tensor, got {dtypes['input']}")
+    if len(set(dtypes.values())) > 1:
+        listed = ", ".join(f"{k} {str(v).replace('torch.', '')}" for k, v in dtypes.items())
+        raise TypeError(f"ns_conv2d: input, weight, similarity and bias must share one dtype; got {listed}")
+
+
+# --------------------------------------------------------------------------------------------
+# static similarity
+# --------------------------------------------------------------------------------------------
+def static_weight(weight: Tensor, similarity: Tensor) -> Tensor:
+    """The convolution weight equal to a static similarity: ``W'[o, c, q] = sum_p W[o, c, p] M[p, q]``.
+
+    Args:
+        weight: ``[C_out, C_in / groups, kh, kw]``.
+        similarity: ``[P]`` (diagonal ``M = diag(m)``, so ``W' = W * m``) or ``[P, P]`` (full).
+    Returns:
+        ``[C_out, C_in / groups, kh, kw]``, to be used with :func:`F.conv2d`.
+    """
+    out_c, in_c, kh, kw = weight.shape
+    if similarity.dim() == 1:
+        return weight * similarity.view(1, 1, kh, kw)
+    return (weight.reshape(out_c, in_c, kh * kw) @ similarity).view(out_c, in_c, kh, kw)
+
+
+# --------------------------------------------------------------------------------------------
+# the public op
+# --------------------------------------------------------------------------------------------
+def ns_conv2d(input: Tensor, weight: Tensor, similarity: Tensor, bias: Tensor | None = None,
+              stride=1, padding=0, dilation=1, groups: int = 1) -> Tensor:
+    """Neural similarity convolution ``out = w^T M x`` over every patch.
+
+    ``out[n, o, y] = bias[o] + sum_{c, p, q} w[o, c, p] * M[p, q](y) * x[n, c, y*stride + dilation*offset(q) - padding]``
+    with positions row-major (``q = i * kw + j``, ``offset(q) = (i, j)``), so ``M = I`` gives
+    :func:`F.conv2d` exactly.
+
+    Args:
+        input: ``[N, C_in, H, W]`` (or unbatched ``[C_in, H, W]``).
+        weight: ``[C_out, C_in / groups, kh, kw]`` as in ``nn.Conv2d``; ``P = kh * kw``.
+        similarity: ``[P]`` static diagonal, ``[P, P]`` static full, ``[N, P, H_out, W_out]``
+            dynamic diagonal (DCNv2's mask layout), ``[N, P, P, H_out, W_out]`` dynamic full.
+        bias: ``[C_out]`` or ``None``.
+        stride, padding, dilation, groups: as in :func:`F.conv2d`; ``padding`` takes an int, a
+            pair, ``'same'`` or ``'valid'`` (zero padding).
+    Returns:
+        ``[N, C_out, H_out, W_out]`` (``[C_out, H_out, W_out]`` for unbatched input).
+
+    Example::
+
+        >>> x = torch.randn(2, 8, 16, 16); w = torch.randn(4, 8, 3, 3)
+        >>> m = torch.ones(2, 9, 16, 16)                   # dynamic diagonal, identity
+        >>> torch.allclose(ns_conv2d(x, w, m, padding=1), F.conv2d(x, w, padding=1), atol=1e-5)
+        True
+    """
+    _check_tensor(input, "input")
+    _check_tensor(weight, "weight")
+    _check_tensor(similarity, "similarity")
+    if bias is not None:
+        _check_tensor(bias, "bias")
+    if input.dim() == 3:
+        single = similarity.dim() in (1, 2)
+        sim = similarity if single else similarity.unsqueeze(0)
+        return ns_conv2d(input.unsqueeze(0), weight, sim, bias, stride, padding, dilation, groups).squeeze(0)
+    if input.dim() != 4:
+        raise ValueError(f"ns_conv2d: expected input of shape [N, C_in, H, W] (4-D) or [C_in, H, W] (3-D), "
+                         f"got shape {list(input.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(f"ns_conv2d: expected weight of shape [C_out, C_in / groups, kh, kw] (4-D), "
+                         f"got shape {list(weight.shape)}")
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    out_c, in_per_group, kh, kw = weight.shape
+    if out_c % groups:
+        raise ValueError(f"weight has C_out = {out_c} output channels, not divisible by groups = {groups}")
+    if input.shape[1] != in_per_group * groups:
+        raise ValueError(
+            f"ns_conv2d: input has {input.shape[1]} channels but weight of shape {list(weight.shape)} with "
+            f"groups = {groups} expects C_in = {in_per_group * groups} (input shape [N, "
+            f"{in_per_group * groups}, H, W])"
+        )
+    if bias is not None and tuple(bias.shape) != (out_c,):
+        raise ValueError(f"bias must have shape [C_out] = [{out_c}], got {list(bias.shape)}")
+    stride_, dilation_ = _pair(stride, "stride"), _pair(dilation, "dilation")
+    if min(stride_) < 1 or min(dilation_) < 1:
+        raise ValueError(f"stride and dilation must be >= 1, got stride {stride!r}, dilation {dilation!r}")
+    pads = _resolve_padding(padding, (kh, kw), stride_, dilation_)
+    P = kh * kw
+    kind = similarity_kind(similarity, P)
+
+    _check_devices({"input": input, "weight": weight, "similarity": similarity, "bias": bias})
+    device_type = input.device.type
+    if device_type in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        input, weight, similarity = input.to(dtype), weight.to(dtype), similarity.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        with torch.autocast(device_type, enabled=False):
+            return ns_conv2d(input, weight, similarity, bias, stride, padding, dilation, groups)
+    _check_dtypes({"input": input, "weight": weight, "similarity": similarity, "bias": bias})
+
+    if kind.startswith("static"):
+        return F.conv2d(input, static_weight(weight, similarity), bias, stride_,
+                        padding if isinstance(padding, str) else (pads[0], pads[2]), dilation_, groups)
+
+    n, _, h, w = input.shape
+    out_h = (h + pads[0] + pads[1] - dilation_[0] * (kh - 1) - 1) // stride_[0] + 1
+    out_w = (w + pads[2] + pads[3] - dilation_[1] * (kw - 1) - 1) // stride_[1] + 1
+    if out_h < 1 or out_w < 1:
+        raise ValueError(f"input of spatial size {h}x{w} is too small for kernel {kh}x{kw} with padding "
+                         f"{padding!r} and dilation {dilation_} (output would be {out_h}x{out_w})")
+    expected = [n, P, out_h, out_w] if kind == "dynamic-diagonal" else [n, P, P, out_h, out_w]
+    if list(similarity.shape) != expected:
+        raise ValueError(f"dynamic similarity has shape {list(similarity.shape)}; expected {expected} "
+                         f"([N, P{', P' if kind == 'dynamic-full' else ''}, H_out, W_out]) for input "
+                         f"{list(input.shape)} and weight {list(weight.shape)}")
+    out = _dynamic(input, weight, similarity, stride_, pads, dilation_, groups, (out_h, out_w))
+    if bias is not None:
+        out = out + bias.view(1, -1, 1, 1)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# dynamic similarity backends
+# --------------------------------------------------------------------------------------------
+def _tracing() -> bool:
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
+def _cpp_available() -> bool:
+    try:
+        from . import _cpp
+    except ImportError:  # pragma: no cover - the kernel module ships with the package
+        return False
+    return _cpp.is_available()
+
+
+def _choose(backend: str, x: Tensor, weight: Tensor, sim: Tensor) -> str:
+    if backend != "auto":
+        return backend
+    if _tracing():
+        return "reference"
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and _cpp_available():
+        return "cpp"
+    # The P-times tensor is the columns (P * C_in/groups per output location) for unfold and z
+    # (P * C_out/groups per padded input location) for ztrick; mixing with M costs the same ratio.
+    in_per_group = weight.shape[1]
+    out_per_group = weight.shape[0] * in_per_group // x.shape[1]
+    out_area = sim.shape[-1] * sim.shape[-2]
+    in_area = x.shape[2] * x.shape[3]
+    return "ztrick" if out_per_group * in_area < in_per_group * out_area else "unfold"
+
+
+def _dynamic(x, weight, sim, stride, pads, dilation, groups, out_size) -> Tensor:
+    backend = _choose(get_backend(), x, weight, sim)
+    if backend == "cpp":
+        from . import _cpp
+
+        if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"the 'cpp' backend runs on CPU float32/float64 tensors, got {x.dtype} on "
+                            f"{x.device}; use backend 'auto'")
+        if not _cpp.is_available():
+            raise RuntimeError(f"the 'cpp' backend is unavailable: {_cpp.unavailable_reason()}")
+        if pads[0] != pads[1] or pads[2] != pads[3]:
+            x = F.pad(x, (pads[2], pads[3], pads[0], pads[1]))
+            pads = (0, 0, 0, 0)
+        return _cpp.dynamic_ns_conv2d(x, weight, sim, stride, (pads[0], pads[2]), dilation, groups)
+    if any(pads):
+        x = F.pad(x, (pads[2], pads[3], pads[0], pads[1]))
+    geometry = (weight.shape[2], weight.shape[3], stride, dilation, out_size)
+    if backend == "reference":
+        return _reference(x, weight, sim, groups, geometry)
+    if backend == "unfold":
+        return _UnfoldFn.apply(x, weight, sim, groups, geometry)
+    return _ZTrickFn.apply(x, weight, sim, groups, geometry)
+
+
+def _window(t: Tensor, i: int, j: int, geometry) -> Tensor:
+    """The ``[..., H_out, W_out]`` view of ``t`` read by kernel position ``(i, j)``."""
+    _, _, (sh, sw), (dh, dw), (oh, ow) = geometry
+    return t[..., i * dh: i * dh + sh * (oh - 1) + 1: sh, j * dw: j * dw + sw * (ow - 1) + 1: sw]
+
+
+def _columns(xpad: Tensor, geometry) -> Tensor:
+    """Shifted views of a padded input stacked by position: ``[N, C, P, H_out, W_out]``."""
+    kh, kw = geometry[0], geometry[1]
+    return torch.stack([_window(xpad, i, j, geometry) for i in range(kh) for j in range(kw)], dim=2)
+
+
+def _mix(cols: Tensor, sim: Tensor) -> Tensor:
+    """Apply ``M(y)`` to columns ``[n, G, Cg, P, L]``: diagonal ``m_q * col_q``, full ``sum_q M[p, q] col_q``."""
+    if sim.dim() == 3:  # [n, P, L]
+        return cols * sim[:, None, None]
+    return torch.einsum("npql,ngcql->ngcpl", sim, cols)
+
+
+def _reference(xpad: Tensor, weight: Tensor, sim: Tensor, groups: int, geometry) -> Tensor:
+    """Explicit evaluation: columns, mix with M(y), contract with w. Plain autograd."""
+    n = xpad.shape[0]
+    out_c, cg, kh, kw = weight.shape
+    oh, ow = geometry[4]
+    cols = _columns(xpad, geometry).reshape(n, groups, cg, kh * kw, oh * ow)
+    mixed = _mix(cols, sim.reshape(n, *sim.shape[1:-2], oh * ow))
+    w = weight.reshape(groups, out_c // groups, cg * kh * kw)
+    out = torch.matmul(w, mixed.reshape(n, groups, cg * kh * kw, oh * ow))
+    return out.reshape(n, out_c, oh, ow)
+
+
+def _chunks(n: int, per_sample: int) -> list[slice]:
+    step = max(1, min(n, _CHUNK_ELEMENTS // max(1, per_sample)))
+    return [slice(s, min(n, s + step)) for s in range(0, n, step)]
+
+
+class _UnfoldFn(torch.autograd.Function):
+    """Columns per chunk of samples; saves only (x, w, M) and rebuilds columns in backward."""
+
+    @staticmethod
+    def forward(ctx, xpad, weight, sim, groups, geometry):
+        ctx.save_for_backward(xpad, weight, sim)
+        ctx.groups, ctx.geometry = groups, geometry
+        n = xpad.shape[0]
+        out_c, cg, kh, kw = weight.shape
+        oh, ow = geometry[4]
+        w = weight.reshape(groups, out_c // groups, cg * kh * kw)
+        out = xpad.new_empty(n, out_c, oh, ow)
+        for s in _chunks(n, xpad.shape[1] * kh * kw * oh * ow * (2 if sim.dim() == 5 else 1)):
+            mixed, _ = _chunk_columns(xpad[s], sim[s], groups, geometry)
+            out[s] = torch.matmul(w, mixed).reshape(-1, out_c, oh, ow)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        xpad, weight, sim = ctx.saved_tensors
+        groups, geometry = ctx.groups, ctx.geometry
+        need_x, need_w, need_m = ctx.needs_input_grad[:3]
+        n = xpad.shape[0]
+        out_c, cg, kh, kw = weight.shape
+        oh, ow = geometry[4]
+        P = kh * kw
+        w = weight.reshape(groups, out_c // groups, cg * P)
+        dx = torch.zeros_like(xpad) if need_x else None
+        dw = torch.zeros_like(w) if need_w else None
+        dm = torch.empty_like(sim) if need_m else None
+        grad = grad.contiguous()
+        for s in _chunks(n, xpad.shape[1] * P * oh * ow * 3):
+            g = grad[s].reshape(-1, groups, out_c // groups, oh * ow)
+            mixed, cols = _chunk_columns(xpad[s], sim[s], groups, geometry)
+            if need_w:
+                dw += torch.matmul(g, mixed.transpose(-1, -2)).sum(0)
+            del mixed
+            if not (need_x or need_m):
+                continue
+            h = torch.matmul(w.transpose(-1, -2), g).reshape(-1, groups, cg, P, oh * ow)
+            m = sim[s].reshape(-1, *sim.shape[1:-2], oh * ow)
+            if need_m:
+                if sim.dim() == 4:
+                    dm[s] = (h * cols).sum((1, 2)).reshape(dm[s].shape)
+                else:
+                    dm[s] = torch.einsum("ngcpl,ngcql->npql", h, cols).reshape(dm[s].shape)
+            if need_x:
+                dcols = h * m[:, None, None] if sim.dim() == 4 else torch.einsum("npql,ngcpl->ngcql", m, h)
+                dcols = dcols.reshape(-1, xpad.shape[1], P, oh, ow)
+                dxs = dx[s]
+                for q in range(P):
+                    _window(dxs, q // kw, q % kw, geometry).add_(dcols[:, :, q])
+        return dx, (dw.reshape(weight.shape) if need_w else None), dm, None, None
+
+
+def _chunk_columns(xpad, sim, groups, geometry):
+    """Columns ``[n, G, Cg, P, L]`` and mixed columns ``[n, G, Cg * P, L]`` of a chunk of samples."""
+    n, c = xpad.shape[:2]
+    kh, kw = geometry[0], geometry[1]
+    oh, ow = geometry[4]
+    cols = _columns(xpad, geometry).reshape(n, groups, c // groups, kh * kw, oh * ow)
+    mixed = _mix(cols, sim.reshape(n, *sim.shape[1:-2], oh * ow))
+    return mixed.reshape(n, groups, -1, oh * ow), cols
+
+
+class _ZTrickFn(torch.autograd.Function):
+    """``z_p = w_p^T x`` as one 1x1 convolution, then shifted sums mixed by ``M(y)``.
+
+    Saves only (x, w, M); ``z`` is recomputed in backward.
+    """
+
+    @staticmethod
+    def _z(xpad, weight, groups):
+        out_c, cg, kh, kw = weight.shape
+        P = kh * kw
+        og = out_c // groups
+        wz = weight.reshape(groups, og, cg, P).permute(0, 3, 1, 2).reshape(groups * P * og, cg, 1, 1)
+        z = F.conv2d(xpad, wz, groups=groups)
+        return z.view(xpad.shape[0], groups, P, og, *xpad.shape[2:]), wz
+
+    @staticmethod
+    def forward(ctx, xpad, weight, sim, groups, geometry):
+        ctx.save_for_backward(xpad, weight, sim)
+        ctx.groups, ctx.geometry = groups, geometry
+        n = xpad.shape[0]
+        out_c, _, kh, kw = weight.shape
+        oh, ow = geometry[4]
+        z, _ = _ZTrickFn._z(xpad, weight, groups)
+        out = xpad.new_zeros(n, groups, out_c // groups, oh, ow)
+        for q in range(kh * kw):
+            zq = _window(z, q // kw, q % kw, geometry)  # [n, G, P, Og, oh, ow]
+            if sim.dim() == 4:
+                out += zq[:, :, q] * sim[:, None, None, q]
+            else:
+                out += torch.einsum("ngpohw,nphw->ngohw", zq, sim[:, :, q])
+        return out.reshape(n, out_c, oh, ow)
+
+    @staticmethod
+    def backward(ctx, grad):
+        xpad, weight, sim = ctx.saved_tensors
+        groups, geometry = ctx.groups, ctx.geometry
+        need_x, need_w, need_m = ctx.needs_input_grad[:3]
+        n, c = xpad.shape[:2]
+        out_c, cg, kh, kw = weight.shape
+        P = kh * kw
+        og = out_c // groups
+        oh, ow = geometry[4]
+        g = grad.reshape(n, groups, og, oh, ow)
+        dm = None
+        if need_m:
+            z, _ = _ZTrickFn._z(xpad, weight, groups)
+            dm = torch.empty_like(sim)
+            for q in range(P):
+                zq = _window(z, q // kw, q % kw, geometry)
+                if sim.dim() == 4:
+                    dm[:, q] = (zq[:, :, q] * g).sum((1, 2))
+                else:
+                    dm[:, :, q] = torch.einsum("ngpohw,ngohw->nphw", zq, g)
+            del z
+        dx = dw = None
+        if need_x or need_w:
+            dz = xpad.new_zeros(n, groups, P, og, *xpad.shape[2:])
+            for q in range(P):
+                target = _window(dz, q // kw, q % kw, geometry)
+                if sim.dim() == 4:
+                    target[:, :, q] += g * sim[:, None, None, q]
+                else:
+                    target += g[:, :, None] * sim[:, None, :, q, None]
+            hw = xpad.shape[2] * xpad.shape[3]
+            dz = dz.reshape(n, groups, P * og, hw)
+            if need_x:
+                wz = weight.reshape(groups, og, cg, P).permute(0, 3, 1, 2).reshape(groups, P * og, cg)
+                dx = torch.matmul(wz.transpose(1, 2), dz).reshape_as(xpad)
+            if need_w:
+                dwz = torch.matmul(dz, xpad.reshape(n, groups, cg, hw).transpose(-1, -2)).sum(0)
+                dw = dwz.reshape(groups, P, og, cg).permute(0, 2, 3, 1).reshape(weight.shape)
+        return dx, dw, dm, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# SphereNet-normalised convolution
+# --------------------------------------------------------------------------------------------
+def sphere_conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0,
+                  dilation=1, groups: int = 1, normalize_weight: bool = False, eps: float = 1e-4) -> Tensor:
+    """SphereNet-normalised convolution: the response divided by the input patch norm.
+
+    ``out[o](y) = (w_o^T x_y) / (||x_y|| * ||w_o||^[normalize_weight]) + bias[o]`` with
+    ``||x_y|| = sqrt(sum_{c, q} x[c](y*stride + dilation*offset(q) - padding)^2 + eps)`` over the
+    patch of ``o``'s group (the authors' predictor normalisation, ``eps = 1e-4``), and
+    ``||w_o|| = sqrt(sum_{c, q} w[o, c, q]^2 + eps)``. With ``normalize_weight`` the response is the
+    cosine of the angle between filter and patch, in ``[-1, 1]`` up to ``eps``.
+
+    Args:
+        input: ``[N, C_in, H, W]``; weight: ``[C_out, C_in / groups, kh, kw]``; bias: ``[C_out]``.
+    Returns:
+        ``[N, C_out, H_out, W_out]``.
+    """
+    _check_tensor(input, "input")
+    _check_tensor(weight, "weight")
+    if input.dim() != 4 or weight.dim() != 4:
+        raise ValueError(f"sphere_conv2d: expected 4-D input and weight, got input {list(input.shape)} "
+                         f"and weight {list(weight.shape)}")
+    out = F.conv2d(input, weight, None, stride, padding, dilation, groups)
+    ones = weight.new_ones(groups, weight.shape[1], weight.shape[2], weight.shape[3])
+    sq = F.conv2d(input * input, ones, None, stride, padding, dilation, groups)  # [N, G, Ho, Wo]
+    norm = torch.sqrt(sq + eps)
+    out = out / norm.repeat_interleave(weight.shape[0] // groups, dim=1)
+    if normalize_weight:
+        wnorm = torch.sqrt(weight.pow(2).sum((1, 2, 3)) + eps)
+        out = out / wnorm.view(1, -1, 1, 1)
+    if bias is not None:
+        out = out + bias.view(1, -1, 1, 1)
+    return out

@@ -1,0 +1,239 @@
+"""Dynamic neural similarity: ``M(y) = I + g(x)(y)`` predicted at every output location."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..functional import ns_conv2d
+from .sphere import SphereConv2d
+
+__all__ = ["DynamicNSConv2d", "SimilarityPredictor", "LightPredictor", "DYNAMIC_SIMILARITIES", "PREDICTORS"]
+
+DYNAMIC_SIMILARITIES = ("diagonal", "full")
+PREDICTORS = ("sphere", "cosine", "light")
+_INITS = ("zero", "authors")
+_BN_EPS = 1e-3  # the authors' TensorFlow batch-norm epsilon
+
+
+def _he_normal_(weight: Tensor, scale: float) -> None:
+    """He (fan-in, ReLU gain) normal initialisation times ``scale`` (the authors' predictor init)."""
+    fan_in = weight.shape[1] * weight.shape[2] * weight.shape[3]
+    nn.init.normal_(weight, std=scale * math.sqrt(2.0 / fan_in))
+
+
+class SimilarityPredictor(nn.Module):
+    """The authors' neural similarity predictor ``g``: two convolutions, at the layer's geometry.
+
+    ``h = ReLU(BN?(SphereConv_3x3(x)))``, ``g = BN?(conv_last(h))`` with ``conv_last`` of the
+    modulated layer's kernel size, stride, padding and dilation, so that ``g`` lands on the layer's
+    output grid and each location's prediction reads the same patch as the convolution it
+    modulates (for the authors' 3x3 / stride 1 / padding 1 layers this is their 3x3 conv).
+
+    * ``kind='sphere'``: the first conv is divided by the input patch norm
+      ``sqrt(conv(x*x, 1) + 1e-4)`` (SphereNet); the last conv is plain. Batch norm (eps 1e-3)
+      after both convs for diagonal ``M``, none for full ``M``, as in the authors' code.
+    * ``kind='cosine'``: both convs divided by input patch norm and filter norm (cosine
+      similarity), batch norm after both: the authors' best CIFAR predictor.
+
+    Output channels: ``P`` (diagonal) or ``P * P`` (full), ``P = kh * kw``.
+    Init: ``'zero'`` makes ``g = 0`` exactly (the last batch norm's scale, or the last conv
+    where there is no batch norm, starts at zero), so the layer starts as its plain convolution
+    in train and eval mode; ``'authors'`` uses He x 0.1 and He x 0.001 for the two convs.
+
+    Shapes: ``x [N, C_in, H, W]`` -> ``g [N, P or P*P, H_out, W_out]``.
+    """
+
+    def __init__(self, in_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 similarity: str = "diagonal", kind: str = "sphere", hidden_channels: int | None = None,
+                 init: str = "zero", device=None, dtype=None):
+        super().__init__()
+        if kind not in ("sphere", "cosine"):
+            raise ValueError(f"unknown predictor kind {kind!r}; expected 'sphere' or 'cosine'")
+        factory = {"device": device, "dtype": dtype}
+        kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+        P = kh * kw
+        out = P if similarity == "diagonal" else P * P
+        hidden = hidden_channels or (64 if similarity == "diagonal" else 128)
+        use_bn = similarity == "diagonal" or kind == "cosine"
+        self.kind, self.similarity, self.init = kind, similarity, init
+        self.conv1 = SphereConv2d(in_channels, hidden, 3, padding=1, bias=not use_bn, **factory)
+        self.bn1 = nn.BatchNorm2d(hidden, eps=_BN_EPS, **factory) if use_bn else nn.Identity()
+        if kind == "cosine":
+            self.conv1.normalize_weight = True
+            self.conv2 = SphereConv2d(hidden, out, (kh, kw), stride, padding, dilation, bias=not use_bn,
+                                      normalize_weight=True, **factory)
+        else:
+            self.conv2 = nn.Conv2d(hidden, out, (kh, kw), stride, padding, dilation, bias=not use_bn, **factory)
+        self.bn2 = nn.BatchNorm2d(out, eps=_BN_EPS, **factory) if use_bn else nn.Identity()
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        _he_normal_(self.conv1.weight, 0.1)
+        _he_normal_(self.conv2.weight, 0.001)
+        for m in (self.conv1, self.conv2):
+            if m.bias is not None:
+                m.bias.zero_()
+        for bn in (self.bn1, self.bn2):
+            if isinstance(bn, nn.BatchNorm2d):
+                bn.reset_parameters()
+        if self.init == "zero":
+            if isinstance(self.bn2, nn.BatchNorm2d):
+                self.bn2.weight.zero_()
+            else:
+                self.conv2.weight.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+
+
+class LightPredictor(nn.Module):
+    """A cheap predictor: depthwise conv at the layer's geometry, then two 1x1 convs.
+
+    ``g = conv1x1_b(ReLU(BN(conv1x1_a(ReLU(BN(dwconv(x)))))))`` with the depthwise conv using the
+    modulated layer's kernel size, stride, padding and dilation (so ``g`` is on its output grid)
+    and ``hidden_channels`` (default 16) between the 1x1 convs. Its cost per location,
+    ``C_in * P + C_in * hidden + hidden * P`` multiply-adds (``hidden * P * P`` for full ``M``),
+    is a small fraction of the convolution's ``C_in * C_out * P``.
+    Init ``'zero'``: the last conv starts at zero (``g = 0``).
+
+    Shapes: ``x [N, C_in, H, W]`` -> ``g [N, P or P*P, H_out, W_out]``.
+    """
+
+    def __init__(self, in_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 similarity: str = "diagonal", hidden_channels: int | None = None, init: str = "zero",
+                 device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+        P = kh * kw
+        out = P if similarity == "diagonal" else P * P
+        hidden = hidden_channels or 16
+        self.similarity, self.init = similarity, init
+        self.dw = nn.Conv2d(in_channels, in_channels, (kh, kw), stride, padding, dilation, groups=in_channels,
+                            bias=False, **factory)
+        self.bn0 = nn.BatchNorm2d(in_channels, eps=_BN_EPS, **factory)
+        self.pw = nn.Conv2d(in_channels, hidden, 1, bias=False, **factory)
+        self.bn1 = nn.BatchNorm2d(hidden, eps=_BN_EPS, **factory)
+        self.out = nn.Conv2d(hidden, out, 1, **factory)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        _he_normal_(self.dw.weight, 1.0)
+        _he_normal_(self.pw.weight, 1.0)
+        self.bn0.reset_parameters()
+        self.bn1.reset_parameters()
+        self.out.bias.zero_()
+        if self.init == "zero":
+            self.out.weight.zero_()
+        else:
+            _he_normal_(self.out.weight, 0.001)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(F.relu(self.bn1(self.pw(F.relu(self.bn0(self.dw(x)))))))
+
+
+class DynamicNSConv2d(nn.Conv2d):
+    """Convolution whose similarity ``M(y) = I + g(x)(y)`` is predicted at every output location.
+
+    ::
+
+        out[n, o](y) = bias[o] + sum_{c, p, q} weight[o, c, p] * M[n, p, q](y) * x[n, c](y*stride + dilation*offset(q) - padding)
+
+    with ``M(y) = diag(1 + g(x)(y))`` (``similarity='diagonal'``, ``g`` has ``P`` channels) or
+    ``M(y) = I + g(x)(y)`` reshaped ``[P, P]`` (``'full'``, ``P * P`` channels), ``P = kh * kw``.
+    ``g`` is computed on the layer's output grid (any stride, padding, dilation).
+
+    Args:
+        in_channels ... dtype: as in :class:`torch.nn.Conv2d`.
+        similarity: ``'diagonal'`` or ``'full'``.
+        predictor: ``'sphere'`` (the authors' predictor), ``'cosine'`` (their best CIFAR variant,
+            both convs cosine-normalised), ``'light'`` (:class:`LightPredictor`), or any
+            ``nn.Module`` mapping ``x [N, C_in, H, W]`` to ``[N, P or P*P, H_out, W_out]``.
+            Passing another layer's ``predictor`` module shares it between layers (the paper's
+            shared parametrisation): ``b = DynamicNSConv2d(..., predictor=a.predictor)``.
+        predictor_init: ``'zero'`` (default: ``g = 0`` exactly at the start, so the layer starts
+            as its plain convolution) or ``'authors'`` (He x 0.1 / He x 0.001, which leaves
+            ``M(y)`` only approximately ``I``; see the method notes on batch-norm eps).
+        hidden_channels: width of the built-in predictors (default 64 diagonal / 128 full for
+            ``'sphere'`` and ``'cosine'``, 16 for ``'light'``).
+
+    Attributes:
+        record_similarity: when ``True``, ``forward`` stores ``M(y)`` of the last call in
+            ``last_similarity`` (``[N, P, H_out, W_out]`` or ``[N, P, P, H_out, W_out]``, detached).
+
+    Shapes: input ``[N, C_in, H, W]`` -> output ``[N, C_out, H_out, W_out]``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", similarity: str = "diagonal",
+                 predictor: str | nn.Module = "sphere", predictor_init: str = "zero",
+                 hidden_channels: int | None = None, device=None, dtype=None):
+        if similarity not in DYNAMIC_SIMILARITIES:
+            raise ValueError(f"unknown similarity {similarity!r} for a dynamic layer; expected one of "
+                             f"{', '.join(DYNAMIC_SIMILARITIES)}")
+        if predictor_init not in _INITS:
+            raise ValueError(f"unknown predictor_init {predictor_init!r}; expected one of {', '.join(_INITS)}")
+        if not isinstance(predictor, nn.Module) and predictor not in PREDICTORS:
+            raise ValueError(f"unknown predictor {predictor!r}; expected one of {', '.join(PREDICTORS)} "
+                             "or an nn.Module")
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode, device=device, dtype=dtype)
+        self.similarity_kind = similarity
+        self.predictor_name = predictor if isinstance(predictor, str) else type(predictor).__name__
+        self.predictor_init = predictor_init
+        self.record_similarity = False
+        self.last_similarity: Tensor | None = None
+        if isinstance(predictor, nn.Module):
+            self.predictor = predictor
+        else:
+            geometry = dict(kernel_size=self.kernel_size, stride=self.stride, dilation=self.dilation,
+                            padding=self.padding, similarity=similarity, hidden_channels=hidden_channels,
+                            init=predictor_init, device=device, dtype=dtype)
+            if predictor == "light":
+                self.predictor = LightPredictor(in_channels, **geometry)
+            else:
+                self.predictor = SimilarityPredictor(in_channels, kind=predictor, **geometry)
+
+    def similarity_from(self, input: Tensor) -> Tensor:
+        """``M(y)`` for ``input``: ``[N, P, H_out, W_out]`` (diagonal) or ``[N, P, P, H_out, W_out]`` (full)."""
+        g = self.predictor(input)
+        kh, kw = self.kernel_size
+        P = kh * kw
+        channels = P if self.similarity_kind == "diagonal" else P * P
+        if g.dim() != 4 or g.shape[1] != channels:
+            raise ValueError(f"the predictor returned shape {list(g.shape)}; expected [N, {channels}, H_out, "
+                             f"W_out] (P{' * P' if channels != P else ''} channels for {self.similarity_kind} "
+                             f"similarity with a {kh}x{kw} kernel)")
+        if self.similarity_kind == "diagonal":
+            return g + 1.0
+        eye = torch.eye(P, device=g.device, dtype=g.dtype).view(1, P, P, 1, 1)
+        return g.view(g.shape[0], P, P, *g.shape[2:]) + eye
+
+    def forward(self, input: Tensor) -> Tensor:
+        if input.dim() != 4:
+            raise ValueError(f"{type(self).__name__} expects input of shape [N, C_in, H, W], got "
+                             f"{list(input.shape)}")
+        if input.shape[1] != self.in_channels:
+            raise ValueError(f"{type(self).__name__} expects {self.in_channels} input channels, got input of "
+                             f"shape {list(input.shape)}")
+        sim = self.similarity_from(input)
+        if self.record_similarity:
+            self.last_similarity = sim.detach()
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
+        return ns_conv2d(input, self.weight, sim, self.bias, self.stride, padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr() + f", similarity={self.similarity_kind!r}, predictor={self.predictor_name!r}"
+        if self.predictor_init != "zero":
+            s += f", predictor_init={self.predictor_init!r}"
+        return s

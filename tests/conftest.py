@@ -1,0 +1,50 @@
+"""Shared test fixtures.
+
+Real-data tests read the packed datasets in ``../shared/data`` (or ``$NSL_SHARED_DATA``) and
+materialise them once, in the standard on-disk layouts, into a cache folder
+(``$NSL_TEST_CACHE``, default ``~/.cache/nsl-test-data``). Where the packed data are absent
+the tests skip with the reason; with ``NSL_REQUIRE_DATA=1`` (set by ``.ci/run``) they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _shared_data() -> Path:
+    return Path(os.environ.get("NSL_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def _missing(reason: str):
+    if os.environ.get("NSL_REQUIRE_DATA") == "1":
+        pytest.fail(f"NSL_REQUIRE_DATA=1 but {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    """A folder holding CIFAR-10/100 (python and binary layouts) and Omniglot, materialised once.
+
+    Layout: ``cifar-10-batches-py/``, ``cifar-10-batches-bin/``, ``cifar-100-python/``,
+    ``cifar-100-binary/``, ``omniglot/images_{background,evaluation}/cNNNN/NN.png``.
+    """
+    src = _shared_data()
+    script = src / "materialize.py"
+    if not script.exists():
+        _missing(f"the packed datasets are not at {src} (set NSL_SHARED_DATA to the folder "
+                 "holding materialize.py)")
+    cache = Path(os.environ.get("NSL_TEST_CACHE", Path.home() / ".cache" / "nsl-test-data"))
+    stamp = cache / ".complete"
+    if not stamp.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, str(script), str(cache), "--format", "both"], check=True,
+                       stdout=subprocess.DEVNULL)
+        stamp.write_text("ok\n")
+    return cache
