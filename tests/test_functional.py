@@ -8,10 +8,10 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import brute_ns_conv2d
 
 import nsl.functional as NF
 from nsl.functional import conv_output_size, ns_conv2d, use_backend
+from reference import brute_ns_conv2d
 
 BACKENDS = ["reference", "unfold", "ztrick", "cpp", "auto"]
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from reference import brute_ns_conv2d
 
 import nsl
 from nsl.functional import use_backend
+from reference import brute_ns_conv2d
 
 PADDING_MODES = ["zeros", "reflect", "replicate", "circular"]
 
@@ -167,7 +167,8 @@ def test_shared_predictor():
     n_params = sum(p.numel() for p in model.parameters())
     assert n_params == 2 * (8 * 8 * 9 + 8) + sum(p.numel() for p in a.predictor.parameters())
     model(torch.randn(2, 8, 6, 6)).sum().backward()
-    restored = nn.Sequential(nsl.DynamicNSConv2d(8, 8, 3, padding=1), nn.ReLU(), nsl.DynamicNSConv2d(8, 8, 3, padding=1))
+    restored = nn.Sequential(nsl.DynamicNSConv2d(8, 8, 3, padding=1), nn.ReLU(),
+                             nsl.DynamicNSConv2d(8, 8, 3, padding=1))
     restored.load_state_dict(model.state_dict())
 
 
@@ -367,7 +368,8 @@ def test_layer_bad_arguments():
     with pytest.raises(ValueError, match="unknown similarity 'identity' for a dynamic layer; expected one of "
                                          "diagonal, full"):
         nsl.DynamicNSConv2d(3, 4, 3, similarity="identity")
-    with pytest.raises(ValueError, match="unknown predictor 'mlp'; expected one of sphere, cosine, light or an nn.Module"):
+    with pytest.raises(ValueError, match="unknown predictor 'mlp'; expected one of sphere, cosine, light or an "
+                                         "nn.Module"):
         nsl.DynamicNSConv2d(3, 4, 3, predictor="mlp")
     with pytest.raises(ValueError, match="similarity_groups = 2 must divide the input channels per group, "
                                          "in_channels / groups = 3"):

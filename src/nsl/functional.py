@@ -212,7 +212,7 @@ def ns_conv2d(input: Tensor, weight: Tensor, similarity: Tensor, bias: Tensor | 
               stride=1, padding=0, dilation=1, groups: int = 1) -> Tensor:
     """Neural similarity convolution ``out = w^T M x`` over every patch.
 
-    ``out[n, o, y] = bias[o] + sum_{c, p, q} w[o, c, p] * M[p, q](y) * x[n, c, y*stride + dilation*offset(q) - padding]``
+    ``out[n, o, y] = bias[o] + sum_{c,p,q} w[o, c, p] M[p, q](y) x[n, c, y*stride + dilation*offset(q) - padding]``
     with positions row-major (``q = i * kw + j``, ``offset(q) = (i, j)``), so ``M = I`` gives
     :func:`F.conv2d` exactly.
 

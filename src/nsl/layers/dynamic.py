@@ -144,7 +144,7 @@ class DynamicNSConv2d(nn.Conv2d):
 
     ::
 
-        out[n, o](y) = bias[o] + sum_{c, p, q} weight[o, c, p] * M[n, p, q](y) * x[n, c](y*stride + dilation*offset(q) - padding)
+        out[n, o](y) = b[o] + sum_{c,p,q} w[o, c, p] M[n, p, q](y) x[n, c](y*stride + dilation*offset(q) - padding)
 
     with ``M(y) = diag(1 + g(x)(y))`` (``similarity='diagonal'``, ``g`` has ``P`` channels) or
     ``M(y) = I + g(x)(y)`` reshaped ``[P, P]`` (``'full'``, ``P * P`` channels), ``P = kh * kw``.

@@ -21,7 +21,7 @@ class NSConv2d(nn.Conv2d):
 
     With ``P = kh * kw`` kernel positions (row-major, as in ``F.conv2d``)::
 
-        out[n, o](y) = bias[o] + sum_{c, p, q} weight[o, c, p] * M_{s(c)}[p, q] * x[n, c](y*stride + dilation*offset(q) - padding)
+        out[n, o](y) = b[o] + sum_{c,p,q} w[o, c, p] M_{s(c)}[p, q] x[n, c](y*stride + dilation*offset(q) - padding)
 
     ``M`` acts on kernel positions and is shared by every filter and, by default, every input
     channel (``similarity_groups=1``; with ``S > 1`` the input channels of each convolution
@@ -131,7 +131,7 @@ class NSConv2d(nn.Conv2d):
         return eye + u @ self.similarity_v.transpose(-1, -2)
 
     def effective_weight(self) -> Tensor:
-        """The folded weight ``W'[o, c, q] = sum_p W[o, c, p] M_{s(c)}[p, q]``, shape ``[C_out, C_in/groups, kh, kw]``."""
+        """The folded weight ``W'[o, c, q] = sum_p W[o, c, p] M_{s(c)}[p, q]``: ``[C_out, C_in/groups, kh, kw]``."""
         kind = self.similarity_kind
         if kind == "identity":
             return self.weight
