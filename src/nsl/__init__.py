@@ -7,10 +7,17 @@ Convolution generalised from the inner product ``w^T x`` to a learnable bilinear
 :func:`convert` turns the convolutions of any model into NSL layers.
 """
 
-from . import functional
+from . import functional, regularizers
 from .convert import convert, fold
 from .functional import ns_conv2d, sphere_conv2d
-from .layers import DynamicNSConv2d, LightPredictor, NSConv2d, SimilarityPredictor, SphereConv2d
+from .layers import (
+    DynamicNSConv2d,
+    GlobalSimilarity2d,
+    LightPredictor,
+    NSConv2d,
+    SimilarityPredictor,
+    SphereConv2d,
+)
 
 __version__ = "0.1.0"
 
@@ -21,6 +28,8 @@ __all__ = [
     "NSConv2d",
     "DynamicNSConv2d",
     "SphereConv2d",
+    "GlobalSimilarity2d",
+    "regularizers",
     "SimilarityPredictor",
     "LightPredictor",
     "fold",
