@@ -165,6 +165,9 @@ class DynamicNSConv2d(nn.Conv2d):
             ``'sphere'`` and ``'cosine'``, 16 for ``'light'``).
 
     Attributes:
+        kernel_gate: ``None`` or a module returning the kernel shape ``D`` (``[P]`` per layer, or
+            ``[C_out, P]`` per filter with diagonal ``M``), applied after ``M``:
+            ``M'(y) = M(y) diag(D)``, so a removed input position stays removed.
         record_similarity: when ``True``, ``forward`` stores ``M(y)`` of the last call in
             ``last_similarity`` (``[N, P, H_out, W_out]`` or ``[N, P, P, H_out, W_out]``, detached).
 
@@ -189,6 +192,7 @@ class DynamicNSConv2d(nn.Conv2d):
         self.predictor_name = predictor if isinstance(predictor, str) else type(predictor).__name__
         self.predictor_init = predictor_init
         self.record_similarity = False
+        self.kernel_gate: nn.Module | None = None
         self.last_similarity: Tensor | None = None
         if isinstance(predictor, nn.Module):
             self.predictor = predictor
@@ -224,13 +228,24 @@ class DynamicNSConv2d(nn.Conv2d):
             raise ValueError(f"{type(self).__name__} expects {self.in_channels} input channels, got input of "
                              f"shape {list(input.shape)}")
         sim = self.similarity_from(input)
+        weight = self.weight
+        if self.kernel_gate is not None:
+            d = self.kernel_gate()
+            P = sim.shape[1]
+            if tuple(d.shape) == (P,):
+                sim = sim * (d.view(1, P, 1, 1) if sim.dim() == 4 else d.view(1, 1, P, 1, 1))
+            elif self.similarity_kind == "diagonal" and tuple(d.shape) == (weight.shape[0], P):
+                weight = weight * d.view(weight.shape[0], 1, *self.kernel_size)
+            else:
+                raise ValueError(f"kernel_gate returned shape {list(d.shape)}; expected [P] = [{P}], or "
+                                 f"[C_out, P] = [{weight.shape[0]}, {P}] with diagonal similarity")
         if self.record_similarity:
             self.last_similarity = sim.detach()
         padding = self.padding
         if self.padding_mode != "zeros":
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
-        return ns_conv2d(input, self.weight, sim, self.bias, self.stride, padding, self.dilation, self.groups)
+        return ns_conv2d(input, weight, sim, self.bias, self.stride, padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
         s = super().extra_repr() + f", similarity={self.similarity_kind!r}, predictor={self.predictor_name!r}"

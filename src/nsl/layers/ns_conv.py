@@ -10,10 +10,27 @@ from torch import Tensor
 
 from ..functional import static_weight
 
-__all__ = ["NSConv2d", "STATIC_SIMILARITIES"]
+__all__ = ["NSConv2d", "STATIC_SIMILARITIES", "apply_kernel_gate"]
 
 STATIC_SIMILARITIES = ("identity", "diagonal", "full", "lowrank")
 _INITS = ("identity", "authors")
+
+
+def apply_kernel_gate(weight: Tensor, gate: nn.Module | None) -> Tensor:
+    """``weight * D`` with ``D = gate()`` of shape ``[P]`` (per layer) or ``[C_out, P]`` (per filter).
+
+    ``weight`` is ``[C_out, C_in/groups, kh, kw]``; returns ``weight`` itself when ``gate`` is None.
+    """
+    if gate is None:
+        return weight
+    d = gate()
+    o, _, kh, kw = weight.shape
+    if tuple(d.shape) == (kh * kw,):
+        return weight * d.view(1, 1, kh, kw)
+    if tuple(d.shape) == (o, kh * kw):
+        return weight * d.view(o, 1, kh, kw)
+    raise ValueError(f"kernel_gate returned shape {list(d.shape)}; expected [P] = [{kh * kw}] or "
+                     f"[C_out, P] = [{o}, {kh * kw}]")
 
 
 class NSConv2d(nn.Conv2d):
@@ -46,6 +63,10 @@ class NSConv2d(nn.Conv2d):
             flattened, i.e. only the kernel's main diagonal is active at the start; full ``M = I``).
         similarity_groups: ``S``, the number of input-channel blocks with their own ``M``.
         rank: ``r`` for ``'lowrank'``.
+
+    Attributes:
+        kernel_gate: ``None`` or a module returning the kernel shape ``D`` (``[P]`` or
+            ``[C_out, P]``, see :mod:`nsl.shape`), applied after ``M``: ``W' = (W M) * D``.
 
     Shapes: input ``[N, C_in, H, W]`` -> output ``[N, C_out, H_out, W_out]`` (``F.conv2d``'s sizes).
 
@@ -87,6 +108,7 @@ class NSConv2d(nn.Conv2d):
         elif similarity == "lowrank":
             self.similarity_u = nn.Parameter(torch.empty(*lead, P, rank, **factory))
             self.similarity_v = nn.Parameter(torch.empty(*lead, P, rank, **factory))
+        self.kernel_gate: nn.Module | None = None
         self.similarity_kind = similarity  # set last: reset_parameters re-initialises M once it exists
         self.reset_similarity()
 
@@ -131,7 +153,15 @@ class NSConv2d(nn.Conv2d):
         return eye + u @ self.similarity_v.transpose(-1, -2)
 
     def effective_weight(self) -> Tensor:
-        """The folded weight ``W'[o, c, q] = sum_p W[o, c, p] M_{s(c)}[p, q]``: ``[C_out, C_in/groups, kh, kw]``."""
+        """The folded weight ``W'[o, c, q] = sum_p W[o, c, p] M_{s(c)}[p, q] * D[o, q]``.
+
+        Shape ``[C_out, C_in/groups, kh, kw]``. ``D`` is the kernel shape of an attached
+        ``kernel_gate`` (``[P]`` per layer or ``[C_out, P]`` per filter), applied after ``M`` so that
+        a removed position stays removed; without a gate ``D = 1``.
+        """
+        return apply_kernel_gate(self._similar_weight(), self.kernel_gate)
+
+    def _similar_weight(self) -> Tensor:
         kind = self.similarity_kind
         if kind == "identity":
             return self.weight
