@@ -7,7 +7,7 @@ Convolution generalised from the inner product ``w^T x`` to a learnable bilinear
 :func:`convert` turns the convolutions of any model into NSL layers.
 """
 
-from . import functional, regularizers
+from . import functional, regularizers, shape
 from .convert import convert, fold
 from .functional import ns_conv2d, sphere_conv2d
 from .layers import (
@@ -30,6 +30,7 @@ __all__ = [
     "SphereConv2d",
     "GlobalSimilarity2d",
     "regularizers",
+    "shape",
     "SimilarityPredictor",
     "LightPredictor",
     "fold",
