@@ -1,0 +1,73 @@
+"""Model zoo: the authors' CNN-9 and ResNets, each with every layer kind.
+
+::
+
+    model = build_model("cnn9", "dynamic-diagonal", num_classes=10, paper=True)
+
+Names: ``cnn9`` (the authors' CIFAR network), ``resnet20``, ``resnet32``, ``resnet56`` (CIFAR
+ResNets), ``resnet18``, ``resnet50`` (ImageNet-shaped, torchvision layout). Layer kinds: see
+:data:`LAYER_KINDS` and :mod:`nsl.models.layers`.
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from .cnn9 import CNN9, ConvBNReLU
+from .layers import LAYER_KINDS, DynamicFilterConv2d, check_layer_kind, make_conv
+from .resnet import BasicBlock, Bottleneck, CifarResNet, ResNet
+
+__all__ = ["MODELS", "LAYER_KINDS", "build_model", "make_conv", "check_layer_kind", "DynamicFilterConv2d", "CNN9",
+           "ConvBNReLU", "CifarResNet", "ResNet", "BasicBlock", "Bottleneck", "count_parameters"]
+
+
+def _cnn9(layer, num_classes, in_channels, **kw):
+    return CNN9(layer, num_classes, in_channels, **kw)
+
+
+def _cifar(depth):
+    def build(layer, num_classes, in_channels, image_size=None, **kw):
+        return CifarResNet(depth, layer, num_classes, in_channels, **kw)
+    return build
+
+
+def _imagenet(block, layers):
+    def build(layer, num_classes, in_channels, image_size=None, **kw):
+        return ResNet(block, layers, layer, num_classes, in_channels, **kw)
+    return build
+
+
+MODELS = {
+    "cnn9": _cnn9,
+    "resnet20": _cifar(20),
+    "resnet32": _cifar(32),
+    "resnet56": _cifar(56),
+    "resnet18": _imagenet(BasicBlock, [2, 2, 2, 2]),
+    "resnet50": _imagenet(Bottleneck, [3, 4, 6, 3]),
+}
+
+
+def build_model(name: str, layer: str = "conv", num_classes: int = 10, in_channels: int = 3, **kw) -> nn.Module:
+    """Build model ``name`` with its NSL convolutions of kind ``layer``.
+
+    Args:
+        name: one of :data:`MODELS` (``cnn9``, ``resnet20``, ``resnet32``, ``resnet56``, ``resnet18``,
+            ``resnet50``).
+        layer: one of :data:`LAYER_KINDS`.
+        num_classes, in_channels: classifier outputs and input channels.
+        **kw: ``paper`` (the authors' inits of ``M`` and predictors), ``bn_eps``, ``image_size``
+            (cnn9: input side, default 32), ``width`` (cnn9, CIFAR ResNets), ``zero_init_residual``
+            (ResNets), and keyword arguments of the NSL layers (e.g. ``hidden_channels``).
+
+    Raises:
+        ValueError: unknown model name or layer kind (the message lists the valid ones).
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
+    check_layer_kind(layer)
+    return MODELS[name](layer, num_classes, in_channels, **kw)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters (shared parameters counted once)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
