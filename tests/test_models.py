@@ -8,7 +8,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import nsl
-from nsl.models import CNN9, LAYER_KINDS, MODELS, DynamicFilterConv2d, build_model, count_parameters, make_conv
+from nsl.models import (
+    CNN9,
+    LAYER_KINDS,
+    MODEL_LAYERS,
+    MODELS,
+    DynamicFilterConv2d,
+    build_model,
+    count_parameters,
+    make_conv,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -19,14 +28,16 @@ def _pure_pytorch_backend():
         yield
 
 
-SIZES = {"cnn9": 16, "resnet20": 8, "resnet32": 8, "resnet56": 8, "resnet18": 32, "resnet50": 32}
+SIZES = {"cnn9": 16, "resnet20": 8, "resnet32": 8, "resnet56": 8, "resnet18": 32, "resnet50": 32,
+         "sphere-attention": 8}
 KIND_TYPES = {"conv": nn.Conv2d, "static-diagonal": nsl.NSConv2d, "static-full": nsl.NSConv2d,
               "dynamic-diagonal": nsl.DynamicNSConv2d, "dynamic-full": nsl.DynamicNSConv2d,
               "dynamic-diagonal-cosine": nsl.DynamicNSConv2d, "dynamic-filter": DynamicFilterConv2d}
 
 
 def test_registry_lists():
-    assert set(MODELS) == {"cnn9", "resnet20", "resnet32", "resnet56", "resnet18", "resnet50"}
+    assert set(MODELS) == {"cnn9", "resnet20", "resnet32", "resnet56", "resnet18", "resnet50",
+                           "sphere-attention"}
     assert set(LAYER_KINDS) == set(KIND_TYPES)
 
 
@@ -35,13 +46,14 @@ def test_every_model_and_kind_shapes(name):
     torch.manual_seed(0)
     s = SIZES[name]
     x = torch.randn(2, 1, s, s)
-    for kind in LAYER_KINDS:
-        kw = {"image_size": s} if name == "cnn9" else {}
+    for kind in MODEL_LAYERS.get(name, LAYER_KINDS):  # sphere-attention: conv only (its cosine convs)
+        kw = {"image_size": s} if name in ("cnn9", "sphere-attention") else {}
         model = build_model(name, kind, num_classes=5, in_channels=1, paper=kind.startswith("dynamic"), **kw)
         out = model(x)
         assert out.shape == (2, 5), (name, kind)
         assert torch.isfinite(out).all(), (name, kind)
-        n_kind = sum(type(m) is KIND_TYPES[kind] for m in model.modules())
+        kind_type = nsl.SphereConv2d if name == "sphere-attention" else KIND_TYPES[kind]
+        n_kind = sum(type(m) is kind_type for m in model.modules())
         assert n_kind > 0, (name, kind)
 
 

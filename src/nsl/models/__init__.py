@@ -5,24 +5,31 @@
     model = build_model("cnn9", "dynamic-diagonal", num_classes=10, paper=True)
 
 Names: ``cnn9`` (the authors' CIFAR network), ``resnet20``, ``resnet32``, ``resnet56`` (CIFAR
-ResNets), ``resnet18``, ``resnet50`` (ImageNet-shaped, torchvision layout). Layer kinds: see
-:data:`LAYER_KINDS` and :mod:`nsl.models.layers`.
+ResNets), ``resnet18``, ``resnet50`` (ImageNet-shaped, torchvision layout), ``sphere-attention`` (the
+authors' global-neural-similarity CIFAR model, :class:`SphereAttentionNet`; layer ``conv`` only, see
+:data:`MODEL_LAYERS`). Layer kinds: see :data:`LAYER_KINDS` and :mod:`nsl.models.layers`.
 """
 
 from __future__ import annotations
 
 import torch.nn as nn
 
+from .attention_net import SPHERE_ATTENTION_LAYERS, SphereAttentionNet
 from .cnn9 import CNN9, ConvBNReLU
 from .layers import LAYER_KINDS, DynamicFilterConv2d, check_layer_kind, make_conv
 from .resnet import BasicBlock, Bottleneck, CifarResNet, ResNet
 
 __all__ = ["MODELS", "LAYER_KINDS", "build_model", "make_conv", "check_layer_kind", "DynamicFilterConv2d", "CNN9",
-           "ConvBNReLU", "CifarResNet", "ResNet", "BasicBlock", "Bottleneck", "count_parameters"]
+           "ConvBNReLU", "CifarResNet", "ResNet", "BasicBlock", "Bottleneck", "count_parameters", "SphereAttentionNet",
+           "MODEL_LAYERS"]
 
 
 def _cnn9(layer, num_classes, in_channels, **kw):
     return CNN9(layer, num_classes, in_channels, **kw)
+
+
+def _sphere_attention(layer, num_classes, in_channels, **kw):
+    return SphereAttentionNet(layer, num_classes, in_channels, **kw)
 
 
 def _cifar(depth):
@@ -44,7 +51,11 @@ MODELS = {
     "resnet56": _cifar(56),
     "resnet18": _imagenet(BasicBlock, [2, 2, 2, 2]),
     "resnet50": _imagenet(Bottleneck, [3, 4, 6, 3]),
+    "sphere-attention": _sphere_attention,
 }
+
+#: Models restricted to some layer kinds (all others accept every kind of :data:`LAYER_KINDS`).
+MODEL_LAYERS: dict[str, tuple[str, ...]] = {"sphere-attention": SPHERE_ATTENTION_LAYERS}
 
 
 def build_model(name: str, layer: str = "conv", num_classes: int = 10, in_channels: int = 3, **kw) -> nn.Module:
@@ -52,15 +63,17 @@ def build_model(name: str, layer: str = "conv", num_classes: int = 10, in_channe
 
     Args:
         name: one of :data:`MODELS` (``cnn9``, ``resnet20``, ``resnet32``, ``resnet56``, ``resnet18``,
-            ``resnet50``).
-        layer: one of :data:`LAYER_KINDS`.
+            ``resnet50``, ``sphere-attention``).
+        layer: one of :data:`LAYER_KINDS` (``sphere-attention``: ``conv`` only, meaning its cosine convs).
         num_classes, in_channels: classifier outputs and input channels.
         **kw: ``paper`` (the authors' inits of ``M`` and predictors), ``bn_eps``, ``image_size``
-            (cnn9: input side, default 32), ``width`` (cnn9, CIFAR ResNets), ``zero_init_residual``
+            (cnn9, sphere-attention: input side, default 32), ``raw_input`` (sphere-attention: apply the
+            authors' ``(x - 127.5) / 128``), ``width`` (cnn9, CIFAR ResNets), ``zero_init_residual``
             (ResNets), and keyword arguments of the NSL layers (e.g. ``hidden_channels``).
 
     Raises:
-        ValueError: unknown model name or layer kind (the message lists the valid ones).
+        ValueError: unknown model name or layer kind, or a kind the model does not support (the
+            message lists the valid ones).
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")

@@ -35,10 +35,11 @@ import torch.nn.functional as F
 from ..data import GPULoader, TensorImageDataset, dataset_info, get_dataset, imagefolder_loader
 from ..layers import NSConv2d
 from ..models import build_model, count_parameters
+from ..regularizers import ORTHOGONALITY_TYPES, orthogonality_penalty
 from .config import ConfigError, TrainConfig
 
 __all__ = ["train", "TrainingDiverged", "CheckpointError", "load_checkpoint", "evaluate_checkpoint",
-           "lr_factor", "param_groups", "recalibrate_bn", "evaluate", "build_from_checkpoint"]
+           "lr_factor", "param_groups", "recalibrate_bn", "evaluate", "build_from_checkpoint", "orthogonality_filters"]
 
 CHECKPOINT_VERSION = 1
 
@@ -74,7 +75,8 @@ def lr_factor(cfg: TrainConfig, step: int, total: int) -> float:
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     """Parameter groups with the protocol's weight decay: static diagonal ``M`` (``wd_static_diagonal``),
     static full ``M`` (``wd_static_full``), BN parameters and biases (``weight_decay`` if
-    ``decay_bn`` else 0) and everything else (``weight_decay``)."""
+    ``decay_bn`` else 0), the parameters named by ``model.no_weight_decay()`` if the model defines it
+    (0; e.g. the cosine filters of ``sphere-attention``, as the authors) and everything else (``weight_decay``)."""
     special: dict[int, str] = {}
     for m in model.modules():
         if isinstance(m, NSConv2d) and m.similarity_kind in ("diagonal", "full"):
@@ -85,6 +87,12 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     if not cfg.decay_bn:
         for name, p in model.named_parameters():
             if name.endswith(".bias") and id(p) not in special:
+                special[id(p)] = "nodecay"
+    exempt = getattr(model, "no_weight_decay", None)
+    if callable(exempt):
+        names = set(exempt())
+        for name, p in model.named_parameters():
+            if name in names:
                 special[id(p)] = "nodecay"
     groups = {"default": [], "diagonal": [], "full": [], "nodecay": []}
     for p in model.parameters():
@@ -99,7 +107,18 @@ def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    if cfg.optimizer == "adam":  # coupled L2 (grad += wd * p), as TF's l2 loss under AdamOptimizer
+        return torch.optim.Adam(groups, lr=cfg.lr)
     return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def orthogonality_filters(model: nn.Module) -> list:
+    """What ``cfg.orthogonality`` penalises: ``model.orthogonality_filters()`` if the model defines it
+    (``sphere-attention``: every conv filter), else every conv/linear module but the last one (the classifier)."""
+    own = getattr(model, "orthogonality_filters", None)
+    if callable(own):
+        return list(own())
+    return [m for m in model.modules() if isinstance(m, ORTHOGONALITY_TYPES)][:-1]
 
 
 # -- batch norm -----------------------------------------------------------------------------------
@@ -307,8 +326,10 @@ def build_from_checkpoint(ckpt: dict) -> tuple[nn.Module, TrainConfig]:
 
 def _build(cfg: TrainConfig, meta: dict) -> nn.Module:
     kw = dict(paper=cfg.paper_init, bn_eps=cfg.bn_eps)
-    if cfg.model == "cnn9":
+    if cfg.model in ("cnn9", "sphere-attention"):
         kw["image_size"] = meta["image_size"]
+    if cfg.model == "sphere-attention":
+        kw["raw_input"] = cfg.input == "raw"  # the authors' (x - 127.5) / 128 on raw pixels
     model = build_model(cfg.model, cfg.layer, meta["num_classes"], meta["in_channels"], **kw)
     set_bn_momentum(model, cfg.bn_momentum)
     if cfg.bn_zero_init:  # TensorFlow's moving mean and variance both start at zero
@@ -515,8 +536,9 @@ def _train(cfg, resume, echo, run_dir, last_path, best_path, rank, world_size, d
                dynamic_ncols=True, desc=f"{cfg.model}/{cfg.layer}")
     stream = batches()
     net.train()
-    window = {"loss": 0.0, "correct": 0.0, "n": 0, "steps": 0, "t": time.perf_counter()}
+    window = {"loss": 0.0, "correct": 0.0, "n": 0, "steps": 0, "orth": 0.0, "t": time.perf_counter()}
     ema_loss = None
+    orth_filters = orthogonality_filters(model) if cfg.orthogonality else None
     t_start, trained_images, last_eval = time.perf_counter(), 0, None
     stopped = False
     try:
@@ -531,6 +553,10 @@ def _train(cfg, resume, echo, run_dir, last_path, best_path, rank, world_size, d
             with amp_ctx():
                 out = net(x)
             loss = F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
+            if orth_filters is not None:  # "loss" below (and in metrics.jsonl) includes it; "orth" is its value
+                orth = orthogonality_penalty(orth_filters, cfg.orthogonality)
+                loss = loss + orth
+                window["orth"] += orth.item()
             loss_value = loss.detach().clone()
             if distributed:
                 dist.all_reduce(loss_value)
@@ -571,8 +597,9 @@ def _train(cfg, resume, echo, run_dir, last_path, best_path, rank, world_size, d
                 dt = time.perf_counter() - window["t"]
                 log({"kind": "train", "step": step, "loss": window["loss"] / window["steps"],
                      "acc": window["correct"] / max(1, window["n"]), "lr": base_lrs[0] * f,
-                     "images_per_s": window["n"] * world_size / max(dt, 1e-9), "time": round(elapsed, 3)})
-                window = {"loss": 0.0, "correct": 0.0, "n": 0, "steps": 0, "t": time.perf_counter()}
+                     "images_per_s": window["n"] * world_size / max(dt, 1e-9), "time": round(elapsed, 3),
+                     **({"orth": window["orth"] / window["steps"]} if orth_filters is not None else {})})
+                window = {"loss": 0.0, "correct": 0.0, "n": 0, "steps": 0, "orth": 0.0, "t": time.perf_counter()}
             evaluated = False
             if step == iters or (cfg.eval_every and step % cfg.eval_every == 0):
                 last_eval = run_eval()
