@@ -1,0 +1,377 @@
+"""``nsl report``: a markdown table and learning curves for one or more training runs.
+
+::
+
+    nsl report runs/cnn9-conv runs/cnn9-dd-s0 runs/cnn9-dd-s1 --out reports/cnn9
+
+writes ``reports/cnn9/report.md`` (one row per run: model, layer kind, dataset, parameters, MACs
+per image, final and best test accuracy, wall time, iterations; runs that differ only by their
+seed are also grouped into mean +- 95% confidence interval rows) and ``reports/cnn9/curves.png``
+(training loss and test accuracy against the step, one line per run).
+
+Multiply-adds (MACs) per image are counted with forward hooks for one input image
+(:func:`count_macs`):
+
+* ``nn.Conv2d`` (and :class:`nsl.NSConv2d`, whose static ``M`` folds into the weight):
+  ``C_out * C_in/groups * kh * kw`` per output location; the fold ``W M`` itself is a per-model,
+  not per-image, cost and is not counted.
+* :class:`nsl.SphereConv2d` (the predictors' normalised convolutions): the convolution plus the
+  patch norm ``conv(x*x, 1)``, ``C_in/groups * kh * kw`` per output location.
+* :class:`nsl.DynamicNSConv2d`: the convolution ``C_out * C_in/groups * P`` plus the modulation of
+  every input patch by ``M(y)``: ``C_in * P`` (diagonal) or ``C_in * P * P`` (full) per output
+  location; the predictor's convolutions are counted by their own hooks.
+* :class:`nsl.models.DynamicFilterConv2d`: the convolution plus the dynamic filtering
+  ``C_in * P`` per output location; its predictor and 1x1 mixing convolution are counted by their
+  own hooks.
+* ``nn.Linear``: ``in * out``. Batch norm, activations, pooling and additions are not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+__all__ = ["RunRecord", "RunError", "load_run", "count_macs", "write_report", "plot_curves", "add_parser"]
+
+# config fields that do not change what a run computes (besides the seed) when grouping runs
+_NOT_A_VARIANT = {"seed", "out", "progress", "device", "data_dir", "stop_at", "num_workers", "eval_batch_size"}
+
+
+class RunError(ValueError):
+    """A run directory is missing or does not hold an ``nsl train`` run."""
+
+
+class RunRecord:
+    """What :func:`load_run` reads from a run directory."""
+
+    def __init__(self, path: Path, config: dict, records: list[dict], meta: dict | None, params: int | None):
+        self.path, self.config, self.records, self.meta, self.params = path, config, records, meta, params
+        self.name = path.name
+
+    @property
+    def train(self) -> list[dict]:
+        return [r for r in self.records if r.get("kind") == "train"]
+
+    @property
+    def evals(self) -> list[dict]:
+        return [r for r in self.records if r.get("kind") == "eval"]
+
+    @property
+    def final_acc(self) -> float | None:
+        ev = self.evals
+        return ev[-1]["test_acc"] if ev else None
+
+    @property
+    def best_acc(self) -> float | None:
+        ev = self.evals
+        return max(r["test_acc"] for r in ev) if ev else None
+
+    @property
+    def iterations(self) -> int:
+        return max((int(r.get("step", 0)) for r in self.records), default=0)
+
+    @property
+    def wall_time(self) -> float | None:
+        """Seconds of training: ``time`` restarts at 0 when a run is resumed, so segments are summed."""
+        total, seg_max, last = 0.0, 0.0, None
+        for r in self.records:
+            t = r.get("time")
+            if t is None:
+                continue
+            if last is not None and t < last:
+                total += seg_max
+                seg_max = 0.0
+            seg_max, last = max(seg_max, t), t
+        return total + seg_max if last is not None else None
+
+    def variant_key(self) -> str:
+        return json.dumps({k: v for k, v in self.config.items() if k not in _NOT_A_VARIANT}, sort_keys=True)
+
+
+def load_run(path: str | Path) -> RunRecord:
+    """Read ``RUN_DIR/config.json``, ``RUN_DIR/metrics.jsonl`` and (if present) a checkpoint's meta."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise RunError(f"run directory {path} does not exist")
+    if not path.is_dir():
+        raise RunError(f"{path} is not a directory; expected a run directory written by `nsl train` "
+                       "(holding config.json and metrics.jsonl)")
+    cfg_path, met_path = path / "config.json", path / "metrics.jsonl"
+    for p in (cfg_path, met_path):
+        if not p.is_file():
+            raise RunError(f"{path} is not an nsl run directory: {p.name} is missing (expected config.json and "
+                           "metrics.jsonl, written by `nsl train --out RUN_DIR`)")
+    try:
+        config = json.loads(cfg_path.read_text())
+        if not isinstance(config, dict) or "model" not in config or "layer" not in config:
+            raise ValueError("not a training config (no 'model' / 'layer')")
+    except ValueError as e:
+        raise RunError(f"{cfg_path} is not a valid run config: {e}") from None
+    records = []
+    for i, line in enumerate(met_path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            raise RunError(f"{met_path} line {i} is not valid JSON: {line[:80]!r}") from None
+        if isinstance(rec, dict):
+            records.append(rec)
+    meta, params = None, None
+    for name in ("last.pt", "best.pt"):
+        ck = path / "checkpoints" / name
+        if ck.is_file():
+            try:
+                state = torch.load(ck, map_location="cpu", weights_only=True)
+                meta, params = state.get("meta"), state.get("params")
+                break
+            except Exception:  # a corrupt checkpoint only costs the MACs column
+                continue
+    return RunRecord(path, config, records, meta, params)
+
+
+# -- multiply-adds -------------------------------------------------------------------------------
+def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Multiply-adds of one forward pass on a single input of shape ``input_shape`` (``[C, H, W]``).
+
+    See the module docstring for what is counted. The model is run in eval mode on the CPU with
+    the pure-PyTorch backend; its mode is restored.
+    """
+    from .functional import use_backend
+    from .layers import DynamicNSConv2d, SphereConv2d
+    from .models import DynamicFilterConv2d
+
+    total = [0]
+
+    def hook(m, inputs, out):
+        x = inputs[0]
+        locs = out.shape[-2] * out.shape[-1] if out.dim() == 4 else 1
+        if isinstance(m, nn.Conv2d):
+            kh, kw = m.kernel_size
+            P = kh * kw
+            cin = m.in_channels // m.groups
+            macs = m.out_channels * cin * P * locs
+            if isinstance(m, SphereConv2d):
+                macs += cin * P * locs
+            elif isinstance(m, DynamicNSConv2d):
+                macs += x.shape[1] * P * (P if m.similarity_kind == "full" else 1) * locs
+            elif isinstance(m, DynamicFilterConv2d):
+                macs += x.shape[1] * P * locs
+            total[0] += macs
+        elif isinstance(m, nn.Linear):
+            total[0] += m.in_features * m.out_features * (out.numel() // max(1, out.shape[-1]))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was_training = model.training
+    model.eval()
+    try:
+        p = next(model.parameters(), None)
+        x = torch.zeros(1, *input_shape, device=p.device if p is not None else "cpu")
+        with torch.no_grad(), use_backend("unfold"):
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return total[0]
+
+
+def _model_of(run: RunRecord) -> tuple[nn.Module, tuple[int, int, int]] | None:
+    from .data import dataset_info
+    from .train import TrainConfig
+    from .train.engine import _build
+
+    cfg = TrainConfig.from_dict(run.config)
+    meta = run.meta
+    if meta is None:
+        info = dataset_info(cfg.dataset)
+        if not info.num_classes:
+            return None
+        meta = dict(num_classes=info.num_classes, in_channels=info.channels,
+                    image_size=cfg.image_size if info.name == "imagefolder" else info.image_size)
+    return _build(cfg, meta), (meta["in_channels"], meta["image_size"], meta["image_size"])
+
+
+# -- statistics ----------------------------------------------------------------------------------
+def _t975(df: int) -> float:
+    try:
+        from scipy.stats import t
+
+        return float(t.ppf(0.975, df))
+    except ImportError:  # pragma: no cover
+        table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+        return table.get(df, 2.228 if df < 15 else 2.0)
+
+
+def mean_ci(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% confidence interval (Student t, ``n - 1`` degrees of freedom)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan")
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, _t975(n - 1) * sd / math.sqrt(n)
+
+
+# -- output --------------------------------------------------------------------------------------
+def _fmt_int(n) -> str:
+    if n is None:
+        return "n/a"
+    for unit, d in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= d:
+            return f"{n / d:.2f}{unit}"
+    return str(int(n))
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f}%"
+
+
+def _secs(v) -> str:
+    return "n/a" if v is None else f"{v:.1f} s"
+
+
+def plot_curves(runs: list[RunRecord], path: str | Path, title: str | None = None) -> Path:
+    """Training loss and test accuracy against the step, one line per run, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, run in enumerate(runs):
+        colour = f"C{i % 10}"
+        layer = str(run.config.get("layer"))
+        label = run.name if layer in run.name else f"{run.name} ({layer})"
+        tr = run.train
+        if tr:
+            ax_loss.plot([r["step"] for r in tr], [r["loss"] for r in tr], color=colour, label=label, lw=1.3)
+        ev = run.evals
+        if ev:
+            ax_acc.plot([r["step"] for r in ev], [100 * r["test_acc"] for r in ev], color=colour, label=label,
+                        marker="o", ms=3, lw=1.3)
+    ax_loss.set(title="Training loss (mean over each logging window)", xlabel="optimizer step",
+                ylabel="cross-entropy (with the run's label smoothing)")
+    ax_acc.set(title="Test accuracy", xlabel="optimizer step", ylabel="test accuracy (%)")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no records", ha="center", va="center", transform=ax.transAxes)
+    datasets = sorted({str(r.config.get("dataset")) for r in runs})
+    fig.suptitle(title or f"Learning curves on {', '.join(datasets)}")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(run_dirs: list[str | Path], out: str | Path) -> dict:
+    """Write ``out/report.md`` and ``out/curves.png`` for ``run_dirs``; returns their paths and rows."""
+    runs = [load_run(p) for p in run_dirs]
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):  # two runs called "seed0" in different folders
+        for r in runs:
+            r.name = f"{r.path.parent.name}/{r.path.name}"
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for r in runs:
+        built = None
+        try:
+            built = _model_of(r)
+        except Exception as e:  # an unknown model in an old config: report without params/MACs
+            print(f"nsl report: warning: cannot build the model of {r.path} ({e}); params and MACs omitted",
+                  file=sys.stderr)
+        params = r.params
+        macs = None
+        if built is not None:
+            from .models import count_parameters
+
+            model, shape = built
+            params = params if params is not None else count_parameters(model)
+            macs = count_macs(model, shape)
+        rows.append(dict(run=r.name, model=r.config.get("model"), layer=r.config.get("layer"),
+                         dataset=r.config.get("dataset"), seed=r.config.get("seed"), params=params, macs=macs,
+                         final_acc=r.final_acc, best_acc=r.best_acc, seconds=r.wall_time, iters=r.iterations))
+    lines = ["# Training report", "",
+             f"{len(runs)} run(s). Accuracies are on the run's test set (`test_subset` in its config.json if "
+             "set). MACs: multiply-adds per image for one forward pass, counted with forward hooks on every "
+             "convolution and linear layer (static NSL: as its folded convolution; dynamic NSL: the "
+             "convolution, plus the predictor's convolutions (SphereConv: with its patch norm, C_in x k x k "
+             "per location), plus the modulation of every input patch by "
+             "M(y), C_in x P (diagonal) or C_in x P x P (full) per output location; batch norm, activations "
+             "and pooling not counted). Wall time: training seconds recorded in metrics.jsonl "
+             "(including evaluations).", "",
+             "| run | model | layer kind | dataset | seed | params | MACs / image | final test acc | best test acc "
+             "| wall time | iterations |",
+             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        lines.append(f"| {row['run']} | {row['model']} | {row['layer']} | {row['dataset']} | {row['seed']} | "
+                     f"{'n/a' if row['params'] is None else format(row['params'], ',')} | {_fmt_int(row['macs'])} | "
+                     f"{_pct(row['final_acc'])} | "
+                     f"{_pct(row['best_acc'])} | {_secs(row['seconds'])} | {row['iters']} |")
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(runs):
+        groups.setdefault(r.variant_key(), []).append(i)
+    seed_groups = [g for g in groups.values() if len(g) > 1]
+    if seed_groups:
+        lines += ["", "## Runs that differ only by seed", "",
+                  "Mean +- half-width of the 95% confidence interval of the mean (Student t, n - 1 degrees of "
+                  "freedom) over the seeds of each variant.", "",
+                  "| variant (model / layer kind / dataset) | seeds | runs | final test acc | best test acc "
+                  "| wall time |",
+                  "|---|---|---|---:|---:|---:|"]
+        for g in seed_groups:
+            first = rows[g[0]]
+
+            def stat(key, scale=100.0, unit="%", g=g):
+                vals = [rows[i][key] for i in g if rows[i][key] is not None]
+                if not vals:
+                    return "n/a"
+                m, h = mean_ci(vals)
+                return f"{scale * m:.2f} +- {scale * h:.2f}{unit}"
+
+            lines.append(f"| {first['model']} / {first['layer']} / {first['dataset']} | "
+                         f"{', '.join(str(rows[i]['seed']) for i in g)} | {', '.join(rows[i]['run'] for i in g)} | "
+                         f"{stat('final_acc')} | {stat('best_acc')} | {stat('seconds', 1.0, ' s')} |")
+    curves = plot_curves(runs, out / "curves.png")
+    lines += ["", "## Learning curves", "", f"![training loss and test accuracy against the step]({curves.name})",
+              ""]
+    md = out / "report.md"
+    md.write_text("\n".join(lines))
+    return {"report": str(md), "curves": str(curves), "rows": rows, "seed_groups": len(seed_groups)}
+
+
+# -- command line --------------------------------------------------------------------------------
+def _cli(args: argparse.Namespace) -> int:
+    try:
+        res = write_report(args.run_dirs, args.out)
+    except RunError as e:
+        print(f"nsl report: error: {e}", file=sys.stderr)
+        return 2
+    print(res["report"])
+    print(res["curves"])
+    return 0
+
+
+def add_parser(sub) -> None:
+    """Add ``nsl report`` to the subcommands ``sub`` of the ``nsl`` parser."""
+    p = sub.add_parser("report", help="markdown table and learning curves of training runs",
+                       description="Summarise runs written by `nsl train`: OUT/report.md (model, layer kind, "
+                                   "dataset, params, MACs per image, final/best test accuracy, wall time, "
+                                   "iterations; seeds of one variant grouped as mean +- 95% CI) and "
+                                   "OUT/curves.png.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (config.json + metrics.jsonl)")
+    p.add_argument("--out", default="report", help="output folder (default ./report)")
+    p.set_defaults(func=_cli)
