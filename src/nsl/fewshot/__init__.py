@@ -18,6 +18,12 @@ heads (Prototypical Networks, a bilinear neural-similarity metric), the episode 
     loss, acc = episode_loss_and_accuracy(model, xs, ys, xq, yq)
     result = evaluate(model, test_ds, n_way=5, k_shot=1, n_query=15, n_episodes=600, seed=0)
     print(result)   # "55.12 +- 0.45 % (600 episodes)"
+
+Training and evaluation runs (:mod:`nsl.fewshot.train`, ``nsl fewshot train`` / ``nsl fewshot eval``)::
+
+    cfg = FewShotConfig(dataset="cifar-fs", data_dir=root, layer="dynamic-diagonal", out="runs/fs-dd")
+    train_fewshot(cfg)                                   # RUN_DIR/{config.json,metrics.jsonl,checkpoints/}
+    res = evaluate_fewshot_checkpoint("runs/fs-dd/checkpoints/best.pt", n_episodes=600, seed=0)
 """
 
 from .data import (
@@ -46,9 +52,22 @@ from .protonet import (
     prototypes,
 )
 from .sampler import Episode, EpisodeSampler, episode_labels, make_episode
+from .train import (
+    FEWSHOT_HEADS,
+    FewShotConfig,
+    apply_fewshot_overrides,
+    build_fewshot_model,
+    channel_stats,
+    compare_results,
+    evaluate_fewshot_checkpoint,
+    load_fewshot_checkpoint,
+    load_fewshot_split,
+    train_fewshot,
+)
 
 __all__ = [
     "BACKBONES",
+    "FEWSHOT_HEADS",
     "FEWSHOT_DATASETS",
     "HEAD_METRICS",
     "OMNIGLOT_TRAIN_CHARACTERS",
@@ -57,23 +76,32 @@ __all__ = [
     "Episode",
     "EpisodeSampler",
     "EvalResult",
+    "FewShotConfig",
     "FewShotClassifier",
     "FewShotDataset",
     "PrototypicalHead",
     "ResNet12",
+    "apply_fewshot_overrides",
     "build_backbone",
+    "build_fewshot_model",
+    "channel_stats",
     "check_episode",
+    "compare_results",
     "confidence_interval",
     "episode_labels",
     "episode_loss_and_accuracy",
     "evaluate",
+    "evaluate_fewshot_checkpoint",
     "get_fewshot_dataset",
     "load_cifar_fs",
     "load_fc100",
+    "load_fewshot_checkpoint",
+    "load_fewshot_split",
     "load_mini_imagenet",
     "load_omniglot",
     "load_split_definition",
     "make_episode",
     "prototypes",
+    "train_fewshot",
     "with_rotations",
 ]

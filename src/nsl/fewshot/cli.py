@@ -1,0 +1,174 @@
+"""``nsl fewshot train`` and ``nsl fewshot eval``; :func:`add_parser` registers them on ``nsl``'s subparsers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["add_parser"]
+
+# explicit flags mapped to FewShotConfig fields (None = not given on the command line)
+_TRAIN_FLAGS = ("dataset", "data_dir", "backbone", "layer", "head", "ways", "shots", "queries", "train_ways",
+                "train_shots", "episodes", "lr", "lr_step", "val_every", "val_episodes", "seed", "device", "out",
+                "rotations", "progress")
+
+
+def _error(command: str, message: str, code: int = 2) -> int:
+    print(f"nsl fewshot {command}: error: {message}", file=sys.stderr)
+    return code
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _train(args: argparse.Namespace) -> int:
+    from ..data.errors import DatasetError
+    from ..train import CheckpointError, ConfigError, TrainingDiverged
+    from .train import FewShotConfig, apply_fewshot_overrides, train_fewshot
+
+    given = {k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k) is not None}
+    try:
+        if args.out is None:
+            raise ConfigError("--out RUN_DIR is required")
+        saved = Path(args.out).expanduser() / "config.json"
+        if args.resume and saved.exists():
+            d = json.loads(saved.read_text())
+            d.update(given)
+            cfg = FewShotConfig.from_dict(d)
+        else:
+            cfg = FewShotConfig.from_dict({**FewShotConfig().to_dict(), **given})
+        cfg = apply_fewshot_overrides(cfg, args.set or [])
+        summary = train_fewshot(cfg, resume=args.resume)
+    except TrainingDiverged as e:
+        return _error("train", str(e), 1)
+    except KeyboardInterrupt:
+        return _error("train", f"interrupted; continue from the last checkpoint with: nsl fewshot train --out "
+                               f"{args.out} --resume", 130)
+    except (ConfigError, CheckpointError, DatasetError, ValueError) as e:
+        return _error("train", str(e))
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+def _line(res: dict) -> str:
+    return (f"{res['backbone']}/{res['layer']} + {res['head']} ({res['checkpoint']}, episode {res['episode']}) on "
+            f"{res['dataset']} {res['split']}: {res['ways']}-way {res['shots']}-shot accuracy "
+            f"{100 * res['mean']:.2f} +- {100 * res['ci95']:.2f} % (95% CI, {res['episodes']} episodes, seed "
+            f"{res['seed']})")
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from ..data.errors import DatasetError
+    from ..train import CheckpointError, ConfigError
+    from .train import compare_results, evaluate_fewshot_checkpoint, load_fewshot_checkpoint, load_fewshot_split
+
+    kw = dict(n_way=args.ways, k_shot=args.shots, n_query=args.queries, n_episodes=args.episodes, seed=args.seed,
+              split=args.split, device=args.device, progress=args.progress)
+    try:
+        if args.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError(f"--device {args.device} requested but CUDA is not available")
+        ckpt = load_fewshot_checkpoint(args.checkpoint)
+        cfg = ckpt["config"]
+        data_dir = args.data_dir if args.data_dir is not None else cfg.get("data_dir")
+        dataset = load_fewshot_split(cfg["dataset"], data_dir, args.split).to(args.device)
+        del ckpt
+        res = evaluate_fewshot_checkpoint(args.checkpoint, dataset=dataset, **kw)
+        other = paired = None
+        if args.compare:
+            other_cfg = load_fewshot_checkpoint(args.compare)["config"]
+            if other_cfg["dataset"] != cfg["dataset"]:
+                raise ValueError(f"cannot compare on the same episodes: {args.checkpoint} was trained on "
+                                 f"{cfg['dataset']}, {args.compare} on {other_cfg['dataset']}")
+            other = evaluate_fewshot_checkpoint(args.compare, dataset=dataset, **kw)
+            paired = compare_results(res, other)
+    except (ConfigError, CheckpointError, DatasetError, ValueError) as e:
+        return _error("eval", str(e))
+    if args.json:
+        out = res if other is None else {"a": res, "b": other, "paired": paired}
+        print(json.dumps(out))
+        return 0
+    print(_line(res))
+    if other is not None:
+        print(_line(other))
+        print(f"paired difference (first - second) over the same {paired['episodes']} episodes: "
+              f"{100 * paired['mean_diff']:+.2f} +- {100 * paired['ci95']:.2f} % (95% CI); first better in "
+              f"{paired['wins']}, worse in {paired['losses']}, tied in {paired['ties']} episodes")
+    return 0
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    """Add the ``fewshot`` command group (``train``, ``eval``) to ``nsl``'s subparsers ``sub``."""
+    from ..models import LAYER_KINDS
+    from .data import FEWSHOT_DATASETS
+    from .models import BACKBONES
+    from .train import FEWSHOT_HEADS
+
+    fs = sub.add_parser("fewshot", help="few-shot learning: episodic training (ProtoNet, NSL) and evaluation",
+                        description="Episodic few-shot training and evaluation with confidence intervals.")
+    fsub = fs.add_subparsers(dest="fewshot_command", metavar="COMMAND")
+    fs.set_defaults(func=lambda args: (fs.print_help(), 2)[1])
+
+    p = fsub.add_parser("train", help="episodic training with validation-based model selection",
+                        description="Train a few-shot classifier on episodes. Writes RUN_DIR/config.json, "
+                                    "RUN_DIR/metrics.jsonl and RUN_DIR/checkpoints/{last,best}.pt (best = highest "
+                                    "accuracy on fixed val episodes). Any config field can be set with --set "
+                                    "key=value (see nsl.fewshot.FewShotConfig).")
+    p.add_argument("--dataset", help=f"one of {', '.join(FEWSHOT_DATASETS)} (default cifar-fs)")
+    p.add_argument("--data-dir", dest="data_dir", help="folder holding the dataset's files")
+    p.add_argument("--backbone", help=f"one of {', '.join(BACKBONES)} (default conv4)")
+    p.add_argument("--layer", help=f"one of {', '.join(LAYER_KINDS)} (default conv)")
+    p.add_argument("--head", help=f"one of {', '.join(FEWSHOT_HEADS)} (default protonet)")
+    p.add_argument("--ways", type=_positive_int, help="classes per validation episode (default 5)")
+    p.add_argument("--shots", type=_positive_int, help="support images per class (default 1)")
+    p.add_argument("--queries", type=_positive_int, help="query images per class (default 15)")
+    p.add_argument("--train-ways", dest="train_ways", type=_positive_int, help="classes per training episode "
+                   "(default: --ways)")
+    p.add_argument("--train-shots", dest="train_shots", type=_positive_int, help="default: --shots")
+    p.add_argument("--episodes", type=_positive_int, help="training episodes (default 20000)")
+    p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
+    p.add_argument("--lr-step", dest="lr_step", type=_positive_int, help="halve the lr every N episodes (2000)")
+    p.add_argument("--val-every", dest="val_every", type=int, help="episodes between validations (default 500)")
+    p.add_argument("--val-episodes", dest="val_episodes", type=_positive_int, help="val episodes (default 200)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="cpu, cuda or auto")
+    p.add_argument("--out", help="run directory")
+    p.add_argument("--rotations", action="store_const", const=True, help="Omniglot: rotated characters as classes")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config field (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.pt "
+                   "(a larger --episodes extends it)")
+    p.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="hide the progress bar")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON at the end")
+    p.set_defaults(func=_train)
+
+    e = fsub.add_parser("eval", help="mean accuracy and 95%% CI over fixed-seed episodes",
+                        description="Evaluate a few-shot checkpoint on fixed-seed episodes: mean accuracy +- "
+                                    "1.96 * std / sqrt(episodes). The same --seed gives the same episodes, so "
+                                    "models are compared on identical episodes (--compare).")
+    e.add_argument("--checkpoint", required=True, help="checkpoint written by nsl fewshot train")
+    e.add_argument("--ways", type=_positive_int, help="default: the run's --ways")
+    e.add_argument("--shots", type=_positive_int, help="default: the run's --shots")
+    e.add_argument("--queries", type=_positive_int, help="default: the run's --queries")
+    e.add_argument("--episodes", type=_positive_int, default=600, help="episodes (default 600)")
+    e.add_argument("--seed", type=int, default=0, help="episode seed (default 0)")
+    e.add_argument("--split", default="test", help="split to evaluate (default test)")
+    e.add_argument("--data-dir", dest="data_dir", help="dataset folder (default: the one recorded in the run)")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--compare", metavar="CKPT2", help="also evaluate CKPT2 on the same episodes and print the "
+                   "paired difference with its 95%% CI")
+    e.add_argument("--json", action="store_true", help="print the result as JSON, per-episode accuracies included")
+    e.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    e.set_defaults(func=_eval)
+    return fs
