@@ -1,4 +1,4 @@
-"""The ``nsl`` command line: ``nsl demo``, ``nsl train``, ``nsl eval``."""
+"""The ``nsl`` command line: ``demo``, ``train``, ``eval``, ``report``, ``viz`` and ``fewshot train|eval``."""
 
 from __future__ import annotations
 
@@ -169,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     demo.set_defaults(func=_demo)
     _add_train_parser(sub)
+    from .fewshot.cli import add_parser as _add_fewshot_parser
+
+    _add_fewshot_parser(sub)
+    from . import report, viz
+
+    report.add_parser(sub)
+    viz.add_parser(sub)
     return parser
 
 
