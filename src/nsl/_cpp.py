@@ -1,0 +1,194 @@
+"""Loader and autograd glue for the fused CPU kernel of dynamic neural similarity convolution.
+
+The C++ source (``csrc/dynamic_ns_conv.cpp``) is JIT-compiled with
+:func:`torch.utils.cpp_extension.load` on first use, once per process (thread-safe), into
+``$NSL_EXTENSIONS_DIR/<torch version>-py<X.Y>`` (default root ``~/.cache/nsl/extensions``);
+later processes reuse the build. When compiling is impossible (no compiler, no ninja) or
+``NSL_DISABLE_CPP=1`` is set, :func:`is_available` returns False and :func:`unavailable_reason`
+says why; importing this module never raises.
+
+Shapes (``P = kh * kw``, positions row-major ``q = i * kw + j`` with offset ``(i, j)``)::
+
+    x      [N, C_in, H, W]
+    weight [C_out, C_in / groups, kh, kw]
+    sim    [N, P, H_out, W_out]       diagonal: m
+           [N, P, P, H_out, W_out]    full: M[n, p, q] links filter position p with input position q
+    out    [N, C_out, H_out, W_out],  H_out = (H + 2 ph - dh (kh - 1) - 1) // sh + 1
+
+With ``col[n, c, q](y) = x[n, c, y_h sh + dh i - ph, y_w sw + dw j - pw]`` (zero outside)::
+
+    diagonal: out[n, o](y) = sum_{c in group(o), q} W[o, c, q] m[n, q](y) col[n, c, q](y)
+    full:     out[n, o](y) = sum_{c, p} W[o, c, p] sum_q M[n, p, q](y) col[n, c, q](y)
+
+``m = 1`` (``M = I``) gives exactly ``F.conv2d`` (no bias). Gradients are first order only
+(the backward is not itself differentiable).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+__all__ = ["dynamic_ns_conv2d", "is_available", "unavailable_reason"]
+
+_EXT_NAME = "nsl_dynamic_ns_conv"
+_SOURCE = Path(__file__).resolve().parent / "csrc" / "dynamic_ns_conv.cpp"
+
+_lock = threading.Lock()
+_module = None
+_reason: str | None = None
+_tried = False
+
+
+def _build_dir() -> Path:
+    """``$NSL_EXTENSIONS_DIR`` (default ``~/.cache/nsl/extensions``) / ``<torch version>-py<X.Y>``:
+    one build per torch and Python version, since the compiled module depends on both."""
+    root = os.environ.get("NSL_EXTENSIONS_DIR") or Path.home() / ".cache" / "nsl" / "extensions"
+    version = torch.__version__.replace("+", "_")
+    return Path(root) / f"{version}-py{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def _compile():
+    from torch.utils import cpp_extension
+
+    cflags = ["-O3"]
+    ldflags = []
+    if sys.platform.startswith("linux"):  # at::parallel_for needs OpenMP to run in parallel
+        cflags.append("-fopenmp")
+        ldflags.append("-fopenmp")
+    build = _build_dir()
+    build.mkdir(parents=True, exist_ok=True)
+    # A build is current when ninja finds nothing to do; announce only real compilations.
+    stamp = build / f"{_EXT_NAME}.so"
+    if not stamp.exists() or stamp.stat().st_mtime < _SOURCE.stat().st_mtime:
+        print("nsl: compiling the CPU kernel (once, about a minute)...", file=sys.stderr, flush=True)
+    return cpp_extension.load(
+        name=_EXT_NAME,
+        sources=[str(_SOURCE)],
+        extra_cflags=cflags,
+        extra_ldflags=ldflags,
+        build_directory=str(build),
+        verbose=False,
+    )
+
+
+def _first_complaint(message: str) -> str:
+    """The most telling line of a build failure (the ninja log repeats whole command lines)."""
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    for marker in ("error:", "not found", "No such file", "Error"):
+        for ln in lines:
+            if marker in ln and len(ln) < 400:
+                return ln
+    return (lines[-1] if lines else "")[:300]
+
+
+def _load():
+    """Return the compiled module or None; compiles at most once per process."""
+    global _module, _reason, _tried
+    if _tried:
+        return _module
+    with _lock:
+        if _tried:
+            return _module
+        try:
+            if os.environ.get("NSL_DISABLE_CPP") == "1":
+                _reason = "disabled by NSL_DISABLE_CPP=1"
+            elif not _SOURCE.exists():
+                _reason = f"kernel source not found at {_SOURCE}"
+            else:
+                _module = _compile()
+        except Exception as e:  # noqa: BLE001 - any build failure just disables the kernel
+            _module = None
+            _reason = f"compiling the CPU kernel failed: {type(e).__name__}: {_first_complaint(str(e))}"
+        _tried = True
+    return _module
+
+
+def is_available() -> bool:
+    """True when the CPU kernel is compiled (or compiles now) and usable."""
+    return _load() is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`is_available` is False (None when it is True)."""
+    _load()
+    return _reason
+
+
+def _ext():
+    mod = _load()
+    if mod is None:
+        raise RuntimeError(f"nsl CPU kernel unavailable: {_reason}")
+    return mod
+
+
+class _DynamicNSConv2d(torch.autograd.Function):
+    """Autograd wrapper; saves only x, weight and sim (no P-times column tensor)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, sim, stride, padding, dilation, groups):
+        ext = _ext()
+        out = ext.forward(x, weight, sim, stride, padding, dilation, groups)
+        ctx.save_for_backward(x, weight, sim)
+        ctx.geometry = (stride, padding, dilation, groups)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, weight, sim = ctx.saved_tensors
+        need_dx, need_dw, need_dsim = ctx.needs_input_grad[:3]
+        dx, dw, dsim = _ext().backward(
+            grad_out.contiguous(), x, weight, sim, *ctx.geometry, need_dx, need_dw, need_dsim
+        )
+        return dx, dw, dsim, None, None, None, None
+
+
+def _pair(v) -> list[int]:
+    if isinstance(v, int):
+        return [v, v]
+    v = [int(e) for e in v]
+    if len(v) != 2:
+        raise ValueError(f"expected an int or a pair, got {v}")
+    return v
+
+
+def dynamic_ns_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    sim: torch.Tensor,
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int] = (0, 0),
+    dilation: tuple[int, int] = (1, 1),
+    groups: int = 1,
+) -> torch.Tensor:
+    """Dynamic neural similarity convolution with the fused CPU kernel (autograd-aware).
+
+    ``x [N, C_in, H, W]``, ``weight [C_out, C_in/groups, kh, kw]``, ``sim`` either
+    ``[N, P, H_out, W_out]`` (diagonal ``m``) or ``[N, P, P, H_out, W_out]`` (full ``M``), see the
+    module docstring for the formulas. Returns ``[N, C_out, H_out, W_out]`` without bias.
+    CPU float32/float64 only (``TypeError`` otherwise); inputs are made contiguous here.
+    """
+    tensors = (x, weight, sim)
+    if any(not isinstance(t, torch.Tensor) for t in tensors):
+        raise TypeError("dynamic_ns_conv2d expects tensors")
+    if any(t.device.type != "cpu" for t in tensors):
+        raise TypeError("dynamic_ns_conv2d (CPU kernel) expects CPU tensors")
+    if x.dtype not in (torch.float32, torch.float64) or any(t.dtype != x.dtype for t in tensors):
+        raise TypeError(
+            "dynamic_ns_conv2d (CPU kernel) expects float32 or float64 tensors of one dtype, got "
+            f"{x.dtype}, {weight.dtype}, {sim.dtype}"
+        )
+    return _DynamicNSConv2d.apply(
+        x.contiguous(),
+        weight.contiguous(),
+        sim.contiguous(),
+        _pair(stride),
+        _pair(padding),
+        _pair(dilation),
+        int(groups),
+    )
