@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
@@ -18,50 +19,89 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def time_min(run: Callable[[], None], repeat: int = 5, warmup: int = 2) -> float:
-    """Minimum wall time of ``run()`` in seconds over ``repeat`` calls after ``warmup`` calls."""
-    for _ in range(warmup):
-        run()
-    best = float("inf")
+def time_cases(runs: dict[str, Callable[[], None]], repeat: int = 5, warmup: int = 2) -> dict[str, float]:
+    """Min over ``repeat`` rounds of each run's wall time (s), after ``warmup`` calls of each.
+
+    The rounds interleave the runs, so a burst of load from elsewhere slows all of them alike and
+    no case pays for being measured first.
+    """
+    for run in runs.values():
+        for _ in range(warmup):
+            run()
+    best = dict.fromkeys(runs, float("inf"))
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - t0)
+        for name, run in runs.items():
+            t0 = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - t0)
     return best
 
 
-def saved_bytes(forward: Callable[[], torch.Tensor]) -> int:
-    """Bytes of the distinct storages autograd keeps between ``forward()`` and its backward."""
+def saved_bytes(fn: Callable[[], object]) -> int:
+    """Bytes of the distinct CPU storages autograd saves for backward while ``fn()`` runs.
+
+    ``fn`` is a forward (or a forward + backward: packing happens in the forward only).
+    """
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor):
-        s = t.untyped_storage()
-        storages[s.data_ptr()] = s.nbytes()
+        if t.device.type == "cpu":
+            s = t.untyped_storage()
+            storages[s.data_ptr()] = s.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = forward()
-    del out
+        fn()
     return sum(storages.values())
 
 
-def peak_rss_mb(script: str, case: str, threads: int) -> float:
-    """Peak resident-memory increase (MiB) of one forward + backward of ``case``, in a fresh process.
+def _proc_status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
 
-    ``script`` must accept ``--rss-child CASE`` and print the ``ru_maxrss`` delta in KiB.
+
+def rss_child(run: Callable[[], None]) -> None:
+    """In a fresh process: print the peak-RSS increase (bytes) of one call of ``run``.
+
+    A first call warms up (thread pools, JIT code, extension loading are not counted). On Linux
+    the high-water mark is reset (``/proc/self/clear_refs``) and the result is ``VmHWM`` minus the
+    resident size before the call; elsewhere the ``ru_maxrss`` increase (which can under-report).
     """
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    out = subprocess.run([sys.executable, script, "--rss-child", case, "--threads", str(threads)],
-                         capture_output=True, text=True, env=env, check=True)
-    return float(out.stdout.strip().splitlines()[-1]) / 1024
-
-
-def rss_child(make_run: Callable[[], Callable[[], None]]) -> None:
-    """In the child: build the case, measure one run's ``ru_maxrss`` increase (KiB), print it."""
-    run = make_run()
+    run()
+    gc.collect()
+    before = _proc_status_kib("VmRSS")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak to the current RSS
+        reset = True
+    except OSError:
+        reset = False
+    if before is not None and reset:
+        run()
+        print((_proc_status_kib("VmHWM") - before) * 1024)
+        return
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     run()
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print((after - before) * (1 if sys.platform == "darwin" else 1024))
+
+
+def rss_delta(args: list[str]) -> int | None:
+    """Run ``python args...`` (a script in its ``rss_child`` mode) and return the bytes it prints.
+
+    The child runs with a fixed glibc mmap threshold so that freed large blocks go back to the OS
+    instead of being reused unseen.
+    """
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    res = subprocess.run([sys.executable, *args], capture_output=True, text=True, check=False, env=env)
+    try:
+        return int(res.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return None
 
 
 def environment() -> dict:

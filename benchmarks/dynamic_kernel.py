@@ -21,20 +21,17 @@ which the torch profiler would not).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import os
 import platform
-import resource
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, rss_child, rss_delta, saved_bytes, time_cases  # noqa: E402
+
 sys.path.insert(0, str(ROOT / "src"))
 
 from nsl import _cpp  # noqa: E402
@@ -100,83 +97,12 @@ def make_case(impl: str, shape, seed: int = 0):
     return run
 
 
-def time_cases(runs: dict, repeat: int, warmup: int) -> dict:
-    """Min over ``repeat`` rounds of each run's wall time; the rounds interleave the runs so that
-    a burst of load from elsewhere slows all of them alike."""
-    for run in runs.values():
-        for _ in range(warmup):
-            run()
-    best = dict.fromkeys(runs, float("inf"))
-    for _ in range(repeat):
-        for name, run in runs.items():
-            t = time.perf_counter()
-            run()
-            best[name] = min(best[name], time.perf_counter() - t)
-    return best
+def rss_child_case(impl: str, shape) -> None:
+    rss_child(make_case(impl, shape))
 
 
-def saved_bytes(impl: str, shape) -> int:
-    """Bytes of the distinct storages autograd keeps between forward and backward."""
-    storages: dict[int, int] = {}
-
-    def pack(t):
-        if t.device.type == "cpu":
-            st = t.untyped_storage()
-            storages[st.data_ptr()] = st.nbytes()
-        return t
-
-    run = make_case(impl, shape)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):  # pack runs in forward only
-        run()
-    return sum(storages.values())
-
-
-def _proc_status_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def rss_child(impl: str, shape) -> None:
-    """In a fresh process: print the peak-RSS increase (bytes) of one forward + backward.
-
-    A first run warms up; the child runs with a fixed glibc mmap threshold so that freed large
-    blocks go back to the OS instead of being reused unseen. Linux: the high-water mark is reset
-    (``/proc/self/clear_refs``), then ``VmHWM`` minus the resident size before the run.
-    Elsewhere ``ru_maxrss`` (which an exec'd child may inherit from its parent, so it can
-    under-report)."""
-    run = make_case(impl, shape)
-    run()  # warm-up: one-time allocations (thread pools, JIT code, extension) are not counted
-    gc.collect()
-    before = _proc_status_kib("VmRSS")
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # reset the peak to the current RSS
-        reset = True
-    except OSError:
-        reset = False
-    if before is not None and reset:
-        run()
-        print((_proc_status_kib("VmHWM") - before) * 1024)
-        return
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    run()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print((after - before) * (1 if sys.platform == "darwin" else 1024))
-
-
-def rss_delta(impl: str, shape, threads: int) -> int | None:
-    cmd = [sys.executable, __file__, "--rss-child", impl, ",".join(map(str, shape)), "--threads",
-           str(threads)]
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
-    res = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
-    try:
-        return int(res.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        return None
+def rss_of(impl: str, shape, threads: int) -> int | None:
+    return rss_delta([__file__, "--rss-child", impl, ",".join(map(str, shape)), "--threads", str(threads)])
 
 
 def main() -> None:
@@ -193,7 +119,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.rss_child:
-        rss_child(args.rss_child[0], tuple(int(v) for v in args.rss_child[1].split(",")))
+        rss_child_case(args.rss_child[0], tuple(int(v) for v in args.rss_child[1].split(",")))
         return
     if not _cpp.is_available():
         sys.exit(f"nsl CPU kernel unavailable: {_cpp.unavailable_reason()}")
@@ -215,8 +141,8 @@ def main() -> None:
         conv_t = times["conv"]
         for impl in impls:
             t = times[impl]
-            saved = saved_bytes(impl, shape)
-            rss = None if args.no_rss else rss_delta(impl, shape, threads)
+            saved = saved_bytes(make_case(impl, shape))
+            rss = None if args.no_rss else rss_of(impl, shape, threads)
             row = dict(N=n, C=c, H=h, W=h, k=k, impl=impl, ms=t * 1e3, ratio_vs_conv=t / conv_t,
                        saved_bytes=saved, peak_rss_delta_bytes=rss)
             rows.append(row)

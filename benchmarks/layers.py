@@ -12,7 +12,7 @@ For each shape (CIFAR- and ImageNet-like 3x3 layers) it measures, in one run:
 * ``deform_conv2d``: ``torchvision.ops.deform_conv2d`` with zero offsets and ``mask = m`` (computes
   dynamic diagonal NSL), where torchvision is importable.
 
-Columns: forward + backward time (min over ``--repeat`` after warm-up), its ratio to ``conv``, bytes
+Columns: forward + backward time (min over ``--repeat`` interleaved rounds after warm-up), its ratio to ``conv``, bytes
 saved for backward, and the peak resident-memory increase of one forward + backward in a fresh
 process (``--rss``; ratio to conv's). Writes JSON to ``--out``.
 
@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, environment, peak_rss_mb, print_table, rss_child, saved_bytes, time_min, write_json  # noqa: E402
+from common import ROOT, environment, print_table, rss_child, rss_delta, saved_bytes, time_cases, write_json  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "src"))
 import nsl  # noqa: E402
@@ -134,29 +134,34 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.rss_child:
         shape, impl = args.rss_child.split(":", 1)
-        rss_child(lambda: make_run(shape, impl)[0])
+        rss_child(make_run(shape, impl)[0])
         return
     shapes = args.shapes.split(",")
     unknown = [s for s in shapes if s not in SHAPES]
     if unknown:
         parser.error(f"unknown shape(s) {unknown}; expected among {list(SHAPES)}")
     impls = implementations() if args.impls is None else args.impls.split(",")
+    if "conv" not in impls:
+        impls.insert(0, "conv")  # the baseline of every ratio
     rows = []
     for shape in shapes:
-        base_t = base_rss = None
+        cases = {impl: make_run(shape, impl) for impl in impls}
+        times = time_cases({impl: case[0] for impl, case in cases.items()}, args.repeat)
+        base_rss = None
         for impl in impls:
-            run, forward = make_run(shape, impl)
-            t = time_min(run, args.repeat)
-            row = {"shape": shape, "impl": impl, "ms": 1e3 * t, "saved_mb": saved_bytes(forward) / 2**20}
+            t = times[impl]
+            row = {"shape": shape, "impl": impl, "ms": 1e3 * t, "x_conv": t / times["conv"],
+                   "saved_mb": saved_bytes(cases[impl][1]) / 2**20}
             if args.rss:
-                row["peak_rss_mb"] = peak_rss_mb(__file__, f"{shape}:{impl}", args.threads)
-            if impl == "conv":
-                base_t, base_rss = t, row.get("peak_rss_mb")
-            row["x_conv"] = t / base_t if base_t else None
-            if args.rss and base_rss:
-                row["rss_x_conv"] = row["peak_rss_mb"] / base_rss
+                rss = rss_delta([__file__, "--rss-child", f"{shape}:{impl}", "--threads", str(args.threads)])
+                row["peak_rss_mb"] = None if rss is None else rss / 2**20
+                if impl == "conv":
+                    base_rss = row["peak_rss_mb"]
+                if base_rss and row["peak_rss_mb"] is not None:
+                    row["rss_x_conv"] = row["peak_rss_mb"] / base_rss
             rows.append(row)
-            print(f"  {shape:<14} {impl:<20} {row['ms']:9.2f} ms  x{row['x_conv'] or 0:6.2f}", flush=True)
+            print(f"  {shape:<14} {impl:<20} {row['ms']:9.2f} ms  x{row['x_conv']:6.2f}", flush=True)
+        del cases
     print()
     columns = [("shape", "shape", ""), ("impl", "implementation", ""), ("ms", "fwd+bwd ms", ".2f"),
                ("x_conv", "x conv", ".2f"), ("saved_mb", "saved MiB", ".1f")]
