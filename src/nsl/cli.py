@@ -6,6 +6,8 @@ import argparse
 import sys
 from dataclasses import fields
 
+from ._cli_utils import positive_int
+
 __all__ = ["main"]
 
 
@@ -16,16 +18,6 @@ def _demo(args: argparse.Namespace) -> int:
     cfg = DemoConfig(**{k: v for k, v in vars(args).items() if k in names})
     run_demo(cfg)
     return 0
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 # -- nsl train / nsl eval ------------------------------------------------------------------------
@@ -123,13 +115,13 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--protocol", default="paper", choices=list(PROTOCOLS), help="config defaults (default paper)")
     p.add_argument("--out", help="run directory")
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--iters", type=_positive_int, help="optimizer steps")
+    length.add_argument("--iters", type=positive_int, help="optimizer steps")
     length.add_argument("--epochs", type=float, help="epochs (converted to steps)")
-    p.add_argument("--batch-size", dest="batch_size", type=_positive_int)
+    p.add_argument("--batch-size", dest="batch_size", type=positive_int)
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu, cuda or auto")
-    p.add_argument("--subset", type=_positive_int, help="train on N images of a fixed seeded subset")
-    p.add_argument("--test-subset", dest="test_subset", type=_positive_int, help="evaluate on the first N test images")
+    p.add_argument("--subset", type=positive_int, help="train on N images of a fixed seeded subset")
+    p.add_argument("--test-subset", dest="test_subset", type=positive_int, help="evaluate on the first N test images")
     p.add_argument("--lr", type=float)
     p.add_argument("--warmup-iters", dest="warmup_iters", type=int, help="linear lr warm-up (not in the paper)")
     p.add_argument("--bn-momentum", dest="bn_momentum", type=float, help="BN running-stat momentum (paper 0.001)")
@@ -151,7 +143,7 @@ def _add_train_parser(sub) -> None:
     e.add_argument("--data-dir", dest="data_dir", help="dataset folder (default: the one recorded in the run)")
     e.add_argument("--fold", action="store_true", help="fold static NSL layers into plain convolutions first")
     e.add_argument("--device", default="cpu")
-    e.add_argument("--batch-size", dest="batch_size", type=_positive_int)
+    e.add_argument("--batch-size", dest="batch_size", type=positive_int)
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.set_defaults(func=_eval)
 
@@ -163,9 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Build a small CNN, turn it into static and dynamic NSL models with "
                                       "nsl.convert, train all three on scikit-learn's digits over several "
                                       "seeds, and fold the static one back into a plain CNN.")
-    demo.add_argument("--epochs", type=_positive_int, default=12, help="training epochs per run (default 12)")
-    demo.add_argument("--seeds", type=_positive_int, default=3, help="seeds per variant (default 3)")
-    demo.add_argument("--batch-size", dest="batch_size", type=_positive_int, default=64)
+    demo.add_argument("--epochs", type=positive_int, default=12, help="training epochs per run (default 12)")
+    demo.add_argument("--seeds", type=positive_int, default=3, help="seeds per variant (default 3)")
+    demo.add_argument("--batch-size", dest="batch_size", type=positive_int, default=64)
     demo.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     demo.set_defaults(func=_demo)
     _add_train_parser(sub)

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from .._cli_utils import positive_int
+
 __all__ = ["add_parser"]
 
 # explicit flags mapped to FewShotConfig fields (None = not given on the command line)
@@ -18,16 +20,6 @@ _TRAIN_FLAGS = ("dataset", "data_dir", "backbone", "layer", "head", "ways", "sho
 def _error(command: str, message: str, code: int = 2) -> int:
     print(f"nsl fewshot {command}: error: {message}", file=sys.stderr)
     return code
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -131,17 +123,17 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--backbone", help=f"one of {', '.join(BACKBONES)} (default conv4)")
     p.add_argument("--layer", help=f"one of {', '.join(LAYER_KINDS)} (default conv)")
     p.add_argument("--head", help=f"one of {', '.join(FEWSHOT_HEADS)} (default protonet)")
-    p.add_argument("--ways", type=_positive_int, help="classes per validation episode (default 5)")
-    p.add_argument("--shots", type=_positive_int, help="support images per class (default 1)")
-    p.add_argument("--queries", type=_positive_int, help="query images per class (default 15)")
-    p.add_argument("--train-ways", dest="train_ways", type=_positive_int, help="classes per training episode "
+    p.add_argument("--ways", type=positive_int, help="classes per validation episode (default 5)")
+    p.add_argument("--shots", type=positive_int, help="support images per class (default 1)")
+    p.add_argument("--queries", type=positive_int, help="query images per class (default 15)")
+    p.add_argument("--train-ways", dest="train_ways", type=positive_int, help="classes per training episode "
                    "(default: --ways)")
-    p.add_argument("--train-shots", dest="train_shots", type=_positive_int, help="default: --shots")
-    p.add_argument("--episodes", type=_positive_int, help="training episodes (default 20000)")
+    p.add_argument("--train-shots", dest="train_shots", type=positive_int, help="default: --shots")
+    p.add_argument("--episodes", type=positive_int, help="training episodes (default 20000)")
     p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
-    p.add_argument("--lr-step", dest="lr_step", type=_positive_int, help="halve the lr every N episodes (2000)")
+    p.add_argument("--lr-step", dest="lr_step", type=positive_int, help="halve the lr every N episodes (2000)")
     p.add_argument("--val-every", dest="val_every", type=int, help="episodes between validations (default 500)")
-    p.add_argument("--val-episodes", dest="val_episodes", type=_positive_int, help="val episodes (default 200)")
+    p.add_argument("--val-episodes", dest="val_episodes", type=positive_int, help="val episodes (default 200)")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu, cuda or auto")
     p.add_argument("--out", help="run directory")
@@ -158,10 +150,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                     "1.96 * std / sqrt(episodes). The same --seed gives the same episodes, so "
                                     "models are compared on identical episodes (--compare).")
     e.add_argument("--checkpoint", required=True, help="checkpoint written by nsl fewshot train")
-    e.add_argument("--ways", type=_positive_int, help="default: the run's --ways")
-    e.add_argument("--shots", type=_positive_int, help="default: the run's --shots")
-    e.add_argument("--queries", type=_positive_int, help="default: the run's --queries")
-    e.add_argument("--episodes", type=_positive_int, default=600, help="episodes (default 600)")
+    e.add_argument("--ways", type=positive_int, help="default: the run's --ways")
+    e.add_argument("--shots", type=positive_int, help="default: the run's --shots")
+    e.add_argument("--queries", type=positive_int, help="default: the run's --queries")
+    e.add_argument("--episodes", type=positive_int, default=600, help="episodes (default 600)")
     e.add_argument("--seed", type=int, default=0, help="episode seed (default 0)")
     e.add_argument("--split", default="test", help="split to evaluate (default test)")
     e.add_argument("--data-dir", dest="data_dir", help="dataset folder (default: the one recorded in the run)")

@@ -40,7 +40,15 @@ import torch.nn as nn
 
 from ..models import LAYER_KINDS
 from ..train.config import ConfigError
-from ..train.engine import CheckpointError, TrainingDiverged, _atomic_save, _device, _rng_state, _set_rng_state
+from ..train.engine import (
+    CheckpointError,
+    TrainingDiverged,
+    _atomic_save,
+    _device,
+    _rng_state,
+    _set_rng_state,
+    load_checkpoint,
+)
 from .data import FEWSHOT_DATASETS, FewShotDataset, get_fewshot_dataset
 from .models import BACKBONES, build_backbone
 from .protonet import (
@@ -287,19 +295,7 @@ def build_fewshot_model(cfg: FewShotConfig, in_channels: int, image_size: int) -
 # -- checkpoints ---------------------------------------------------------------------------------
 def load_fewshot_checkpoint(path: str | Path) -> dict:
     """Read a checkpoint written by ``nsl fewshot train`` (``weights_only=True``); CheckpointError otherwise."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a directory; pass a checkpoint file such as {path}/checkpoints/best.pt")
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, corrupt, or not a torch file
-        raise CheckpointError(f"cannot read checkpoint {path}: it is corrupt, truncated or not a PyTorch "
-                              f"checkpoint ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "model" not in ckpt:
-        raise CheckpointError(f"{path} is not a few-shot checkpoint (written by `nsl fewshot train`)")
-    return ckpt
+    return load_checkpoint(path, CHECKPOINT_FORMAT, "a few-shot checkpoint (written by `nsl fewshot train`)")
 
 
 def _model_from_checkpoint(ckpt: dict) -> tuple[FewShotClassifier, FewShotConfig]:

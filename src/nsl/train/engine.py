@@ -298,8 +298,13 @@ def _atomic_save(obj, path: Path) -> None:
             tmp.unlink()
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Read an nsl training checkpoint (``weights_only=True``); CheckpointError with the reason otherwise."""
+def load_checkpoint(path: str | Path, format: str = "nsl-train",
+                    what: str = "an nsl training checkpoint (written by `nsl train`)") -> dict:
+    """Read an nsl checkpoint (``weights_only=True``) whose ``format`` field is ``format``.
+
+    Raises :class:`CheckpointError` naming the reason (a directory, missing, corrupt or truncated,
+    or not ``what``).
+    """
     path = Path(path).expanduser()
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory; pass a checkpoint file such as {path}/checkpoints/best.pt")
@@ -310,8 +315,8 @@ def load_checkpoint(path: str | Path) -> dict:
     except Exception as e:  # truncated, corrupt, or not a torch file
         raise CheckpointError(f"cannot read checkpoint {path}: it is corrupt, truncated or not a PyTorch "
                               f"checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != "nsl-train" or "model" not in ckpt:
-        raise CheckpointError(f"{path} is not an nsl training checkpoint (written by `nsl train`)")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != format or "model" not in ckpt:
+        raise CheckpointError(f"{path} is not {what}")
     return ckpt
 
 
