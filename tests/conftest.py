@@ -48,3 +48,16 @@ def data_root() -> Path:
                        stdout=subprocess.DEVNULL)
         stamp.write_text("ok\n")
     return cache
+
+
+@pytest.fixture(autouse=True)
+def _backend_not_leaked(request):
+    """Fail a test that leaves a non-default dynamic backend behind (it would change later tests)."""
+    import nsl.functional as NF
+
+    yield
+    if NF._default_backend != "auto":
+        leaked = NF._default_backend
+        NF.set_backend("auto")
+        pytest.fail(f"{request.node.nodeid} left the dynamic backend set to {leaked!r}; use "
+                    "nsl.functional.use_backend(...) or restore it")

@@ -39,9 +39,9 @@ def _eval_json(capsys, ckpt, *extra) -> dict:
 
 @pytest.fixture(scope="module")
 def trained_run(data_root, tmp_path_factory):
-    NF.set_backend("unfold")
     out = tmp_path_factory.mktemp("fewshot") / "conv"
-    assert _train(data_root, out, "--layer", "conv", "--episodes", "4", "--val-every", "2") == 0
+    with NF.use_backend("unfold"):
+        assert _train(data_root, out, "--layer", "conv", "--episodes", "4", "--val-every", "2") == 0
     return out
 
 

@@ -141,9 +141,8 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     """Multiply-adds of one forward pass on a single input of shape ``input_shape`` (``[C, H, W]``).
 
     See the module docstring for what is counted. The model is run in eval mode on the CPU with
-    the pure-PyTorch backend; its mode is restored.
+    the default backend; its mode is restored.
     """
-    from .functional import use_backend
     from .layers import DynamicNSConv2d, SphereConv2d
     from .models import DynamicFilterConv2d
 
@@ -173,7 +172,7 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     try:
         p = next(model.parameters(), None)
         x = torch.zeros(1, *input_shape, device=p.device if p is not None else "cpu")
-        with torch.no_grad(), use_backend("unfold"):
+        with torch.no_grad():
             model(x)
     finally:
         for h in handles:

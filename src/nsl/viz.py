@@ -87,15 +87,12 @@ def dynamic_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def dynamic_similarities(model: nn.Module, x: Tensor) -> dict[str, Tensor]:
     """``M(y)`` of every dynamic layer for the batch ``x``, recorded during one forward pass (eval mode):
     ``[N, P, H, W]`` (diagonal ``m``) or ``[N, P, P, H, W]`` (full)."""
-    from .functional import use_backend
-
     layers = dynamic_layers(model)
     for _, m in layers:
         m.record_similarity, m.last_similarity = True, None
     try:
         model.eval()
-        with use_backend("unfold"):
-            model(x)
+        model(x)
         return {n: m.last_similarity.float().cpu() for n, m in layers}
     finally:
         for _, m in layers:
