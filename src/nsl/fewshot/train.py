@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 
 from ..models import LAYER_KINDS
-from ..train.config import ConfigError
+from ..train.config import ConfigError, apply_overrides
 from ..train.engine import (
     CheckpointError,
     TrainingDiverged,
@@ -183,54 +183,12 @@ class FewShotConfig:
         return self.lr_gamma ** (episode // self.lr_step)
 
 
-def _parse_value(key: str, text: str):
-    fs = {f.name: f for f in fields(FewShotConfig)}
-    if key not in fs:
-        raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(fs))}")
-    default = getattr(FewShotConfig(), key)
-    low = text.strip().lower()
-    if low in ("none", "null") and key in ("data_dir", "out"):
-        return None
-    if isinstance(default, bool):
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"{key} expects true/false, got {text!r}")
-    if isinstance(default, int):
-        try:
-            v = float(text)
-        except ValueError:
-            raise ConfigError(f"{key} expects an integer, got {text!r}") from None
-        if v != int(v):
-            raise ConfigError(f"{key} expects an integer, got {text!r}")
-        return int(v)
-    if isinstance(default, float):
-        try:
-            return float(text)
-        except ValueError:
-            raise ConfigError(f"{key} expects a number, got {text!r}") from None
-    if isinstance(default, dict):
-        try:
-            v = json.loads(text)
-        except json.JSONDecodeError:
-            v = None
-        if not isinstance(v, dict):
-            raise ConfigError(f"{key} expects a JSON object, got {text!r}")
-        return v
-    return text
-
-
 def apply_fewshot_overrides(cfg: FewShotConfig, pairs: list[str]) -> FewShotConfig:
-    """Apply ``key=value`` strings (``--set``) to ``cfg``: a new, validated config; unknown keys rejected."""
-    d = cfg.to_dict()
-    for pair in pairs:
-        if "=" not in pair:
-            raise ConfigError(f"--set expects key=value, got {pair!r}")
-        key, text = pair.split("=", 1)
-        key = key.strip().replace("-", "_")
-        d[key] = _parse_value(key, text)
-    return FewShotConfig.from_dict(d)
+    """Apply ``key=value`` strings (``--set``) to ``cfg``: a new, validated config; unknown keys rejected.
+
+    The shared :func:`nsl.train.config.apply_overrides` (typed by :class:`FewShotConfig`'s defaults).
+    """
+    return apply_overrides(cfg, pairs)
 
 
 # -- data ----------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field, fields
 
 __all__ = ["TrainConfig", "PROTOCOLS", "make_config", "apply_overrides", "parse_value", "ConfigError"]
@@ -213,18 +214,31 @@ def make_config(protocol: str = "paper", **overrides) -> TrainConfig:
     return TrainConfig.from_dict(d)
 
 
-def _field_types() -> dict:
-    return {f.name: f for f in fields(TrainConfig)}
+def _field_types(config_cls: type = TrainConfig) -> dict:
+    return {f.name: f for f in fields(config_cls)}
 
 
-def parse_value(key: str, text: str):
-    """Parse the command-line string ``text`` for config field ``key`` (JSON-ish, typed by the default)."""
-    fs = _field_types()
+def _annotation_names(f: dataclasses.Field) -> set[str]:
+    """The names in field ``f``'s annotation (a string under postponed evaluation, or a type)."""
+    text = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    return set(re.findall(r"[A-Za-z_]\w*", str(text)))
+
+
+def parse_value(key: str, text: str, config_cls: type = TrainConfig):
+    """Parse the command-line string ``text`` for field ``key`` of the dataclass ``config_cls``.
+
+    Typed by the field's default (JSON-ish): booleans, integers (``1e3`` accepted when integral),
+    numbers, tuples of numbers (comma-separated), JSON objects for dicts, strings otherwise. A field
+    whose default is ``None`` is typed by its annotation (``int | None``, ``float | None``).
+    ``none`` / ``null`` give ``None`` only for fields whose annotation admits ``None``.
+    """
+    fs = _field_types(config_cls)
     if key not in fs:
         raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(fs))}")
-    default = TrainConfig().__getattribute__(key)
+    names = _annotation_names(fs[key])
+    default = getattr(config_cls(), key)
     low = text.strip().lower()
-    if low in ("none", "null"):
+    if low in ("none", "null") and "None" in names:
         return None
     if isinstance(default, bool):
         if low in ("1", "true", "yes", "on"):
@@ -232,7 +246,7 @@ def parse_value(key: str, text: str):
         if low in ("0", "false", "no", "off"):
             return False
         raise ConfigError(f"{key} expects true/false, got {text!r}")
-    if key in ("iters", "stop_at") or isinstance(default, int):
+    if isinstance(default, int) or (default is None and "int" in names):
         try:
             v = float(text)
         except ValueError:
@@ -240,7 +254,7 @@ def parse_value(key: str, text: str):
         if v != int(v):
             raise ConfigError(f"{key} expects an integer, got {text!r}")
         return int(v)
-    if key == "epochs" or isinstance(default, float):
+    if isinstance(default, float) or (default is None and "float" in names):
         try:
             return float(text)
         except ValueError:
@@ -261,13 +275,18 @@ def parse_value(key: str, text: str):
     return text
 
 
-def apply_overrides(cfg: TrainConfig, pairs: list[str]) -> TrainConfig:
-    """Apply ``key=value`` strings to ``cfg`` (a new, validated config)."""
+def apply_overrides(cfg, pairs: list[str]):
+    """Apply ``key=value`` strings (``--set``) to ``cfg``: a new, validated config of the same class.
+
+    ``cfg`` is any config dataclass with ``to_dict()`` and a validating ``from_dict()`` classmethod
+    (:class:`TrainConfig`, :class:`~nsl.fewshot.FewShotConfig`); unknown keys are rejected.
+    """
+    config_cls = type(cfg)
     d = cfg.to_dict()
     for pair in pairs:
         if "=" not in pair:
             raise ConfigError(f"--set expects key=value, got {pair!r}")
         key, text = pair.split("=", 1)
         key = key.strip().replace("-", "_")
-        d[key] = parse_value(key, text)
-    return TrainConfig.from_dict(d)
+        d[key] = parse_value(key, text, config_cls)
+    return config_cls.from_dict(d)
