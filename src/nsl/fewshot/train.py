@@ -41,13 +41,13 @@ import torch.nn as nn
 from ..models import LAYER_KINDS
 from ..train.config import ConfigError, apply_overrides
 from ..train.engine import (
-    CheckpointError,
     TrainingDiverged,
     _atomic_save,
     _device,
     _rng_state,
     _set_rng_state,
     load_checkpoint,
+    open_run,
 )
 from .data import FEWSHOT_DATASETS, FewShotDataset, get_fewshot_dataset
 from .models import BACKBONES, build_backbone
@@ -298,19 +298,7 @@ def train_fewshot(cfg: FewShotConfig, resume: bool = False, echo=print) -> dict:
     last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
     device = _device(cfg, 0)
 
-    ckpt = None
-    if resume:
-        if not last_path.exists():
-            raise CheckpointError(f"nothing to resume: {last_path} does not exist")
-        ckpt = load_fewshot_checkpoint(last_path)
-        saved = FewShotConfig.from_dict(ckpt["config"])
-        diff = [k for k in _STRUCTURAL if getattr(saved, k) != getattr(cfg, k)]
-        if diff:
-            raise ConfigError("cannot resume with different " + ", ".join(
-                f"{k} (run: {getattr(saved, k)!r}, now: {getattr(cfg, k)!r})" for k in diff))
-    elif last_path.exists():
-        raise ConfigError(f"{run_dir} already holds a run ({last_path}); pass --resume to continue it or "
-                          "choose another --out")
+    ckpt = open_run(cfg, run_dir, last_path, resume, _STRUCTURAL, load=load_fewshot_checkpoint)
 
     train_ds = load_fewshot_split(cfg.dataset, cfg.data_dir, "train", cfg.rotations)
     val_ds = load_fewshot_split(cfg.dataset, cfg.data_dir, "val")

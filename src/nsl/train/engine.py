@@ -431,27 +431,39 @@ def train(cfg: TrainConfig, resume: bool = False, echo=print) -> dict:
             dist.destroy_process_group()
 
 
+def open_run(cfg, run_dir: Path, last_path: Path, resume: bool, structural: tuple[str, ...],
+             load=load_checkpoint) -> dict | None:
+    """The checkpoint to resume from (``None`` for a new run), after checking the run directory.
+
+    With ``resume``: ``last_path`` must exist and the saved config must equal ``cfg`` on every field
+    in ``structural`` (``ConfigError`` listing the differences). Without: ``run_dir`` must not hold a
+    run already. ``load`` reads the checkpoint (format-checked).
+    """
+    if resume:
+        if not last_path.exists():
+            raise CheckpointError(f"nothing to resume: {last_path} does not exist")
+        ckpt = load(last_path)
+        saved = type(cfg).from_dict(ckpt["config"])
+        diff = [k for k in structural if getattr(saved, k) != getattr(cfg, k)]
+        if diff:
+            raise ConfigError("cannot resume with different " + ", ".join(
+                f"{k} (run: {getattr(saved, k)!r}, now: {getattr(cfg, k)!r})" for k in diff))
+        return ckpt
+    if last_path.exists():
+        raise ConfigError(f"{run_dir} already holds a run ({last_path}); pass --resume to continue it or "
+                          "choose another --out")
+    return None
+
+
 def _train(cfg, resume, echo, run_dir, last_path, best_path, rank, world_size, device) -> dict:
     distributed = world_size > 1
     main = rank == 0
     say = echo if main else (lambda *a, **k: None)
 
-    ckpt = None
-    if resume:
-        if not last_path.exists():
-            raise CheckpointError(f"nothing to resume: {last_path} does not exist")
-        ckpt = load_checkpoint(last_path)
-        saved = TrainConfig.from_dict(ckpt["config"])
-        diff = [k for k in _STRUCTURAL if getattr(saved, k) != getattr(cfg, k)]
-        if diff:
-            raise ConfigError("cannot resume with different " + ", ".join(
-                f"{k} (run: {getattr(saved, k)!r}, now: {getattr(cfg, k)!r})" for k in diff))
-        if ckpt.get("world_size", 1) != world_size:
-            raise ConfigError(f"the run was saved with {ckpt.get('world_size', 1)} processes; resume with the same "
-                              f"number (now {world_size})")
-    elif last_path.exists():
-        raise ConfigError(f"{run_dir} already holds a run ({last_path}); pass --resume to continue it or "
-                          "choose another --out")
+    ckpt = open_run(cfg, run_dir, last_path, resume, _STRUCTURAL)
+    if ckpt is not None and ckpt.get("world_size", 1) != world_size:
+        raise ConfigError(f"the run was saved with {ckpt.get('world_size', 1)} processes; resume with the same "
+                          f"number (now {world_size})")
 
     train_loader, test_loader, meta = load_data(cfg, device, rank, world_size)
     iters = cfg.iters if cfg.iters is not None else max(1, math.ceil(cfg.epochs * len(train_loader)))
