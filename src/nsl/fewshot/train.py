@@ -31,7 +31,7 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 
 from ..models import LAYER_KINDS
-from ..train.config import ConfigError, apply_overrides
+from ..train.config import ConfigError, apply_overrides, check_keys
 from ..train.engine import (
     TrainingDiverged,
     _atomic_save,
@@ -48,6 +48,7 @@ from ..train.engine import (
     _set_rng_state,
     load_checkpoint,
     open_run,
+    start_run_files,
 )
 from .data import FEWSHOT_DATASETS, FewShotDataset, get_fewshot_dataset
 from .models import BACKBONES, build_backbone
@@ -142,10 +143,7 @@ class FewShotConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> FewShotConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}")
+        check_keys(cls, d)
         cfg = cls(**d)
         cfg.validate()
         return cfg
@@ -328,15 +326,7 @@ def train_fewshot(cfg: FewShotConfig, resume: bool = False, echo=print) -> dict:
         if step >= cfg.episodes:
             echo(f"the run in {run_dir} is already complete ({step} of {cfg.episodes} episodes)")
 
-    metrics_path = run_dir / "metrics.jsonl"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(cfg.to_json() + "\n")
-    if ckpt is not None and metrics_path.exists():  # drop records written after the checkpoint
-        keep = [ln for ln in metrics_path.read_text().splitlines()
-                if ln.strip() and json.loads(ln).get("episode", 0) <= step]
-        metrics_path.write_text("".join(ln + "\n" for ln in keep))
-    elif ckpt is None:
-        metrics_path.write_text("")
+    metrics_path = start_run_files(run_dir, cfg, ckpt, step, "episode")
 
     def log(record: dict) -> None:
         with open(metrics_path, "a") as f:

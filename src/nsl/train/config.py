@@ -32,6 +32,14 @@ ATTENTION_ITERS = 64_000
 ATTENTION_MILESTONES = (34_000 / ATTENTION_ITERS, 54_000 / ATTENTION_ITERS)
 
 
+def check_keys(config_cls, d: dict) -> None:
+    """Raise ConfigError naming the keys of ``d`` that are not fields of the dataclass ``config_cls``."""
+    names = {f.name for f in fields(config_cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}")
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run depends on. Defaults are the ``paper`` protocol.
@@ -117,10 +125,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}")
+        check_keys(cls, d)
         d = dict(d)
         if "lr_milestones" in d and d["lr_milestones"] is not None:
             d["lr_milestones"] = tuple(d["lr_milestones"])

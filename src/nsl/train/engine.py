@@ -455,6 +455,24 @@ def open_run(cfg, run_dir: Path, last_path: Path, resume: bool, structural: tupl
     return None
 
 
+def start_run_files(run_dir: Path, cfg, ckpt: dict | None, done: int, key: str) -> Path:
+    """Write ``run_dir/config.json`` and prepare ``run_dir/metrics.jsonl``; return the metrics path.
+
+    A new run (``ckpt`` None) starts an empty metrics file; a resumed one keeps only the records with
+    ``record[key] <= done`` (those written after the checkpoint are replayed by the continuation).
+    """
+    metrics_path = run_dir / "metrics.jsonl"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(cfg.to_json() + "\n")
+    if ckpt is not None and metrics_path.exists():
+        keep = [ln for ln in metrics_path.read_text().splitlines()
+                if ln.strip() and json.loads(ln).get(key, 0) <= done]
+        metrics_path.write_text("".join(ln + "\n" for ln in keep))
+    elif ckpt is None:
+        metrics_path.write_text("")
+    return metrics_path
+
+
 def _train(cfg, resume, echo, run_dir, last_path, best_path, rank, world_size, device) -> dict:
     distributed = world_size > 1
     main = rank == 0
@@ -494,14 +512,7 @@ def _train(cfg, resume, echo, run_dir, last_path, best_path, rank, world_size, d
 
     metrics_path = run_dir / "metrics.jsonl"
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(cfg.to_json() + "\n")
-        if ckpt is not None and metrics_path.exists():  # drop records written after the checkpoint
-            keep = [ln for ln in metrics_path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= step]
-            metrics_path.write_text("".join(ln + "\n" for ln in keep))
-        elif ckpt is None:
-            metrics_path.write_text("")
+        start_run_files(run_dir, cfg, ckpt, step, "step")
 
     def log(record: dict) -> None:
         if main:
