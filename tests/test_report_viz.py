@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -13,12 +14,12 @@ from nsl.cli import main
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def _train(out, layer, seed=0, iters=2):
+def _train(out, layer, seed=0, iters=2, extra=()):
     with nsl.functional.use_backend("unfold"):  # no C++ compile wait
         code = main(["train", "--dataset", "digits", "--model", "cnn9", "--layer", layer, "--protocol", "fast",
                      "--iters", str(iters), "--batch-size", "16", "--eval-every", "0", "--test-subset", "40",
                      "--seed", str(seed), "--device", "cpu", "--out", str(out), "--no-progress", "--set",
-                     "log_every=1"])
+                     "log_every=1", *extra])
     assert code == 0
     return out
 
@@ -68,6 +69,39 @@ def test_report_table_rows_seed_groups_and_curves(runs, tmp_path, capsys):
     macs = {names[i]: rows[i].split("|")[7].strip() for i in range(3)}
     assert macs["sf-seed0"] == macs["sf-seed1"] != macs["dd"]
     assert_png(out / "curves.png")
+
+
+def test_report_paired_baseline_and_shape_curve(runs, tmp_path, capsys):
+    root = tmp_path / "shaped"
+    shaped = [_train(root / f"k3-s{seed}", "static-full", seed, iters=4, extra=("--set", "width=8", "--set",
+                                                                                 "shape_active=3"))
+              for seed in (0, 1)]
+    base = []
+    for seed in (0, 1):  # copies of the dense runs with known final accuracies, to check the pairing
+        base.append(root / f"dense-s{seed}")
+        shutil.copytree(runs[f"sf{seed}"], base[-1])
+    for path, acc in zip([*base, *shaped], (0.50, 0.60, 0.53, 0.58)):
+        with open(path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"kind": "eval", "step": 9, "test_acc": acc, "test_loss": 1.0, "active": 1.0 if
+                                path in base else 3 / 9}) + "\n")
+    out = tmp_path / "rep"
+    code, stdout, err = run(["report", *map(str, base), *map(str, shaped), "--baseline", "shape_active=0", "--out",
+                             str(out)], capsys)
+    assert code == 0, err
+    md = (out / "report.md").read_text()
+    assert "## Paired by seed against the baseline (shape_active=0)" in md
+    line = next(ln for ln in md.splitlines() if ln.startswith("| cnn9 / static-full / digits (iters=4, shape_active=3")
+                and " of 2 |" in ln)
+    # per seed: 0.53 - 0.50 and 0.58 - 0.60; mean +0.5 points, sd 3.54, t(1) CI 12.706 * 3.54 / sqrt(2) = 31.77
+    assert "| 0, 1 | +3.00, -2.00 | +0.50 +- 31.77 | 1 of 2 |" in line
+    assert str(out / "shape_curve.png") in stdout
+    assert_png(out / "shape_curve.png")
+    # a baseline that matches no variant, or two, or names no config field
+    for sel, msg in (("layer=conv", "matches 0 variant(s)"), ("model=cnn9", "matches 2 variant(s)"),
+                     ("colour=red", "'colour' is not a config field"), ("layer", "expects KEY=VALUE")):
+        code, _, err = run(["report", str(runs["sf0"]), *map(str, shaped), "--baseline", sel, "--out",
+                            str(tmp_path / "bad")], capsys)
+        assert code == 2 and msg in err, (sel, err)
 
 
 def test_count_macs_conv_and_dynamic():

@@ -73,6 +73,14 @@ class RunRecord:
         return max(r["test_acc"] for r in ev) if ev else None
 
     @property
+    def final_active(self) -> float | None:
+        """Fraction of active kernel positions at the last evaluation (1.0 for runs without a kernel shape)."""
+        if not self.config.get("shape_active"):
+            return 1.0
+        ev = [r for r in self.evals if "active" in r]
+        return ev[-1]["active"] if ev else None
+
+    @property
     def iterations(self) -> int:
         return max((int(r.get("step", 0)) for r in self.records), default=0)
 
@@ -273,8 +281,122 @@ def plot_curves(runs: list[RunRecord], path: str | Path, title: str | None = Non
     return path
 
 
-def write_report(run_dirs: list[str | Path], out: str | Path) -> dict:
-    """Write ``out/report.md`` and ``out/curves.png`` for ``run_dirs``; returns their paths and rows."""
+def parse_baseline(text: str) -> dict[str, str]:
+    """``"layer=conv,shape_active=0"`` -> ``{"layer": "conv", "shape_active": "0"}`` (RunError when malformed)."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise RunError("--baseline expects KEY=VALUE[,KEY=VALUE...] (config fields, e.g. layer=conv), "
+                           f"got {text!r}")
+        out[key.strip()] = value.strip()
+    if not out:
+        raise RunError(f"--baseline expects KEY=VALUE[,KEY=VALUE...], got {text!r}")
+    return out
+
+
+def _matches(config: dict, selector: dict[str, str]) -> bool:
+    def same(v, want):
+        return str(v).lower() == want.lower() or json.dumps(v) == want
+    return all(k in config and same(config[k], v) for k, v in selector.items())
+
+
+def paired_differences(runs: list[RunRecord], groups: list[list[int]], baseline: dict[str, str]) -> list[dict]:
+    """Seed-paired accuracy differences of every variant group against the baseline group.
+
+    ``groups``: run indices per variant (runs that differ only by seed). The baseline is the one group
+    whose config matches every ``KEY=VALUE`` of ``baseline``. For each other group, runs are paired
+    with baseline runs of the same seed; the result per group: ``seeds``, ``diffs`` (final test
+    accuracy minus the baseline's, per seed), ``mean`` and ``ci95`` (Student t over the seeds).
+    """
+    for key in baseline:
+        if not any(key in r.config for r in runs):
+            raise RunError(f"--baseline: {key!r} is not a config field of these runs")
+    base = [g for g in groups if _matches(runs[g[0]].config, baseline)]
+    if len(base) != 1:
+        shown = ", ".join(f"{k}={v}" for k, v in baseline.items())
+        raise RunError(f"--baseline {shown} matches {len(base)} variant(s) of these runs; it must match exactly one "
+                       "(add KEY=VALUE pairs to narrow it)")
+    by_seed = {runs[i].config.get("seed"): runs[i] for i in base[0]}
+    out = []
+    for g in groups:
+        if g is base[0]:
+            continue
+        pairs = [(runs[i].config.get("seed"), runs[i].final_acc, by_seed[runs[i].config.get("seed")].final_acc)
+                 for i in g if runs[i].config.get("seed") in by_seed]
+        pairs = [(sd, a, b) for sd, a, b in pairs if a is not None and b is not None]
+        if not pairs:
+            continue
+        diffs = [a - b for _, a, b in pairs]
+        mean, ci = mean_ci(diffs)
+        out.append({"group": g, "seeds": [sd for sd, _, _ in pairs], "diffs": diffs, "mean": mean, "ci95": ci,
+                    "wins": sum(d > 0 for d in diffs)})
+    return out
+
+
+def plot_shape_curve(runs: list[RunRecord], path: str | Path) -> Path | None:
+    """Final test accuracy against the fraction of active kernel positions, one line per ``shape_method``
+    (mean over seeds, 95% CI bars, seeds as dots), the runs without a kernel shape as the dense reference.
+    Returns ``None`` when no run has a kernel shape."""
+    shaped = [r for r in runs if r.config.get("shape_active")]
+    if not shaped:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    series: dict[str, dict[float, list[float]]] = {}
+    for r in runs:
+        if r.final_acc is None or r.final_active is None:
+            continue
+        name = r.config.get("shape_method", "learned") if r.config.get("shape_active") else "dense (no shape)"
+        series.setdefault(name, {}).setdefault(round(r.final_active, 4), []).append(100 * r.final_acc)
+    styles = {"learned": ("C0", "o", "learned shape (nsl.shape gates)"),
+              "magnitude": ("C3", "s", "magnitude pruning of the same number of positions"),
+              "dense (no shape)": ("k", "*", "dense (all positions)")}
+    for name, pts in series.items():
+        colour, marker, label = styles.get(name, ("C2", "^", name))
+        xs = sorted(pts)
+        stats = [mean_ci(pts[x]) for x in xs]
+        ax.errorbar(xs, [m for m, _ in stats], yerr=[0 if math.isnan(h) else h for _, h in stats], color=colour,
+                    marker=marker, ms=7, capsize=3, lw=1.5, label=label)
+        for x in xs:
+            ax.scatter([x] * len(pts[x]), pts[x], color=colour, s=10, alpha=0.5)
+    ax.set(title="Accuracy vs fraction of active kernel positions", xlabel="fraction of active kernel positions "
+           "(k / 9 per 3x3 NSL layer)", ylabel="final test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    datasets = sorted({str(r.config.get("dataset")) for r in runs})
+    fig.suptitle(f"{', '.join(datasets)}: mean over seeds, bars 95% CI, dots single runs", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _variant_labels(runs: list[RunRecord], groups: list[list[int]]) -> list[str]:
+    """``model / layer / dataset`` plus the config fields that differ between the groups."""
+    varying = sorted({k for g in groups for k, v in runs[g[0]].config.items()
+                      if k not in _NOT_A_VARIANT and k not in ("model", "layer", "dataset") and
+                      any(runs[h[0]].config.get(k) != v for h in groups)})
+    labels = []
+    for g in groups:
+        c = runs[g[0]].config
+        extra = ", ".join(f"{k}={c.get(k)}" for k in varying)
+        labels.append(f"{c.get('model')} / {c.get('layer')} / {c.get('dataset')}" + (f" ({extra})" if extra else ""))
+    return labels
+
+
+def write_report(run_dirs: list[str | Path], out: str | Path, baseline: str | None = None) -> dict:
+    """Write ``out/report.md`` and ``out/curves.png`` for ``run_dirs`` (and ``out/shape_curve.png`` when
+    runs learned kernel shapes); returns their paths and rows.
+
+    ``baseline``: ``"KEY=VALUE[,...]"`` selecting one variant (e.g. ``"layer=conv"``): every other
+    variant is compared with it seed by seed (:func:`paired_differences`)."""
+    selector = parse_baseline(baseline) if baseline is not None else None
     runs = [load_run(p) for p in run_dirs]
     names = [r.name for r in runs]
     if len(set(names)) != len(names):  # two runs called "seed0" in different folders
@@ -302,7 +424,8 @@ def write_report(run_dirs: list[str | Path], out: str | Path) -> dict:
             macs = count_macs(model, shape)
         rows.append(dict(run=r.name, model=r.config.get("model"), layer=r.config.get("layer"),
                          dataset=r.config.get("dataset"), seed=r.config.get("seed"), params=params, macs=macs,
-                         final_acc=r.final_acc, best_acc=r.best_acc, seconds=r.wall_time, iters=r.iterations))
+                         final_acc=r.final_acc, best_acc=r.best_acc, seconds=r.wall_time, iters=r.iterations,
+                         active=r.final_active))
     lines = ["# Training report", "",
              f"{len(runs)} run(s). Accuracies are on the run's test set (`test_subset` in its config.json if "
              "set). MACs: multiply-adds per image for one forward pass, counted with forward hooks on every "
@@ -323,7 +446,9 @@ def write_report(run_dirs: list[str | Path], out: str | Path) -> dict:
     groups: dict[str, list[int]] = {}
     for i, r in enumerate(runs):
         groups.setdefault(r.variant_key(), []).append(i)
-    seed_groups = [g for g in groups.values() if len(g) > 1]
+    all_groups = list(groups.values())
+    labels = dict(zip(map(id, all_groups), _variant_labels(runs, all_groups)))
+    seed_groups = [g for g in all_groups if len(g) > 1]
     if seed_groups:
         lines += ["", "## Runs that differ only by seed", "",
                   "Mean +- half-width of the 95% confidence interval of the mean (Student t, n - 1 degrees of "
@@ -332,7 +457,6 @@ def write_report(run_dirs: list[str | Path], out: str | Path) -> dict:
                   "| wall time |",
                   "|---|---|---|---:|---:|---:|"]
         for g in seed_groups:
-            first = rows[g[0]]
 
             def stat(key, scale=100.0, unit="%", g=g):
                 vals = [rows[i][key] for i in g if rows[i][key] is not None]
@@ -341,26 +465,53 @@ def write_report(run_dirs: list[str | Path], out: str | Path) -> dict:
                 m, h = mean_ci(vals)
                 return f"{scale * m:.2f} +- {scale * h:.2f}{unit}"
 
-            lines.append(f"| {first['model']} / {first['layer']} / {first['dataset']} | "
+            lines.append(f"| {labels[id(g)]} | "
                          f"{', '.join(str(rows[i]['seed']) for i in g)} | {', '.join(rows[i]['run'] for i in g)} | "
                          f"{stat('final_acc')} | {stat('best_acc')} | {stat('seconds', 1.0, ' s')} |")
+    paired = []
+    if selector is not None:
+        paired = paired_differences(runs, all_groups, selector)
+        shown = ", ".join(f"{k}={v}" for k, v in selector.items())
+        lines += ["", f"## Paired by seed against the baseline ({shown})", "",
+                  "Final test accuracy minus the baseline's final test accuracy for the same seed (same data "
+                  "order and augmentation), mean +- half-width of the 95% confidence interval (Student t, n - 1 "
+                  "degrees of freedom; n/a for one seed). With few seeds the interval is wide: read the "
+                  "per-seed differences too.", "",
+                  "| variant | seeds | per-seed difference (points) | mean difference | better in |",
+                  "|---|---|---|---:|---:|"]
+        for p in paired:
+            ci = "n/a" if math.isnan(p["ci95"]) else f"{100 * p['ci95']:.2f}"
+            lines.append(f"| {labels[id(p['group'])]} | {', '.join(map(str, p['seeds']))} | "
+                         f"{', '.join(f'{100 * d:+.2f}' for d in p['diffs'])} | {100 * p['mean']:+.2f} +- {ci} | "
+                         f"{p['wins']} of {len(p['diffs'])} |")
     curves = plot_curves(runs, out / "curves.png")
     lines += ["", "## Learning curves", "", f"![training loss and test accuracy against the step]({curves.name})",
               ""]
+    shape_png = plot_shape_curve(runs, out / "shape_curve.png")
+    if shape_png is not None:
+        lines += ["## Kernel shape", "", f"![accuracy against the fraction of active kernel positions]"
+                  f"({shape_png.name})", ""]
     md = out / "report.md"
-    md.write_text("\n".join(lines))
-    return {"report": str(md), "curves": str(curves), "rows": rows, "seed_groups": len(seed_groups)}
+    tmp = md.with_name(md.name + ".tmp")
+    tmp.write_text("\n".join(lines))
+    tmp.replace(md)
+    return {"report": str(md), "curves": str(curves), "rows": rows, "seed_groups": len(seed_groups),
+            "paired": [{k: v for k, v in p.items() if k != "group"} | {"variant": labels[id(p["group"])]}
+                       for p in paired],
+            **({"shape_curve": str(shape_png)} if shape_png is not None else {})}
 
 
 # -- command line --------------------------------------------------------------------------------
 def _cli(args: argparse.Namespace) -> int:
     try:
-        res = write_report(args.run_dirs, args.out)
+        res = write_report(args.run_dirs, args.out, baseline=args.baseline)
     except RunError as e:
         print(f"nsl report: error: {e}", file=sys.stderr)
         return 2
     print(res["report"])
     print(res["curves"])
+    if "shape_curve" in res:
+        print(res["shape_curve"])
     return 0
 
 
@@ -373,4 +524,6 @@ def add_parser(sub) -> None:
                                    "OUT/curves.png.")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (config.json + metrics.jsonl)")
     p.add_argument("--out", default="report", help="output folder (default ./report)")
+    p.add_argument("--baseline", metavar="KEY=VALUE[,KEY=VALUE]", help="compare every variant with this one, seed "
+                   "by seed (config fields, e.g. layer=conv or shape_active=0)")
     p.set_defaults(func=_cli)

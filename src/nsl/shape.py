@@ -50,6 +50,7 @@ __all__ = [
     "PHASES",
     "attach_kernel_shape",
     "magnitude_prune",
+    "magnitude_scores",
     "sparsity_loss",
     "set_phase",
     "anneal",
@@ -350,6 +351,18 @@ def _ungated_weight(layer: nn.Conv2d) -> Tensor:
 
 
 @torch.no_grad()
+def magnitude_scores(layer: nn.Conv2d, per_filter: bool = False) -> Tensor:
+    """The magnitude-pruning score of each kernel position of an NSL ``layer`` (float32).
+
+    ``||W'[:, :, q]||_2`` over filters and channels (``[P]``), or ``||W'[o, :, q]||_2`` per filter
+    (``[C_out, P]``), with ``W' = W M`` for a static layer (without its kernel shape) and ``W`` for a
+    dynamic one.
+    """
+    sq = _ungated_weight(layer).float().pow(2).sum(1).flatten(1)  # [C_out, P]
+    return sq.sqrt() if per_filter else sq.sum(0).sqrt()
+
+
+@torch.no_grad()
 def magnitude_prune(model: nn.Module, active: int | float = 0.5, per_filter: bool = False,
                     include: Callable[[str, nn.Module], bool] | None = None) -> list[KernelShapeGate]:
     """Baseline: keep, per layer (or per filter), the ``k`` kernel positions of largest weight magnitude.
@@ -370,9 +383,7 @@ def magnitude_prune(model: nn.Module, active: int | float = 0.5, per_filter: boo
         resolve_budget(active, _positions(m))
     gates = []
     for _, m in picked:
-        w = _ungated_weight(m).float()
-        sq = w.pow(2).sum(1).flatten(1)  # [C_out, P]
-        scores = sq.sqrt() if per_filter else sq.sum(0).sqrt()
+        scores = magnitude_scores(m, per_filter)
         gate = KernelShapeGate(_positions(m), m.out_channels if per_filter else None, budget=active,
                                device=m.weight.device, dtype=m.weight.dtype)
         gate.harden(scores)

@@ -58,6 +58,8 @@ class TrainConfig:
     data_dir: str | None = None
     model: str = "cnn9"
     layer: str = "conv"
+    width: int = 0  # channels of the first stage; 0: the model's own (cnn9: 32 as the authors, CIFAR ResNets: 16).
+    # cnn9 and resnet20/32/56 only; stages 2 and 3 have 2x and 4x
     out: str | None = None  # run directory
     paper_init: bool = True  # authors' inits: static diagonal M = eye(3) flattened; predictor He x 0.1 / He x 0.001
     train_subset: int = 0  # train on N samples of a fixed seeded subset, the same for every run seed (0: all)
@@ -91,6 +93,16 @@ class TrainConfig:
     orthogonality: float = 0.0  # weight of nsl.regularizers.orthogonality_penalty added to the loss, over the
     # model's conv filters (model.orthogonality_filters() if defined, else every conv/linear weight but the last
     # layer, the classifier); 0: off. Authors' attention model: 2e-4 (paper-attention)
+    # kernel shape (nsl.shape; method notes, section 3: the Boolean D), for runs whose NSL layers learn it
+    shape_active: int = 0  # kernel positions kept per NSL layer (of P = 9 for 3x3); 0: no kernel shape
+    shape_method: str = "learned"  # learned: gates relaxed -> hard top-k (straight-through) -> frozen;
+    # magnitude: the baseline, keep the shape_active positions of largest ||(W M)[:, :, q]|| at shape_start
+    shape_start: float = 0.3  # fraction of the run trained dense before shaping (or pruning) starts
+    shape_warmup: float = 0.4  # learned: fractions of the shaping part spent relaxed (with the budget penalty) ...
+    shape_freeze: float = 0.7  # ... and in hard top-k before D freezes; the rest fine-tunes with D fixed
+    shape_weight: float = 1.0  # weight of nsl.shape.sparsity_loss (learned)
+    shape_lr: float = 0.05  # base lr of the gate logits (own group, no weight decay, same schedule factor)
+    shape_per_filter: bool = False  # one shape per output filter instead of per layer
     # input
     input: str = "raw"  # authors: raw pixels 0..255 (raw | unit | normalize)
     augment: bool = True  # authors: symmetric pad 4, random crop, random horizontal flip
@@ -149,8 +161,25 @@ class TrainConfig:
         if self.model in MODEL_LAYERS and self.layer not in MODEL_LAYERS[self.model]:
             raise ConfigError(f"model {self.model!r} supports layer kind(s) {', '.join(MODEL_LAYERS[self.model])} "
                               f"only, got {self.layer!r}")
+        if self.width < 0:
+            raise ConfigError(f"width must be >= 0 (0: the model's default), got {self.width}")
+        if self.width and self.model not in WIDTH_MODELS:
+            raise ConfigError(f"width applies to {', '.join(WIDTH_MODELS)} only, got model {self.model!r}")
         if not self.orthogonality >= 0 or not math.isfinite(self.orthogonality):
             raise ConfigError(f"orthogonality must be a finite number >= 0, got {self.orthogonality}")
+        choice("shape_method", ("learned", "magnitude"))
+        if self.shape_active < 0:
+            raise ConfigError(f"shape_active must be >= 0 (0: no kernel shape), got {self.shape_active}")
+        if self.shape_active and not self.layer.startswith(("static", "dynamic-diagonal", "dynamic-full")):
+            raise ConfigError(f"shape_active needs NSL layers (static-* or dynamic-* kinds), got layer {self.layer!r}")
+        if self.shape_active and self.shape_per_filter and self.layer == "dynamic-full":
+            raise ConfigError("shape_per_filter needs a diagonal M in dynamic layers; layer dynamic-full has a full M")
+        if not (0 <= self.shape_start < 1 and 0 <= self.shape_warmup <= self.shape_freeze < 1):
+            raise ConfigError("expected 0 <= shape_start < 1 and 0 <= shape_warmup <= shape_freeze < 1, got "
+                              f"shape_start={self.shape_start}, shape_warmup={self.shape_warmup}, "
+                              f"shape_freeze={self.shape_freeze}")
+        if not self.shape_lr > 0 or not self.shape_weight >= 0:
+            raise ConfigError(f"shape_lr must be > 0 and shape_weight >= 0, got {self.shape_lr}, {self.shape_weight}")
         choice("schedule", ("multistep", "cosine", "onecycle", "constant"))
         choice("optimizer", ("sgd", "adam", "adamw"))
         choice("input", ("raw", "unit", "normalize"))
@@ -178,6 +207,10 @@ class TrainConfig:
             raise ConfigError(f"onecycle_pct must be in (0, 1), got {self.onecycle_pct}")
         if any(not 0 < m < 1 for m in self.lr_milestones):
             raise ConfigError(f"lr_milestones are fractions of the run in (0, 1), got {list(self.lr_milestones)}")
+
+
+#: models whose channel width ``TrainConfig.width`` sets
+WIDTH_MODELS = ("cnn9", "resnet20", "resnet32", "resnet56")
 
 
 # Protocol defaults, each a set of TrainConfig values.

@@ -36,7 +36,9 @@ from ..data import GPULoader, TensorImageDataset, dataset_info, get_dataset, ima
 from ..layers import NSConv2d
 from ..models import build_model, count_parameters
 from ..regularizers import ORTHOGONALITY_TYPES, orthogonality_penalty
+from ..shape import KernelShapeGate
 from .config import ConfigError, TrainConfig
+from .shaping import KernelShapeSchedule
 
 __all__ = ["train", "TrainingDiverged", "CheckpointError", "load_checkpoint", "evaluate_checkpoint",
            "lr_factor", "param_groups", "recalibrate_bn", "evaluate", "build_from_checkpoint", "orthogonality_filters"]
@@ -76,9 +78,12 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     """Parameter groups with the protocol's weight decay: static diagonal ``M`` (``wd_static_diagonal``),
     static full ``M`` (``wd_static_full``), BN parameters and biases (``weight_decay`` if
     ``decay_bn`` else 0), the parameters named by ``model.no_weight_decay()`` if the model defines it
-    (0; e.g. the cosine filters of ``sphere-attention``, as the authors) and everything else (``weight_decay``)."""
+    (0; e.g. the cosine filters of ``sphere-attention``, as the authors) and everything else (``weight_decay``).
+    The logits of kernel-shape gates are left out: :class:`KernelShapeSchedule` optimises them."""
     special: dict[int, str] = {}
     for m in model.modules():
+        if isinstance(m, KernelShapeGate):
+            special[id(m.logits)] = "shape"
         if isinstance(m, NSConv2d) and m.similarity_kind in ("diagonal", "full"):
             special[id(m.similarity)] = m.similarity_kind
         if isinstance(m, nn.modules.batchnorm._NormBase) and not cfg.decay_bn:
@@ -96,7 +101,7 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
                 special[id(p)] = "nodecay"
     groups = {"default": [], "diagonal": [], "full": [], "nodecay": []}
     for p in model.parameters():
-        if p.requires_grad:
+        if p.requires_grad and special.get(id(p)) != "shape":
             groups[special.get(id(p), "default")].append(p)
     wd = {"default": cfg.weight_decay, "diagonal": cfg.wd_static_diagonal, "full": cfg.wd_static_full,
           "nodecay": 0.0}
@@ -335,7 +340,10 @@ def _build(cfg: TrainConfig, meta: dict) -> nn.Module:
         kw["image_size"] = meta["image_size"]
     if cfg.model == "sphere-attention":
         kw["raw_input"] = cfg.input == "raw"  # the authors' (x - 127.5) / 128 on raw pixels
+    if cfg.width:
+        kw["width"] = cfg.width
     model = build_model(cfg.model, cfg.layer, meta["num_classes"], meta["in_channels"], **kw)
+    KernelShapeSchedule.attach(cfg, model)
     set_bn_momentum(model, cfg.bn_momentum)
     if cfg.bn_zero_init:  # TensorFlow's moving mean and variance both start at zero
         for m in _bns(model):
@@ -389,7 +397,8 @@ def _amp(cfg: TrainConfig, device: torch.device):
     return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
 
 
-_STRUCTURAL = ("dataset", "model", "layer", "paper_init", "train_subset", "batch_size", "seed", "bn_eps", "input")
+_STRUCTURAL = ("dataset", "model", "layer", "width", "paper_init", "train_subset", "batch_size", "seed", "bn_eps",
+               "input", "shape_active", "shape_method", "shape_per_filter")
 
 
 def train(cfg: TrainConfig, resume: bool = False, echo=print) -> dict:
@@ -492,6 +501,7 @@ def _train(cfg, resume, echo, run_dir, last_path, best_path, rank, world_size, d
         model = model.to(memory_format=torch.channels_last)
     params = count_parameters(model)
     opt = _optimizer(model, cfg)
+    shaper = KernelShapeSchedule(cfg, model, iters) if cfg.shape_active else None
     base_lrs = [g["lr"] for g in opt.param_groups]
     amp_ctx, scaler = _amp(cfg, device)
     step, best_acc, best_step = 0, -1.0, -1
@@ -501,6 +511,8 @@ def _train(cfg, resume, echo, run_dir, last_path, best_path, rank, world_size, d
         states = ckpt["loader"]
         train_loader.load_state_dict(states[rank] if isinstance(states, list) else states)
         _set_rng_state(ckpt["rng"])
+        if shaper is not None:
+            shaper.load_state_dict(ckpt["shape"])
         if scaler is not None and "scaler" in ckpt:
             scaler.load_state_dict(ckpt["scaler"])
         step, best_acc, best_step = int(ckpt["step"]), float(ckpt["best_acc"]), int(ckpt["best_step"])
@@ -534,6 +546,8 @@ def _train(cfg, resume, echo, run_dir, last_path, best_path, rank, world_size, d
                  "world_size": world_size, "params": params}
         if scaler is not None:
             state["scaler"] = scaler.state_dict()
+        if shaper is not None:
+            state["shape"] = shaper.state_dict()
         _atomic_save(state, path)
 
     def run_eval() -> dict:
@@ -567,6 +581,7 @@ def _train(cfg, resume, echo, run_dir, last_path, best_path, rank, world_size, d
     window = {"loss": 0.0, "correct": 0.0, "n": 0, "steps": 0, "orth": 0.0, "t": time.perf_counter()}
     ema_loss = None
     orth_filters = orthogonality_filters(model) if cfg.orthogonality else None
+    shape_log = (lambda: {"active": shaper.active_fraction()}) if shaper is not None else dict
     t_start, trained_images, last_eval = time.perf_counter(), 0, None
     stopped = False
     try:
@@ -575,6 +590,8 @@ def _train(cfg, resume, echo, run_dir, last_path, best_path, rank, world_size, d
                 stopped = True
                 break
             x, y = next(stream)
+            if shaper is not None:
+                shaper.before_step(step)
             f = lr_factor(cfg, step, iters)
             for g, base in zip(opt.param_groups, base_lrs):
                 g["lr"] = base * f
@@ -585,6 +602,9 @@ def _train(cfg, resume, echo, run_dir, last_path, best_path, rank, world_size, d
                 orth = orthogonality_penalty(orth_filters, cfg.orthogonality)
                 loss = loss + orth
                 window["orth"] += orth.item()
+            shape_term = shaper.loss(step) if shaper is not None else None
+            if shape_term is not None:  # the kernel-shape budget penalty (learned shapes), also in "loss"
+                loss = loss + shape_term
             loss_value = loss.detach().clone()
             if distributed:
                 dist.all_reduce(loss_value)
@@ -609,6 +629,8 @@ def _train(cfg, resume, echo, run_dir, last_path, best_path, rank, world_size, d
                 scaler.update()
             else:
                 opt.step()
+            if shaper is not None:
+                shaper.step(step)
             step += 1
             trained_images += len(y) * world_size
             window["loss"] += lv
@@ -626,13 +648,15 @@ def _train(cfg, resume, echo, run_dir, last_path, best_path, rank, world_size, d
                 log({"kind": "train", "step": step, "loss": window["loss"] / window["steps"],
                      "acc": window["correct"] / max(1, window["n"]), "lr": base_lrs[0] * f,
                      "images_per_s": window["n"] * world_size / max(dt, 1e-9), "time": round(elapsed, 3),
-                     **({"orth": window["orth"] / window["steps"]} if orth_filters is not None else {})})
+                     **({"orth": window["orth"] / window["steps"]} if orth_filters is not None else {}),
+                     **shape_log()})
                 window = {"loss": 0.0, "correct": 0.0, "n": 0, "steps": 0, "orth": 0.0, "t": time.perf_counter()}
             evaluated = False
             if step == iters or (cfg.eval_every and step % cfg.eval_every == 0):
                 last_eval = run_eval()
                 evaluated = True
-                log({"kind": "eval", "step": step, **last_eval, "time": round(time.perf_counter() - t_start, 3)})
+                log({"kind": "eval", "step": step, **last_eval, "time": round(time.perf_counter() - t_start, 3),
+                     **shape_log()})
                 if main and cfg.progress:
                     bar.write(f"step {step}: test acc {100 * last_eval['test_acc']:.2f}%, "
                               f"loss {last_eval['test_loss']:.4f}")

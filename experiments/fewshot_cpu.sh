@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Few-shot CPU-budget comparison (issue 4): Conv-4 ProtoNet, baseline conv vs NSL layer kinds.
+# Usage: bash experiments/fewshot_cpu.sh DATA_DIR [OUT_DIR]   (DATA_DIR: materialize.py output)
+# One model per (dataset, kind), trained on 5-way 5-shot 15-query episodes (Omniglot: 20-way 1-shot
+# 5-query, rotations as classes; lr halved every quarter of the run), evaluated on 600 fixed test episodes per setting, each NSL model
+# paired with the conv baseline on the same episodes (nsl fewshot eval --compare).
+# Runs one process at a time with one thread (OMP_NUM_THREADS=1); finished runs and evaluations are
+# skipped, so the script can be re-run after an interruption.
+set -euo pipefail
+DATA=${1:?usage: fewshot_cpu.sh DATA_DIR [OUT_DIR]}
+OUT=${2:-runs/fewshot-cpu}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+mkdir -p "$OUT"
+
+train() {  # dataset kind episodes extra-args...
+  local ds=$1 kind=$2 eps=$3; shift 3
+  local dir="$OUT/$ds-$kind"
+  if [ -f "$dir/done" ]; then return; fi
+  local resume=()
+  if [ -f "$dir/checkpoints/last.pt" ]; then resume=(--resume); fi
+  nsl fewshot train --dataset "$ds" --data-dir "$DATA" --backbone conv4 --layer "$kind" \
+    --episodes "$eps" --val-every 500 --val-episodes 200 --seed 0 --out "$dir" --no-progress \
+    --set checkpoint_every=250 "${resume[@]}" "$@"
+  touch "$dir/done"
+}
+
+compare() {  # dataset kind ways shots
+  local ds=$1 kind=$2 ways=$3 shots=$4
+  local f="$OUT/eval-$ds-$kind-${ways}w${shots}s.json"
+  if [ -f "$f" ]; then return; fi
+  nsl fewshot eval --checkpoint "$OUT/$ds-$kind/checkpoints/best.pt" --compare "$OUT/$ds-conv/checkpoints/best.pt" \
+    --ways "$ways" --shots "$shots" --queries 15 --episodes 600 --seed 0 --json --no-progress > "$f.tmp"
+  mv "$f.tmp" "$f"
+}
+
+for ds in cifar-fs fc100; do
+  kinds="conv static-full"
+  if [ "$ds" = cifar-fs ]; then kinds="conv static-full dynamic-diagonal"; fi
+  for kind in $kinds; do train "$ds" "$kind" 2000 --ways 5 --shots 5 --queries 15 --lr-step 500; done
+  for kind in $kinds; do for shots in 1 5; do compare "$ds" "$kind" 5 "$shots"; done; done
+done
+for kind in conv static-full; do
+  train omniglot "$kind" 1500 --ways 5 --shots 1 --queries 5 --train-ways 20 --rotations --lr-step 400
+done
+for kind in conv static-full; do for ways in 5 20; do for shots in 1 5; do
+  compare omniglot "$kind" "$ways" "$shots"
+done; done; done
+echo "all done: results in $OUT/eval-*.json"
