@@ -12,7 +12,17 @@ import torch.nn.functional as F
 import nsl
 from nsl import shape as S
 from nsl.data.digits import load_digits
-from nsl.demo import small_cnn
+
+
+def small_cnn(num_classes: int = 10, width: int = 16) -> nn.Sequential:
+    """Three 3x3 conv-BN-ReLU blocks (width, 2*width, 2*width), a max-pool, global pooling, linear."""
+    w1, w2 = width, 2 * width
+    return nn.Sequential(
+        nn.Conv2d(1, w1, 3, padding=1, bias=False), nn.BatchNorm2d(w1), nn.ReLU(),
+        nn.Conv2d(w1, w2, 3, padding=1, bias=False), nn.BatchNorm2d(w2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(w2, w2, 3, padding=1, bias=False), nn.BatchNorm2d(w2), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(w2, num_classes),
+    )
 
 
 def _static_model(similarity: str = "full", bias: bool = True) -> nn.Sequential:

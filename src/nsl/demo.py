@@ -1,156 +1,132 @@
-"""``nsl demo``: the layers, ``convert`` and ``fold`` on a real model and real data, offline.
+"""``nsl demo``: NSL layers, ``convert`` and ``fold`` on a real model and real data, offline, in minutes.
 
-Data: scikit-learn's bundled handwritten digits (1,797 images, upscaled to 16 x 16), split
-1,347 / 450. A small CNN is built once; :func:`nsl.convert` turns copies of it into a static
-(full ``M``) and a dynamic (diagonal ``M``) NSL model that compute exactly the same function at
-the start; all three train from that same initialisation for the same epochs and seeds, and the
-static one is finally folded back into a plain CNN with :func:`nsl.fold`.
+Data: scikit-learn's bundled handwritten digits (1,797 8x8 images, split 1,347 / 450; no files, no
+network). Three variants of CNN-9 at width 8 (``conv``; ``static-full``: ``w^T M x`` with one learned
+``M`` per layer; ``dynamic-diagonal``: ``M(y)`` predicted at every location), each trained with
+several seeds by the library's one training loop (:func:`nsl.train.train`, protocol ``demo``), so
+that every demo run is also an ``nsl train`` run::
+
+    nsl train --protocol demo --layer dynamic-diagonal --seed 0 --out runs/demo-dd
+
+The demo prints each variant's mean test accuracy with a 95% confidence interval over the seeds,
+then checks on the trained models that :func:`nsl.convert` turns the conv model into NSL models
+computing the same function, and that :func:`nsl.fold` turns the trained static model back into a
+plain CNN with the same outputs.
 """
 
 from __future__ import annotations
 
-import copy
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from .convert import convert, fold
-from .data.digits import load_digits
 from .layers import NSConv2d
+from .report import mean_ci
+from .train import build_from_checkpoint, load_checkpoint, make_config, train
+from .train.engine import load_data
 
-__all__ = ["DemoConfig", "small_cnn", "run_demo"]
+__all__ = ["DemoConfig", "VARIANTS", "run_demo"]
+
+#: the layer kinds the demo trains (see :data:`nsl.models.LAYER_KINDS`)
+VARIANTS = ("conv", "static-full", "dynamic-diagonal")
 
 
 @dataclass
 class DemoConfig:
-    """Settings of ``nsl demo`` (each is a command-line flag)."""
+    """Settings of ``nsl demo`` (each is a command-line flag); the rest is protocol ``demo``.
+
+    ``out``: keep the runs (``OUT/<kind>-s<seed>``, each a normal run directory) instead of a
+    temporary folder.
+    """
 
     epochs: int = 12
     seeds: int = 3
     batch_size: int = 64
-    lr: float = 3e-3
-    size: int = 16
     progress: bool = True
-
-
-def small_cnn(num_classes: int = 10, width: int = 16) -> nn.Sequential:
-    """Three 3x3 conv-BN-ReLU blocks (width, 2*width, 2*width), a max-pool, global pooling, linear."""
-    w1, w2 = width, 2 * width
-    return nn.Sequential(
-        nn.Conv2d(1, w1, 3, padding=1, bias=False), nn.BatchNorm2d(w1), nn.ReLU(),
-        nn.Conv2d(w1, w2, 3, padding=1, bias=False), nn.BatchNorm2d(w2), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(w2, w2, 3, padding=1, bias=False), nn.BatchNorm2d(w2), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(w2, num_classes),
-    )
-
-
-def _normalise(x: torch.Tensor) -> torch.Tensor:
-    return x.float().div_(255.0).sub_(0.5).div_(0.5)
-
-
-def _train(model: nn.Module, data, cfg: DemoConfig, seed: int, label: str) -> float:
-    xtr, ytr, xte, yte = data
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    steps = cfg.epochs * ((len(xtr) + cfg.batch_size - 1) // cfg.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps)
-    bar = tqdm(total=steps, desc=f"{label:<16}", leave=False, disable=not cfg.progress, unit="step")
-    for _ in range(cfg.epochs):
-        model.train()
-        perm = torch.randperm(len(xtr), generator=gen)
-        for i in range(0, len(xtr), cfg.batch_size):
-            idx = perm[i:i + cfg.batch_size]
-            loss = F.cross_entropy(model(xtr[idx]), ytr[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            bar.update()
-    bar.close()
-    return _accuracy(model, xte, yte)
+    out: str | None = None
 
 
 @torch.no_grad()
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    model.eval()
-    return (model(x).argmax(1) == y).float().mean().item()
-
-
-def _mean_ci(values: list[float]) -> tuple[float, float]:
-    """Mean and 95% half-width (Student t for n - 1 degrees of freedom)."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, float("nan")
-    sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
-    t = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}.get(n - 1, 1.96)
-    return mean, t * sd / n ** 0.5
+def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model.eval()(x)
 
 
 def run_demo(cfg: DemoConfig, echo=print) -> dict:
-    """Run the demo; print a report through ``echo`` and return the measured numbers."""
-    xtr, ytr = load_digits("train", size=cfg.size)
-    xte, yte = load_digits("test", size=cfg.size)
-    data = (_normalise(xtr), ytr, _normalise(xte), yte)
-    echo(f"data: scikit-learn digits upscaled to {cfg.size}x{cfg.size}, {len(xtr)} train / {len(xte)} test images")
+    """Run the demo; print a report through ``echo`` and return the measured numbers.
 
-    torch.manual_seed(0)
-    base = small_cnn()
-    variants = {
-        "conv": base,
-        "static-full": convert(base, "full"),
-        "dynamic-diagonal": convert(base, "diagonal", dynamic=True, predictor="sphere"),
-    }
-    echo("\n1. nsl.convert: the same CNN with its 3x3 convolutions replaced, same weights")
-    probe = data[2][:256]
-    base.eval()
-    reference = base(probe)
-    for name, model in variants.items():
-        model.eval()
-        n_params = sum(p.numel() for p in model.parameters())
-        kinds = sorted({type(m).__name__ for n, m in model.named_modules()
-                        if isinstance(m, nn.Conv2d) and "predictor" not in n})
-        diff = (model(probe) - reference).abs().max().item()
-        echo(f"   {name:<17} params {n_params:>7,}  layers {', '.join(kinds):<40} "
-             f"max |out - conv out| at start = {diff:.1e}")
+    Returns ``{kind: {"accuracies", "mean", "ci95", "params", "seconds_per_run"}, "convert": {...},
+    "fold": {...}}``.
+    """
+    with tempfile.TemporaryDirectory(prefix="nsl-demo-") as tmp:
+        root = Path(cfg.out).expanduser() if cfg.out else Path(tmp)
+        return _run(cfg, root, echo)
 
-    echo(f"\n2. training each from that start: {cfg.epochs} epochs, Adam one-cycle lr {cfg.lr}, "
-         f"{cfg.seeds} seed(s)")
+
+def _run(cfg: DemoConfig, root: Path, echo) -> dict:
+    base = make_config("demo", epochs=cfg.epochs, batch_size=cfg.batch_size, progress=False)
+    echo(f"data: scikit-learn digits (8x8, {1347} train / {450} test images), model {base.model} at width "
+         f"{base.width}, protocol demo ({cfg.epochs} epochs, Adam one-cycle lr {base.lr}), {cfg.seeds} seed(s) "
+         "per variant")
+    echo(f"runs: {root if cfg.out else 'a temporary folder (keep them with --out DIR)'}\n")
     results: dict[str, dict] = {}
-    trained_static = None
-    for name, model in variants.items():
-        accs, seconds = [], 0.0
+    bar = tqdm(total=len(VARIANTS) * cfg.seeds, desc="demo runs", unit="run", disable=not cfg.progress,
+               dynamic_ncols=True)
+    for kind in VARIANTS:
+        accs, seconds, params = [], 0.0, None
         for seed in range(cfg.seeds):
-            m = copy.deepcopy(model)
-            torch.manual_seed(seed)
+            run_cfg = make_config("demo", epochs=cfg.epochs, batch_size=cfg.batch_size, layer=kind, seed=seed,
+                                  progress=False, out=str(root / f"{kind}-s{seed}"))
+            bar.set_postfix_str(f"{kind} seed {seed}")
             t0 = time.perf_counter()
-            accs.append(_train(m, data, cfg, seed, f"{name} s{seed}"))
+            summary = train(run_cfg, resume=(root / f"{kind}-s{seed}" / "checkpoints" / "last.pt").exists(),
+                            echo=lambda *a, **k: None)
             seconds += time.perf_counter() - t0
-            if name == "static-full" and seed == 0:
-                trained_static = m
-        mean, ci = _mean_ci(accs)
-        results[name] = {"accuracies": accs, "mean": mean, "ci95": ci, "seconds_per_run": seconds / cfg.seeds}
-        echo(f"   {name:<17} test accuracy {100 * mean:6.2f}% +- {100 * ci:4.2f} (95% CI over {cfg.seeds} seeds)"
-             f"   {seconds / cfg.seeds:5.1f} s/run")
+            accs.append(summary["test_acc"])
+            params = summary["params"]
+            bar.update()
+        mean, ci = mean_ci(accs)
+        results[kind] = {"accuracies": accs, "mean": mean, "ci95": ci, "params": params,
+                         "seconds_per_run": seconds / cfg.seeds}
+    bar.close()
+
+    echo("1. test accuracy, mean +- 95% CI over seeds (Student t)")
+    for kind, r in results.items():
+        ci = "n/a" if r["ci95"] != r["ci95"] else f"{100 * r['ci95']:4.2f}"
+        echo(f"   {kind:<17} {100 * r['mean']:6.2f}% +- {ci}   params {r['params']:>7,}   "
+             f"{r['seconds_per_run']:5.1f} s/run   seeds: " + ", ".join(f"{100 * a:.2f}" for a in r["accuracies"]))
     echo("   (overlapping intervals mean the difference is within seed noise on this small set)")
 
-    echo("\n3. nsl.fold: the trained static-full model as a plain CNN")
-    folded = fold(trained_static)
+    _, test_loader, _ = load_data(base, torch.device("cpu"), train_split=False)
+    x = torch.cat([b[0] for b in test_loader])
+    conv_model, _ = build_from_checkpoint(load_checkpoint(root / "conv-s0" / "checkpoints" / "last.pt"))
+    ref = _logits(conv_model, x)
+    echo("\n2. nsl.convert on the trained conv model (seed 0): same function, now with NSL layers")
+    conv_diffs = {}
+    for name, model in (("static full M = I", convert(conv_model, "full")),
+                        ("dynamic diagonal, zero-init predictor", convert(conv_model, "diagonal", dynamic=True))):
+        diff = (_logits(model, x) - ref).abs().max().item()
+        conv_diffs[name] = diff
+        echo(f"   {name:<38} max |logit - conv logit| = {diff:.1e}")
+
+    static, _ = build_from_checkpoint(load_checkpoint(root / "static-full-s0" / "checkpoints" / "last.pt"))
+    folded = fold(static)
     n_ns = sum(isinstance(m, NSConv2d) for m in folded.modules())
-    with torch.no_grad():
-        trained_static.eval()
-        folded.eval()
-        diff = (folded(data[2]) - trained_static(data[2])).abs().max().item()
-    acc_static, acc_folded = _accuracy(trained_static, data[2], yte), _accuracy(folded, data[2], yte)
-    echo(f"   NSConv2d layers left: {n_ns};  max |folded - static| = {diff:.1e};  "
-         f"accuracy {100 * acc_static:.2f}% -> {100 * acc_folded:.2f}%")
-    m0 = next(m for m in trained_static.modules() if isinstance(m, NSConv2d))
-    off = (m0.similarity - torch.eye(9)).abs().max().item()
-    echo(f"   learned M of the first layer moved from I by up to {off:.3f}")
-    results["fold"] = {"max_abs_diff": diff, "accuracy_static": acc_static, "accuracy_folded": acc_folded}
+    out_s, out_f = _logits(static, x), _logits(folded, x)
+    y = torch.cat([b[1] for b in test_loader])
+    acc_s, acc_f = (out_s.argmax(1) == y).float().mean().item(), (out_f.argmax(1) == y).float().mean().item()
+    diff = (out_f - out_s).abs().max().item()
+    m0 = next(m for m in static.modules() if isinstance(m, NSConv2d))
+    moved = (m0.similarity - torch.eye(m0.similarity.shape[0])).abs().max().item()
+    echo("\n3. nsl.fold on the trained static-full model (seed 0): a plain CNN again")
+    echo(f"   NSConv2d layers left: {n_ns};  max |folded - static| = {diff:.1e};  accuracy {100 * acc_s:.2f}% -> "
+         f"{100 * acc_f:.2f}%;  learned M of the first NSL layer moved from I by up to {moved:.3f}")
+    results["convert"] = conv_diffs
+    results["fold"] = {"max_abs_diff": diff, "accuracy_static": acc_s, "accuracy_folded": acc_f,
+                       "nsconv_left": n_ns}
     return results
