@@ -294,14 +294,14 @@ def test_imagefolder_stream_train_resume_and_eval(tmp_path, capsys):
 
 
 def test_bn_settings_applied_to_the_model():
-    from nsl.train.engine import _build
+    from nsl.train.engine import build_model_for
 
     meta = {"num_classes": 10, "in_channels": 3, "image_size": 32}
-    model = _build(make_config("paper", layer="dynamic-diagonal", bn_zero_init=True), meta)
+    model = build_model_for(make_config("paper", layer="dynamic-diagonal", bn_zero_init=True), meta)
     bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert len(bns) == 10 + 9 * 2  # the network's and the predictors'
     assert all(b.momentum == 0.001 and b.eps == 1e-3 and not b.running_var.any() for b in bns)
-    model = _build(make_config("fast"), meta)
+    model = build_model_for(make_config("fast"), meta)
     assert all(m.momentum == 0.1 and m.eps == 1e-5 for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
 
 

@@ -29,9 +29,9 @@ def records(run_dir, kind):
 
 def test_width_sets_the_channels_and_is_checked():
     cfg = make_config("fast", dataset="digits", width=8)
-    from nsl.train.engine import _build
+    from nsl.train.engine import build_model_for
 
-    model = _build(cfg, {"num_classes": 10, "in_channels": 1, "image_size": 8})
+    model = build_model_for(cfg, {"num_classes": 10, "in_channels": 1, "image_size": 8})
     assert model.stem.conv.out_channels == 8
     with pytest.raises(ConfigError, match="width applies to cnn9, resnet20, resnet32, resnet56 only"):
         make_config("fast", model="resnet18", width=8)

@@ -1,8 +1,12 @@
-"""Argument types shared by the command-line modules."""
+"""Argument types and the training front end shared by the command-line modules."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
 
 
 def positive_int(text: str) -> int:
@@ -14,3 +18,52 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def error(command: str, message: str, code: int = 2) -> int:
+    """Print ``nsl COMMAND: error: MESSAGE`` to stderr and return the exit code."""
+    print(f"nsl {command}: error: {message}", file=sys.stderr)
+    return code
+
+
+def run_training(command: str, args: argparse.Namespace, given: dict, config_cls, new_config: Callable[[], object],
+                 apply_overrides: Callable, train: Callable, on_resume: dict | None = None,
+                 check_data_dir: bool = True) -> int:
+    """The command-line front end of a training command (``nsl train``, ``nsl fewshot train``).
+
+    Builds the configuration (on ``--resume`` with a saved ``OUT/config.json``: the saved one, with
+    ``on_resume`` and then the flags given on the command line applied; otherwise ``new_config()``),
+    applies ``--set`` overrides, checks that ``--data-dir`` is a directory (unless ``check_data_dir`` is
+    false: the data layer then says what is missing), runs ``train(cfg, resume=...)`` and maps
+    every expected failure to one ``nsl COMMAND: error: ...`` line: exit 1 for a diverged run, 130
+    for Ctrl-C (with the command that resumes), 2 for bad settings, run directories or data.
+    Prints the summary as JSON with ``--json``.
+    """
+    from .data.errors import DatasetError
+    from .train import CheckpointError, ConfigError, TrainingDiverged
+
+    try:
+        if args.out is None:
+            raise ConfigError("--out RUN_DIR is required")
+        saved = Path(args.out).expanduser() / "config.json"
+        if args.resume and saved.exists():
+            d = json.loads(saved.read_text())
+            d.update(on_resume or {})
+            d.update(given)
+            cfg = config_cls.from_dict(d)
+        else:
+            cfg = new_config()
+        cfg = apply_overrides(cfg, args.set or [])
+        if check_data_dir and cfg.data_dir is not None and not Path(cfg.data_dir).expanduser().is_dir():
+            raise ConfigError(f"--data-dir {cfg.data_dir} is not a directory")
+        summary = train(cfg, resume=args.resume)
+    except TrainingDiverged as e:
+        return error(command, str(e), 1)
+    except KeyboardInterrupt:
+        return error(command, f"interrupted; continue from the last checkpoint with: nsl {command} --out {args.out} "
+                              "--resume", 130)
+    except (ConfigError, CheckpointError, DatasetError, ValueError) as e:
+        return error(command, str(e))
+    if args.json:
+        print(json.dumps(summary))
+    return 0

@@ -6,7 +6,8 @@ import argparse
 import sys
 from dataclasses import fields
 
-from ._cli_utils import positive_int
+from ._cli_utils import error as _cli_error
+from ._cli_utils import positive_int, run_training
 
 __all__ = ["main"]
 
@@ -31,46 +32,19 @@ _TRAIN_FLAGS = {"dataset": "dataset", "data_dir": "data_dir", "model": "model", 
 
 
 def _error(command: str, message: str, code: int = 2) -> int:
-    print(f"nsl {command}: error: {message}", file=sys.stderr)
-    return code
+    return _cli_error(command, message, code)
 
 
 def _train(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
-
-    from .data import DatasetError
-    from .train import CheckpointError, ConfigError, TrainConfig, TrainingDiverged, apply_overrides, make_config
+    from .train import TrainConfig, apply_overrides, make_config
     from .train import train as run_train
 
     given = {field: getattr(args, flag) for flag, field in _TRAIN_FLAGS.items() if getattr(args, flag) is not None}
     if args.epochs is not None and args.iters is None:
         given["iters"] = None  # --epochs replaces the protocol's iteration count
-    try:
-        if args.out is None:
-            raise ConfigError("--out RUN_DIR is required")
-        saved = Path(args.out).expanduser() / "config.json"
-        if args.resume and saved.exists():
-            d = json.loads(saved.read_text())
-            d["stop_at"] = 0  # an earlier --stop-at does not carry over to the continuation
-            d.update(given)
-            cfg = TrainConfig.from_dict(d)
-        else:
-            cfg = make_config(args.protocol, **given)
-        cfg = apply_overrides(cfg, args.set or [])
-        if cfg.data_dir is not None and not Path(cfg.data_dir).expanduser().is_dir():
-            raise ConfigError(f"--data-dir {cfg.data_dir} is not a directory")
-        summary = run_train(cfg, resume=args.resume)
-    except TrainingDiverged as e:
-        return _error("train", str(e), 1)
-    except KeyboardInterrupt:
-        return _error("train", f"interrupted; continue from the last checkpoint with: nsl train --out {args.out} "
-                               "--resume", 130)
-    except (ConfigError, CheckpointError, DatasetError, ValueError) as e:
-        return _error("train", str(e))
-    if args.json:
-        print(json.dumps(summary))
-    return 0
+    # an earlier --stop-at does not carry over to the continuation
+    return run_training("train", args, given, TrainConfig, lambda: make_config(args.protocol, **given),
+                        apply_overrides, run_train, on_resume={"stop_at": 0})
 
 
 def _eval(args: argparse.Namespace) -> int:

@@ -192,7 +192,7 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
 def _model_of(run: RunRecord) -> tuple[nn.Module, tuple[int, int, int]] | None:
     from .data import dataset_info
     from .train import TrainConfig
-    from .train.engine import _build
+    from .train.engine import build_model_for
 
     cfg = TrainConfig.from_dict(run.config)
     meta = run.meta
@@ -202,7 +202,7 @@ def _model_of(run: RunRecord) -> tuple[nn.Module, tuple[int, int, int]] | None:
             return None
         meta = dict(num_classes=info.num_classes, in_channels=info.channels,
                     image_size=cfg.image_size if info.name == "imagefolder" else info.image_size)
-    return _build(cfg, meta), (meta["in_channels"], meta["image_size"], meta["image_size"])
+    return build_model_for(cfg, meta), (meta["in_channels"], meta["image_size"], meta["image_size"])
 
 
 # -- statistics ----------------------------------------------------------------------------------

@@ -54,10 +54,10 @@ def load_model(checkpoint: str | Path) -> tuple[nn.Module, object, dict]:
         if any(".kernel_gate." in k for k in state):
             from .shape import attach_kernel_shape
             from .train import TrainConfig
-            from .train.engine import _build
+            from .train.engine import build_model_for
 
             cfg = TrainConfig.from_dict(ckpt["config"])
-            model = _build(cfg, ckpt["meta"])
+            model = build_model_for(cfg, ckpt["meta"])
             gated = {k.split(".kernel_gate.")[0] for k in state if ".kernel_gate." in k}
             per_filter = any(v.dim() == 2 for k, v in state.items() if k.endswith(".kernel_gate.logits"))
             attach_kernel_shape(model, per_filter=per_filter, include=lambda name, m: name in gated)

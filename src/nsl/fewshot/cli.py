@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
-from .._cli_utils import positive_int
+from .._cli_utils import error as _cli_error
+from .._cli_utils import positive_int, run_training
 
 __all__ = ["add_parser"]
 
@@ -18,38 +17,16 @@ _TRAIN_FLAGS = ("dataset", "data_dir", "backbone", "layer", "head", "ways", "sho
 
 
 def _error(command: str, message: str, code: int = 2) -> int:
-    print(f"nsl fewshot {command}: error: {message}", file=sys.stderr)
-    return code
+    return _cli_error(f"fewshot {command}", message, code)
 
 
 def _train(args: argparse.Namespace) -> int:
-    from ..data.errors import DatasetError
-    from ..train import CheckpointError, ConfigError, TrainingDiverged
     from .train import FewShotConfig, apply_fewshot_overrides, train_fewshot
 
     given = {k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k) is not None}
-    try:
-        if args.out is None:
-            raise ConfigError("--out RUN_DIR is required")
-        saved = Path(args.out).expanduser() / "config.json"
-        if args.resume and saved.exists():
-            d = json.loads(saved.read_text())
-            d.update(given)
-            cfg = FewShotConfig.from_dict(d)
-        else:
-            cfg = FewShotConfig.from_dict({**FewShotConfig().to_dict(), **given})
-        cfg = apply_fewshot_overrides(cfg, args.set or [])
-        summary = train_fewshot(cfg, resume=args.resume)
-    except TrainingDiverged as e:
-        return _error("train", str(e), 1)
-    except KeyboardInterrupt:
-        return _error("train", f"interrupted; continue from the last checkpoint with: nsl fewshot train --out "
-                               f"{args.out} --resume", 130)
-    except (ConfigError, CheckpointError, DatasetError, ValueError) as e:
-        return _error("train", str(e))
-    if args.json:
-        print(json.dumps(summary))
-    return 0
+    return run_training("fewshot train", args, given, FewShotConfig,
+                        lambda: FewShotConfig.from_dict({**FewShotConfig().to_dict(), **given}),
+                        apply_fewshot_overrides, train_fewshot, check_data_dir=False)
 
 
 def _line(res: dict) -> str:

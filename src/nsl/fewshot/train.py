@@ -8,7 +8,7 @@ Same run-directory layout and checkpoint discipline as :mod:`nsl.train.engine`::
     RUN_DIR/checkpoints/last.pt     latest state: model, optimizer, RNG, episode counter
     RUN_DIR/checkpoints/best.pt     the same, at the best validation accuracy so far
 
-Checkpoints are written atomically (``nsl.train.engine._atomic_save``) and read with
+Checkpoints are written atomically (``nsl.train.engine.atomic_save``) and read with
 ``torch.load(weights_only=True)``. Training episode ``i`` is episode ``i`` of
 ``EpisodeSampler(train.labels, train_ways, shots, queries, seed=seed)``: it depends only on
 ``(seed, i)``, so a resumed run sees the same episodes as an uninterrupted one and, on the CPU, ends
@@ -42,12 +42,12 @@ from ..models import LAYER_KINDS
 from ..train.config import ConfigError, apply_overrides, check_keys
 from ..train.engine import (
     TrainingDiverged,
-    _atomic_save,
-    _device,
-    _rng_state,
-    _set_rng_state,
+    atomic_save,
     load_checkpoint,
     open_run,
+    resolve_device,
+    rng_state,
+    set_rng_state,
     start_run_files,
 )
 from .data import FEWSHOT_DATASETS, FewShotDataset, get_fewshot_dataset
@@ -294,7 +294,7 @@ def train_fewshot(cfg: FewShotConfig, resume: bool = False, echo=print) -> dict:
     run_dir = Path(cfg.out).expanduser()
     ckpt_dir = run_dir / "checkpoints"
     last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
-    device = _device(cfg, 0)
+    device = resolve_device(cfg, 0)
 
     ckpt = open_run(cfg, run_dir, last_path, resume, _STRUCTURAL, load=load_fewshot_checkpoint)
 
@@ -321,7 +321,7 @@ def train_fewshot(cfg: FewShotConfig, resume: bool = False, echo=print) -> dict:
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
-        _set_rng_state(ckpt["rng"])
+        set_rng_state(ckpt["rng"])
         step, best_acc, best_step = int(ckpt["episode"]), float(ckpt["best_acc"]), int(ckpt["best_episode"])
         if step >= cfg.episodes:
             echo(f"the run in {run_dir} is already complete ({step} of {cfg.episodes} episodes)")
@@ -333,9 +333,9 @@ def train_fewshot(cfg: FewShotConfig, resume: bool = False, echo=print) -> dict:
             f.write(json.dumps(record) + "\n")
 
     def save(path: Path) -> None:
-        _atomic_save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "episode": step,
+        atomic_save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "episode": step,
                       "episodes": cfg.episodes, "config": cfg.to_dict(), "meta": meta, "model": model.state_dict(),
-                      "optimizer": opt.state_dict(), "rng": _rng_state(), "best_acc": best_acc,
+                      "optimizer": opt.state_dict(), "rng": rng_state(), "best_acc": best_acc,
                       "best_episode": best_step, "params": params}, path)
 
     def validate() -> EvalResult:

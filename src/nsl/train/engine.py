@@ -41,7 +41,9 @@ from .config import ConfigError, TrainConfig
 from .shaping import KernelShapeSchedule
 
 __all__ = ["train", "TrainingDiverged", "CheckpointError", "load_checkpoint", "evaluate_checkpoint",
-           "lr_factor", "param_groups", "recalibrate_bn", "evaluate", "build_from_checkpoint", "orthogonality_filters"]
+           "lr_factor", "param_groups", "recalibrate_bn", "evaluate", "build_from_checkpoint", "orthogonality_filters",
+           "build_model_for", "atomic_save", "rng_state", "set_rng_state", "resolve_device", "load_data", "open_run",
+           "start_run_files"]
 
 CHECKPOINT_VERSION = 1
 
@@ -289,7 +291,11 @@ def load_data(cfg: TrainConfig, device, rank: int = 0, world_size: int = 1, trai
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
-def _atomic_save(obj, path: Path) -> None:
+def atomic_save(obj, path: Path) -> None:
+    """``torch.save(obj)`` to ``path`` atomically: a temporary file in the same folder, fsync, ``os.replace``.
+
+    A reader never sees a half-written file; on any error the temporary file is removed and ``path``
+    keeps its previous content."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -329,12 +335,14 @@ def build_from_checkpoint(ckpt: dict) -> tuple[nn.Module, TrainConfig]:
     """The model of a checkpoint with its weights loaded (on the CPU, eval mode), and its config."""
     cfg = TrainConfig.from_dict(ckpt["config"])
     meta = ckpt["meta"]
-    model = _build(cfg, meta)
+    model = build_model_for(cfg, meta)
     model.load_state_dict(ckpt["model"])
     return model.eval(), cfg
 
 
-def _build(cfg: TrainConfig, meta: dict) -> nn.Module:
+def build_model_for(cfg: TrainConfig, meta: dict) -> nn.Module:
+    """The model of ``cfg`` (model, layer, width, inits, BN settings, kernel-shape gates) for data described
+    by ``meta`` (``num_classes``, ``in_channels``, ``image_size``), freshly initialised on the CPU."""
     kw = dict(paper=cfg.paper_init, bn_eps=cfg.bn_eps)
     if cfg.model in ("cnn9", "sphere-attention"):
         kw["image_size"] = meta["image_size"]
@@ -351,7 +359,8 @@ def _build(cfg: TrainConfig, meta: dict) -> nn.Module:
     return model
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
+    """The torch (CPU and CUDA) and Python random states, as checkpoint-safe tensors and lists."""
     state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
              "python_version": random.getstate()[0]}
     if torch.cuda.is_available():
@@ -359,7 +368,8 @@ def _rng_state() -> dict:
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` returned."""
     torch.set_rng_state(state["torch"])
     random.setstate((state["python_version"], tuple(state["python"]), None))
     if "cuda" in state and torch.cuda.is_available():
@@ -372,7 +382,9 @@ def _dist_env() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", "0")), ws, int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
+def resolve_device(cfg, local_rank: int = 0) -> torch.device:
+    """``cfg.device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``) as a ``torch.device``; ``auto`` and ``cuda`` take
+    GPU ``local_rank``. Raises ConfigError for CUDA without a GPU or an unknown name."""
     if cfg.device == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if cfg.device.startswith("cuda"):
@@ -426,7 +438,7 @@ def train(cfg: TrainConfig, resume: bool = False, echo=print) -> dict:
     last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
     rank, world_size, local_rank = _dist_env()
     distributed = world_size > 1
-    device = _device(cfg, local_rank)
+    device = resolve_device(cfg, local_rank)
     own_group = False
     if distributed and not dist.is_initialized():
         if device.type == "cuda":
@@ -496,7 +508,7 @@ def _train(cfg, resume, echo, run_dir, last_path, best_path, rank, world_size, d
     iters = cfg.iters if cfg.iters is not None else max(1, math.ceil(cfg.epochs * len(train_loader)))
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    model = _build(cfg, meta).to(device)
+    model = build_model_for(cfg, meta).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     params = count_parameters(model)
@@ -510,7 +522,7 @@ def _train(cfg, resume, echo, run_dir, last_path, best_path, rank, world_size, d
         opt.load_state_dict(ckpt["optimizer"])
         states = ckpt["loader"]
         train_loader.load_state_dict(states[rank] if isinstance(states, list) else states)
-        _set_rng_state(ckpt["rng"])
+        set_rng_state(ckpt["rng"])
         if shaper is not None:
             shaper.load_state_dict(ckpt["shape"])
         if scaler is not None and "scaler" in ckpt:
@@ -542,13 +554,13 @@ def _train(cfg, resume, echo, run_dir, last_path, best_path, rank, world_size, d
         state = {"format": "nsl-train", "version": CHECKPOINT_VERSION, "step": step, "iters": iters,
                  "config": cfg.to_dict(), "meta": meta, "model": model.state_dict(), "optimizer": opt.state_dict(),
                  "scheduler": {"schedule": cfg.schedule, "step": step, "base_lrs": base_lrs},
-                 "loader": loader_state, "rng": _rng_state(), "best_acc": best_acc, "best_step": best_step,
+                 "loader": loader_state, "rng": rng_state(), "best_acc": best_acc, "best_step": best_step,
                  "world_size": world_size, "params": params}
         if scaler is not None:
             state["scaler"] = scaler.state_dict()
         if shaper is not None:
             state["shape"] = shaper.state_dict()
-        _atomic_save(state, path)
+        atomic_save(state, path)
 
     def run_eval() -> dict:
         if cfg.bn_recalibrate:
