@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 import nsl
+from cli_helpers import run
 from nsl.cli import main
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -29,12 +30,6 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     return {"sf0": _train(root / "sf-seed0", "static-full", 0), "sf1": _train(root / "sf-seed1", "static-full", 1),
             "dd": _train(root / "dd", "dynamic-diagonal", 0)}
-
-
-def run(argv, capsys):
-    code = main(argv)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def assert_png(path):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import nsl
-from nsl.cli import main
+from cli_helpers import records, run
 from nsl.models import build_model
 from nsl.train import (
     ConfigError,
@@ -35,16 +35,6 @@ def _pure_pytorch_backend():
 
 
 FAST = ["--no-progress", "--set", "log_every=1"]
-
-
-def run(argv, capsys):
-    code = main(argv)
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def records(run_dir, kind):
-    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
 
 
 # -- configs ---------------------------------------------------------------------------------------

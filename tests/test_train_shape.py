@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
-from nsl.cli import main
+from cli_helpers import records, run
 from nsl.layers import NSConv2d
 from nsl.shape import gated_layers
 from nsl.train import ConfigError, load_checkpoint, make_config
@@ -15,16 +13,6 @@ from nsl.train.engine import build_from_checkpoint
 
 COMMON = ["train", "--dataset", "digits", "--model", "cnn9", "--layer", "static-full", "--protocol", "fast",
           "--batch-size", "32", "--test-subset", "200", "--no-progress", "--set", "width=8", "--set", "log_every=1"]
-
-
-def run(argv, capsys):
-    code = main(argv)
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def records(run_dir, kind):
-    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
 
 
 def test_width_sets_the_channels_and_is_checked():
