@@ -27,4 +27,12 @@ for seed in 0 1; do
     run "magnitude-k$k" "$seed" --set shape_active=$k --set shape_method=magnitude
   done
 done
-nsl report "$OUT"/*-s? --out "$OUT/report"
+# schedule ablation: the learned shape frozen earlier (relaxed 20%, hard top-k until 40% of the shaping part),
+# leaving 60% of it for fine-tuning with the final shape, as magnitude pruning has all of it
+for seed in 0 1; do
+  for k in 3 5; do
+    run "learned-early-k$k" "$seed" --set shape_active=$k --set shape_method=learned --set shape_warmup=0.2 \
+      --set shape_freeze=0.4
+  done
+done
+nsl report "$OUT"/*-s? --baseline shape_active=0 --out "$OUT/report"

@@ -335,41 +335,59 @@ def paired_differences(runs: list[RunRecord], groups: list[list[int]], baseline:
 
 
 def plot_shape_curve(runs: list[RunRecord], path: str | Path) -> Path | None:
-    """Final test accuracy against the fraction of active kernel positions, one line per ``shape_method``
-    (mean over seeds, 95% CI bars, seeds as dots), the runs without a kernel shape as the dense reference.
-    Returns ``None`` when no run has a kernel shape."""
-    shaped = [r for r in runs if r.config.get("shape_active")]
-    if not shaped:
+    """Final test accuracy against the fraction of active kernel positions, one line per kernel-shape
+    method and schedule (mean over seeds; bars: 95% CI with 3 or more seeds, else the range of the seeds;
+    dots: single runs), runs without a kernel shape as the dense reference. ``None`` when no run has a
+    kernel shape."""
+    if not any(r.config.get("shape_active") for r in runs):
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    def series_name(c: dict) -> str:
+        if not c.get("shape_active"):
+            return "dense (all positions)"
+        if c.get("shape_method") == "magnitude":
+            return "magnitude pruning of the same number of positions"
+        w, f = c.get("shape_warmup", 0.4), c.get("shape_freeze", 0.7)
+        return f"learned shape (relaxed to {w:g}, frozen at {f:g} of the shaping part)"
+
     series: dict[str, dict[float, list[float]]] = {}
     for r in runs:
-        if r.final_acc is None or r.final_active is None:
-            continue
-        name = r.config.get("shape_method", "learned") if r.config.get("shape_active") else "dense (no shape)"
-        series.setdefault(name, {}).setdefault(round(r.final_active, 4), []).append(100 * r.final_acc)
-    styles = {"learned": ("C0", "o", "learned shape (nsl.shape gates)"),
-              "magnitude": ("C3", "s", "magnitude pruning of the same number of positions"),
-              "dense (no shape)": ("k", "*", "dense (all positions)")}
-    for name, pts in series.items():
-        colour, marker, label = styles.get(name, ("C2", "^", name))
+        if r.final_acc is not None and r.final_active is not None:
+            series.setdefault(series_name(r.config), {}).setdefault(round(r.final_active, 4), []).append(
+                100 * r.final_acc)
+    fig, ax = plt.subplots(figsize=(7.2, 4.6))
+    markers = {"dense (all positions)": ("k", "*"), "magnitude pruning of the same number of positions": ("C3", "s")}
+    others = iter([("C0", "o"), ("C2", "^"), ("C4", "D"), ("C1", "v")])
+    few = False
+    for name in sorted(series, key=lambda n: (n.startswith("dense"), n)):
+        pts = series[name]
+        colour, marker = markers.get(name) or next(others)
         xs = sorted(pts)
-        stats = [mean_ci(pts[x]) for x in xs]
-        ax.errorbar(xs, [m for m, _ in stats], yerr=[0 if math.isnan(h) else h for _, h in stats], color=colour,
-                    marker=marker, ms=7, capsize=3, lw=1.5, label=label)
+        means = [sum(pts[x]) / len(pts[x]) for x in xs]
+        lo, hi = [], []
+        for x, m in zip(xs, means):
+            if len(pts[x]) >= 3:
+                h = mean_ci(pts[x])[1]
+                lo.append(h)
+                hi.append(h)
+            else:
+                few = True
+                lo.append(m - min(pts[x]))
+                hi.append(max(pts[x]) - m)
+        ax.errorbar(xs, means, yerr=[lo, hi], color=colour, marker=marker, ms=7, capsize=3, lw=1.5, label=name)
         for x in xs:
-            ax.scatter([x] * len(pts[x]), pts[x], color=colour, s=10, alpha=0.5)
-    ax.set(title="Accuracy vs fraction of active kernel positions", xlabel="fraction of active kernel positions "
-           "(k / 9 per 3x3 NSL layer)", ylabel="final test accuracy (%)")
+            ax.scatter([x] * len(pts[x]), pts[x], color=colour, s=12, alpha=0.5)
+    ax.set(title="Accuracy vs fraction of active kernel positions",
+           xlabel="fraction of active kernel positions (k / 9 per 3x3 NSL layer)", ylabel="final test accuracy (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7.5, loc="lower right")
     datasets = sorted({str(r.config.get("dataset")) for r in runs})
-    fig.suptitle(f"{', '.join(datasets)}: mean over seeds, bars 95% CI, dots single runs", fontsize=9)
+    bars = "95% CI (3+ seeds) or range of the seeds (fewer)" if few else "95% CI over seeds"
+    fig.suptitle(f"{', '.join(datasets)}: mean over seeds, bars {bars}, dots single runs", fontsize=9)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
@@ -385,7 +403,9 @@ def _variant_labels(runs: list[RunRecord], groups: list[list[int]]) -> list[str]
     labels = []
     for g in groups:
         c = runs[g[0]].config
-        extra = ", ".join(f"{k}={c.get(k)}" for k in varying)
+        # the other shape_* settings mean nothing without a kernel shape
+        keys = [k for k in varying if c.get("shape_active") or not k.startswith("shape_") or k == "shape_active"]
+        extra = ", ".join(f"{k}={c.get(k)}" for k in keys)
         labels.append(f"{c.get('model')} / {c.get('layer')} / {c.get('dataset')}" + (f" ({extra})" if extra else ""))
     return labels
 
