@@ -27,6 +27,8 @@ def main(out: Path) -> int:
         key = (m["ds"], int(m["w"]), int(m["s"]))
         row = rows.setdefault(key, {"episodes": res["paired"]["episodes"]})
         row["conv"] = res["b"]
+        if m["kind"] == "conv":  # the baseline against itself: only its accuracy is used
+            continue
         row[m["kind"]] = (res["a"], res["paired"])
         if m["kind"] not in kinds:
             kinds.append(m["kind"])

@@ -404,7 +404,9 @@ def _variant_labels(runs: list[RunRecord], groups: list[list[int]]) -> list[str]
     for g in groups:
         c = runs[g[0]].config
         # the other shape_* settings mean nothing without a kernel shape
-        keys = [k for k in varying if c.get("shape_active") or not k.startswith("shape_") or k == "shape_active"]
+        learned_only = ("shape_warmup", "shape_freeze", "shape_weight", "shape_lr")
+        keys = [k for k in varying if (c.get("shape_active") or not k.startswith("shape_") or k == "shape_active")
+                and not (c.get("shape_method") == "magnitude" and k in learned_only)]
         extra = ", ".join(f"{k}={c.get(k)}" for k in keys)
         labels.append(f"{c.get('model')} / {c.get('layer')} / {c.get('dataset')}" + (f" ({extra})" if extra else ""))
     return labels
