@@ -6,13 +6,16 @@
 # (2.56 epochs of the subset), tested on the full 10,000-image test set. Seeds 0 and 1 for every kind: the same
 # seed gives the same data order and augmentation, so kinds are compared seed by seed (nsl report --baseline).
 # One process, one thread; finished runs are skipped and interrupted ones resumed, so re-running continues.
+# KINDS="..." and SEEDS="..." select a part of the grid, e.g. to run two parts side by side on two cores.
 set -euo pipefail
 DATA=${1:?usage: cifar10_kinds_cpu.sh DATA_DIR [OUT_DIR]}
 OUT=${2:-runs/cifar10-kinds-cpu}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
-for kind in conv static-diagonal static-full dynamic-diagonal dynamic-diagonal-cosine dynamic-filter dynamic-full; do
-  for seed in 0 1; do
+KINDS=${KINDS:-conv static-diagonal static-full dynamic-diagonal dynamic-diagonal-cosine dynamic-filter dynamic-full}
+SEEDS=${SEEDS:-0 1}
+for kind in $KINDS; do
+  for seed in $SEEDS; do
     dir="$OUT/$kind-s$seed"
     if [ -f "$dir/done" ]; then continue; fi
     resume=()
