@@ -5,7 +5,8 @@
 # 5-query, rotations as classes; lr halved every quarter of the run), evaluated on 600 fixed test episodes per setting, each NSL model
 # paired with the conv baseline on the same episodes (nsl fewshot eval --compare).
 # Runs one process at a time with one thread (OMP_NUM_THREADS=1); finished runs and evaluations are
-# skipped, so the script can be re-run after an interruption.
+# skipped, so the script can be re-run after an interruption. DATASETS="..." selects datasets (e.g. to run
+# two parts side by side on two cores).
 set -euo pipefail
 DATA=${1:?usage: fewshot_cpu.sh DATA_DIR [OUT_DIR]}
 OUT=${2:-runs/fewshot-cpu}
@@ -33,12 +34,15 @@ compare() {  # dataset kind ways shots
   mv "$f.tmp" "$f"
 }
 
-for ds in cifar-fs fc100; do
+DATASETS=${DATASETS:-cifar-fs fc100 omniglot}
+for ds in $DATASETS; do
+  if [ "$ds" = omniglot ]; then continue; fi
   kinds="conv static-full"
   if [ "$ds" = cifar-fs ]; then kinds="conv static-full dynamic-diagonal"; fi
   for kind in $kinds; do train "$ds" "$kind" 2000 --ways 5 --shots 5 --queries 15 --lr-step 500; done
   for kind in $kinds; do for shots in 1 5; do compare "$ds" "$kind" 5 "$shots"; done; done
 done
+if [[ " $DATASETS " != *" omniglot "* ]]; then echo "done: $DATASETS"; exit 0; fi
 for kind in conv static-full; do
   train omniglot "$kind" 1500 --ways 5 --shots 1 --queries 5 --train-ways 20 --rotations --lr-step 400
 done
