@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Few-shot CPU-budget comparison (issue 4): Conv-4 ProtoNet, baseline conv vs NSL layer kinds.
 # Usage: bash experiments/fewshot_cpu.sh DATA_DIR [OUT_DIR]   (DATA_DIR: materialize.py output)
-# One model per (dataset, kind), trained on 5-way 5-shot 15-query episodes (Omniglot: 20-way 1-shot
+# One model per (dataset, kind), trained on 5-way 5-shot 15-query episodes (2000; FC100: 1000) (Omniglot: 20-way 1-shot
 # 5-query, rotations as classes; lr halved every quarter of the run), evaluated on 600 fixed test episodes per setting, each NSL model
 # paired with the conv baseline on the same episodes (nsl fewshot eval --compare).
 # Runs one process at a time with one thread (OMP_NUM_THREADS=1); finished runs and evaluations are
@@ -39,7 +39,9 @@ for ds in $DATASETS; do
   if [ "$ds" = omniglot ]; then continue; fi
   kinds="conv static-full"
   if [ "$ds" = cifar-fs ]; then kinds="conv static-full dynamic-diagonal"; fi
-  for kind in $kinds; do train "$ds" "$kind" 2000 --ways 5 --shots 5 --queries 15 --lr-step 500; done
+  episodes=2000
+  if [ "$ds" = fc100 ]; then episodes=1000; fi  # CPU budget: FC100 trained half as long (lr halved once)
+  for kind in $kinds; do train "$ds" "$kind" $episodes --ways 5 --shots 5 --queries 15 --lr-step 500; done
   for kind in $kinds; do for shots in 1 5; do compare "$ds" "$kind" 5 "$shots"; done; done
 done
 if [[ " $DATASETS " != *" omniglot "* ]]; then echo "done: $DATASETS"; exit 0; fi

@@ -32,6 +32,9 @@ def main(out: Path) -> int:
         row[m["kind"]] = (res["a"], res["paired"])
         if m["kind"] not in kinds:
             kinds.append(m["kind"])
+    from nsl.models import LAYER_KINDS
+
+    kinds.sort(key=lambda k: LAYER_KINDS.index(k) if k in LAYER_KINDS else len(LAYER_KINDS))
     if not rows:
         print(f"no eval-*.json files in {out}", file=sys.stderr)
         return 1
