@@ -526,3 +526,17 @@ def test_bad_phase_progress_and_gate_arguments():
         S.KernelShapeGate(9, temperature=0.0)
     with pytest.raises(ValueError, match="margin must be >= 0"):
         S.KernelShapeGate(9, margin=-1.0)
+
+
+def test_reading_the_shape_does_not_change_it():
+    """active_fraction and kernel_shapes read a 'hard' gate without updating its previous shape D_prev."""
+    layer = nsl.NSConv2d(2, 3, 3, padding=1, similarity="full")
+    (gate,) = S.attach_kernel_shape(layer, active=4)
+    with torch.no_grad():
+        gate.logits.copy_(torch.arange(9.0))
+    gate.set_phase("hard")
+    before = gate.mask.clone()  # all ones: no hard shape computed yet
+    assert S.active_fraction(layer) == pytest.approx(4 / 9)
+    d = S.kernel_shapes(layer)[""]
+    assert torch.equal(gate.mask, before)
+    assert torch.equal(d.flatten(), gate().detach())  # the same value the forward pass then uses

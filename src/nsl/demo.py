@@ -16,6 +16,7 @@ plain CNN with the same outputs.
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from .convert import convert, fold
+from .data import dataset_info
 from .layers import NSConv2d
 from .report import mean_ci
 from .train import build_from_checkpoint, load_checkpoint, make_config, train
@@ -70,7 +72,9 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
 
 def _run(cfg: DemoConfig, root: Path, echo) -> dict:
     base = make_config("demo", epochs=cfg.epochs, batch_size=cfg.batch_size, progress=False)
-    echo(f"data: scikit-learn digits (8x8, {1347} train / {450} test images), model {base.model} at width "
+    info = dataset_info(base.dataset)
+    echo(f"data: scikit-learn digits ({info.image_size}x{info.image_size}, {info.train_size} train / "
+         f"{info.test_size} test images), model {base.model} at width "
          f"{base.width}, protocol demo ({cfg.epochs} epochs, Adam one-cycle lr {base.lr}), {cfg.seeds} seed(s) "
          "per variant")
     echo(f"runs: {root if cfg.out else 'a temporary folder (keep them with --out DIR)'}\n")
@@ -80,8 +84,7 @@ def _run(cfg: DemoConfig, root: Path, echo) -> dict:
     for kind in VARIANTS:
         accs, seconds, params = [], 0.0, None
         for seed in range(cfg.seeds):
-            run_cfg = make_config("demo", epochs=cfg.epochs, batch_size=cfg.batch_size, layer=kind, seed=seed,
-                                  progress=False, out=str(root / f"{kind}-s{seed}"))
+            run_cfg = dataclasses.replace(base, layer=kind, seed=seed, out=str(root / f"{kind}-s{seed}"))
             bar.set_postfix_str(f"{kind} seed {seed}")
             t0 = time.perf_counter()
             summary = train(run_cfg, resume=(root / f"{kind}-s{seed}" / "checkpoints" / "last.pt").exists(),

@@ -219,6 +219,15 @@ class KernelShapeGate(nn.Module):
         self.mask.copy_(new)
         return new
 
+    @torch.no_grad()
+    def current(self) -> Tensor:
+        """The value ``forward()`` gives now, without a gradient and without updating ``D_prev``."""
+        if self.phase == "frozen":
+            return self.mask
+        if self.phase == "relaxed":
+            return self.relaxed()
+        return _topk_mask(self.logits + self.margin * self.mask, self.k)
+
     def forward(self) -> Tensor:
         phase = self.phase
         if phase == "frozen":
@@ -451,14 +460,15 @@ def kernel_shapes(model: nn.Module) -> dict[str, Tensor]:
     found = gated_layers(model)
     if not found:
         _gates(model)  # raises the standard message
-    return {name: g().detach().float().cpu().reshape(*g.logits.shape[:-1], *m.kernel_size)
+    return {name: g.current().float().cpu().reshape(*g.logits.shape[:-1], *m.kernel_size)
             for name, m, g in found}
 
 
 @torch.no_grad()
 def active_fraction(model: nn.Module) -> float:
-    """``sum D / numel D`` over all gates: the fraction of active kernel positions (soft mass when relaxed)."""
-    ds = [g() for g in _gates(model)]
+    """``sum D / numel D`` over all gates: the fraction of active kernel positions (soft mass when relaxed).
+    Reads the gates without changing them."""
+    ds = [g.current() for g in _gates(model)]
     return float(sum(d.sum().item() for d in ds) / sum(d.numel() for d in ds))
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from .. import shape as _shape
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 
 __all__ = ["KernelShapeSchedule"]
 
@@ -48,10 +48,8 @@ class KernelShapeSchedule:
         try:
             gates = _shape.attach_kernel_shape(model, active=cfg.shape_active, per_filter=cfg.shape_per_filter)
         except ValueError as e:
-            from .config import ConfigError
             raise ConfigError(f"shape_active={cfg.shape_active}: {e}") from None
         if not gates:
-            from .config import ConfigError
             raise ConfigError(f"shape_active={cfg.shape_active} but model {cfg.model!r} with layer {cfg.layer!r} "
                               "has no NSL layer with a kernel of 3x3 or larger")
         if cfg.shape_method == "magnitude":
@@ -100,8 +98,5 @@ class KernelShapeSchedule:
             self.optimizer.load_state_dict(state["optimizer"])
 
     def active_fraction(self) -> float:
-        """Fraction of kernel positions the gates keep now: the hard shape's (hard, frozen) or the soft
-        mass (relaxed; 1.0 before shaping). Reads the gates without changing them."""
-        with torch.no_grad():
-            ds = [g.relaxed() if g.phase == "relaxed" else g.mask for g in self.gates]
-        return float(sum(d.sum().item() for d in ds) / sum(d.numel() for d in ds))
+        """Fraction of kernel positions the gates keep now (:func:`nsl.shape.active_fraction`; 1.0 before shaping)."""
+        return _shape.active_fraction(self.model)
