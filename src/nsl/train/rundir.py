@@ -1,0 +1,211 @@
+"""One writer per run directory, and files that are never half-written.
+
+A run directory (``RUN_DIR/config.json``, ``metrics.jsonl``, ``checkpoints/{last,best}.pt``) has one
+writer at a time: :class:`RunLock` takes an exclusive ``flock`` on ``RUN_DIR/.lock`` for the life of
+the training process. The operating system drops the lock when the process ends, however it ends
+(exit, exception, SIGKILL), so a lock is never stale after a crash; the lock file itself stays and
+names the last owner. While the lock is held nobody else writes in the folder, so temporary files
+left behind by a killed writer (``.NAME.tmpPID``) are garbage: :func:`clean_stale_temps` removes them.
+
+Every file is written to a temporary sibling, flushed, fsynced and renamed over its target
+(:func:`atomic_write_text`, and ``atomic_save`` for checkpoints), so a reader sees the old or the new
+content, never a torn one. ``metrics.jsonl`` is appended to record by record; a crash mid-record
+leaves a torn last line, which :func:`read_jsonl` drops (the record is rewritten by the continuation).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from .config import ConfigError
+
+try:  # POSIX
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+    import msvcrt
+
+__all__ = ["RunLock", "RunDirBusy", "clean_stale_temps", "atomic_write_text", "read_jsonl", "ensure_dir",
+           "describe_os_error"]
+
+LOCK_NAME = ".lock"
+
+
+class RunDirBusy(ConfigError):
+    """Another live process holds the run directory's lock."""
+
+
+def describe_os_error(e: OSError, path: Path | str, doing: str) -> str:
+    """One line for an ``OSError`` met while ``doing`` something with ``path`` (no traceback text)."""
+    reason = {errno.ENOSPC: "no space left on the device", errno.EACCES: "permission denied",
+              errno.EPERM: "operation not permitted", errno.EROFS: "read-only file system",
+              errno.ENOTDIR: "a part of the path is a file, not a folder",
+              errno.EEXIST: "it exists and is not a folder", errno.EDQUOT: "disk quota exceeded"}.get(
+        e.errno, e.strerror or type(e).__name__)
+    return f"cannot {doing} {path}: {reason}"
+
+
+def ensure_dir(path: Path, what: str = "run directory (out)") -> Path:
+    """Create folder ``path`` (and its parents); :class:`ConfigError` naming it when that is impossible."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{what} {path} is a file, expected a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(describe_os_error(e, path, f"create the {what}")) from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {path} is not writable")
+    return path
+
+
+class RunLock:
+    """Exclusive, crash-safe lock on a run directory (``with RunLock(run_dir): ...``).
+
+    ``acquire()`` creates ``run_dir`` if needed and takes a non-blocking exclusive ``flock`` on
+    ``run_dir/.lock``; if another process holds it, raises :class:`RunDirBusy` naming that process
+    (pid, host, start time). The lock is released by ``release()``, on leaving the ``with`` block, or
+    by the operating system when the process dies.
+    """
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir).expanduser()
+        self.path = self.run_dir / LOCK_NAME
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> RunLock:
+        if self._fd is not None:
+            return self
+        ensure_dir(self.run_dir)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise ConfigError(describe_os_error(e, self.path, "create the lock file")) from None
+        try:
+            _lock_fd(fd)
+        except OSError:
+            owner = _read_owner(fd)
+            os.close(fd)
+            raise RunDirBusy(f"run directory {self.run_dir} is in use by another process ({owner}); wait for it "
+                             "to finish, stop it, or choose another out") from None
+        info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                           "since": time.strftime("%Y-%m-%d %H:%M:%S")})
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info.encode() + b"\n", 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            _unlock_fd(self._fd)
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _lock_fd(fd: int) -> None:
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    else:  # pragma: no cover
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+
+
+def _unlock_fd(fd: int) -> None:
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    else:  # pragma: no cover
+        os.lseek(fd, 0, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+
+
+def _read_owner(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        return f"pid {info['pid']} on {info['host']}, since {info['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "owner unknown"
+
+
+def clean_stale_temps(run_dir: str | Path) -> list[Path]:
+    """Remove temporary files (``.NAME.tmp*``) in ``run_dir`` and ``run_dir/checkpoints``; return them.
+
+    Call only while holding the run's :class:`RunLock`: then no other process writes there, and every
+    such file is what a killed writer left behind."""
+    run_dir = Path(run_dir)
+    removed = []
+    for folder in (run_dir, run_dir / "checkpoints"):
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            if p.name.startswith(".") and ".tmp" in p.name and p.is_file():
+                try:
+                    p.unlink()
+                    removed.append(p)
+                except OSError:
+                    pass
+    return removed
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (temporary sibling, fsync, rename); ``path`` keeps its old
+    content on any error. OSError is re-raised as :class:`ConfigError` naming the file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise ConfigError(describe_os_error(e, path, "write")) from None
+
+
+def read_jsonl(path: str | Path) -> tuple[list[dict], bool]:
+    """The records of a JSON-lines file and whether a torn last line was dropped.
+
+    A last line that is not valid JSON (a crash in the middle of writing it) is dropped; an invalid line
+    anywhere else raises :class:`ConfigError` naming the file and the line number."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return [], False
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {path}: {e}") from None
+    records, torn = [], False
+    for i, ln in enumerate(lines):
+        if not ln.strip():
+            continue
+        try:
+            rec = json.loads(ln)
+            if not isinstance(rec, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            if i == len(lines) - 1:
+                torn = True
+                break
+            raise ConfigError(f"{path}, line {i + 1}: not a JSON record ({e})") from None
+        records.append(rec)
+    return records, torn
