@@ -1,0 +1,386 @@
+"""Fused Triton kernels of dynamic neural similarity convolution (CUDA; CPU through Triton's interpreter).
+
+Shapes (``P = kh * kw``, positions row-major ``q = i * kw + j`` with offset ``(i, j)``,
+``L = H_out * W_out``), the calling convention of :mod:`nsl._cpp`::
+
+    x      [N, C_in, H, W]
+    weight [C_out, C_in / groups, kh, kw]
+    sim    [N, P, H_out, W_out]       diagonal: m
+           [N, P, P, H_out, W_out]    full: M[n, p, q] links filter position p with input position q
+    out    [N, C_out, H_out, W_out],  H_out = (H + 2 ph - dh (kh - 1) - 1) // sh + 1
+
+With ``x_q[n, c](y) = x[n, c, y_h sh + dh i - ph, y_w sw + dw j - pw]`` (zero outside the image)::
+
+    diagonal: out[n, o](y) = sum_{c in group(o), q} W[o, c, q] m[n, q](y) x_q[n, c](y)
+    full:     out[n, o](y) = sum_{c, p} W[o, c, p] sum_q M[n, p, q](y) x_q[n, c](y)
+
+No bias. A padded tap is a zero multiplied by ``M``: a NaN or inf there gives NaN (IEEE), as in
+every other backend.
+
+Kernels (:mod:`nsl._triton.kernels`), each an implicit GEMM with float32 accumulation that never
+writes the ``P x C_in x L`` columns to memory; the backward needs only ``x``, ``W`` and ``M``:
+
+* forward: a program per (output positions x output channels) tile loops over positions ``p`` and
+  input-channel blocks, builds the modulated tile ``m_p x_p`` (full: ``sum_q M[p, q] x_q``) in
+  registers and feeds it to ``tl.dot``;
+* ``dx``: the transposed (gather) formulation over input positions, ``gout * M`` tiles times
+  ``W_p`` (no atomics);
+* ``dW``: per (group, position) a ``[C_out-tile, C_in-tile]`` reduction over output positions,
+  split over positions for parallelism and atomically added into a float32 buffer;
+* ``dM``: ``h_p = W_p^T gout`` on chip (``tl.dot``), reduced against the input taps.
+
+float32 operands use TF32 exactly when ``torch.backends.cuda.matmul.allow_tf32`` is True at
+launch; bfloat16/float16 operands feed the dot directly (float32 accumulation); outputs are in the
+input dtype. The launcher picks among the fixed :data:`LAUNCH_CONFIGS` (no autotuning), so that
+:func:`aot_variants` lists every compiled variant a launch can need.
+
+Triton's interpreter (``TRITON_INTERPRET=1``, CPU tensors) runs the same kernel code through
+numpy, except that bfloat16 dot operands are cast to float32 first (the interpreter computes
+bfloat16 ``tl.dot`` wrongly); so on CPU the bfloat16 *dot instruction* is not verified, while its
+inputs, accumulation and output casts are. Kernels are wrapped lazily (at the first launch), so
+importing this package never imports or launches anything and works without Triton.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["unavailable_reason", "forward", "backward", "LAUNCH_CONFIGS", "LaunchConfig", "aot_variants",
+           "pick_config"]
+
+KERNELS = ("fwd", "dx", "dw", "dsim")
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """One launch configuration: block sizes (M x N output tile, K reduction step) and scheduling.
+
+    ``fwd``: M = output positions, N = output channels, K = input channels. ``dx``: M = input
+    positions, N = input channels, K = output channels. ``dw``: M = output channels, N = input
+    channels, K = output positions. ``dsim``: M = output positions, N = input channels, K = output
+    channels, and ``block_q`` taps per program for full ``M``.
+    """
+
+    kernel: str
+    name: str
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    block_q: int = 16
+    block_k_ieee: int = 16
+
+    def constexprs(self, fp32_ieee: bool = False) -> dict:
+        """The block-size constexprs; float32 IEEE dots (FMA, register-hungry) take the smaller
+        ``block_k_ieee`` reduction step, TF32 and 16-bit dots ``block_k``."""
+        block_k = self.block_k_ieee if fp32_ieee else self.block_k
+        out = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": block_k}
+        if self.kernel == "dsim":
+            out["BLOCK_Q"] = self.block_q
+        return out
+
+
+#: Every configuration the launcher can choose, per kernel (see :func:`pick_config`).
+LAUNCH_CONFIGS: dict[str, tuple[LaunchConfig, ...]] = {
+    "fwd": (LaunchConfig("fwd", "n32", 64, 32, 32, 8, 2), LaunchConfig("fwd", "n64", 64, 64, 32, 8, 2)),
+    "dx": (LaunchConfig("dx", "n32", 64, 32, 32, 8, 2), LaunchConfig("dx", "n64", 64, 64, 32, 8, 2)),
+    "dw": (LaunchConfig("dw", "m64", 64, 64, 32, 8, 2),),
+    "dsim": (LaunchConfig("dsim", "m64", 64, 32, 32, 8, 2),),
+}
+
+# dtypes and, for float32, the two dot precisions; DOT_F32 (operands cast to float32) is only used by
+# the interpreter for bfloat16 and never compiled for a GPU.
+_TL_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+_DW_TARGET_PROGRAMS = 512  # split the dW reduction until about this many programs run (GPU)
+_DW_MIN_STEPS = 8  # ... but give every program at least this many BLOCK_K steps
+
+
+def pick_config(kernel: str, channels: int) -> LaunchConfig:
+    """The configuration the launcher uses for ``kernel``; ``channels`` is the N-dimension size
+    (output channels per group for ``fwd``, input channels per group for ``dx``; unused otherwise).
+    Narrow layers (<= 32 channels) take the 32-wide tile, wider ones the 64-wide tile."""
+    configs = LAUNCH_CONFIGS[kernel]
+    if len(configs) == 1:
+        return configs[0]
+    return configs[0] if channels <= 32 else configs[1]
+
+
+def _precisions(dtype: torch.dtype) -> tuple[str, ...]:
+    """The PRECISION constexprs launched for ``dtype`` (tl.dot ignores it for 16-bit operands)."""
+    return ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)
+
+
+def _signature(kernel: str, dtype: torch.dtype) -> dict[str, str]:
+    """Triton signature (argument name -> type) of ``kernel`` for tensors of ``dtype``."""
+    t = "*" + _TL_DTYPES[dtype]
+    geometry = ["C", "H", "W", "Cg", "Og", "Ho", "Wo", "KW", "P", "SH", "SW", "PH", "PW", "DH", "DW"]
+    if kernel == "fwd":
+        sig = {"x_ptr": t, "wt_ptr": t, "sim_ptr": t, "out_ptr": t, "NL": "i32"}
+    elif kernel == "dx":
+        sig = {"g_ptr": t, "wt_ptr": t, "sim_ptr": t, "dx_ptr": t, "NHW": "i32"}
+    elif kernel == "dw":
+        sig = {"g_ptr": t, "x_ptr": t, "sim_ptr": t, "dw_ptr": "*fp32", "NL": "i32"}
+    else:
+        sig = {"g_ptr": t, "x_ptr": t, "wt_ptr": t, "dsim_ptr": t, "NL": "i32"}
+    sig.update(dict.fromkeys(geometry, "i32"))
+    if kernel == "dw":
+        sig.update({"ROWS_PER_SPLIT": "i32", "O_TILES": "i32", "C_TILES": "i32"})
+    names = ["FULL", "BLOCK_M", "BLOCK_N", "BLOCK_K"] + (["BLOCK_Q"] if kernel == "dsim" else [])
+    sig.update(dict.fromkeys(names + ["DOT_F32", "PRECISION"], "constexpr"))
+    return sig
+
+
+def aot_variants() -> list[tuple[str, LaunchConfig, dict[str, str], dict]]:
+    """Every ``(kernel name, config, signature, constexprs)`` a GPU launch can compile.
+
+    For :func:`triton.compile` (``ASTSource(fn=jit_kernel(name), signature=..., constexprs=...)``):
+    each config of :data:`LAUNCH_CONFIGS`, diagonal and full ``M``, float32 (IEEE and TF32),
+    bfloat16 and float16.
+    """
+    out = []
+    for kernel, configs in LAUNCH_CONFIGS.items():
+        for cfg in configs:
+            for dtype in _TL_DTYPES:
+                for precision in _precisions(dtype):
+                    for full in (False, True):
+                        ieee = dtype == torch.float32 and precision == "ieee"
+                        constexprs = {"FULL": full, **cfg.constexprs(ieee), "DOT_F32": False, "PRECISION": precision}
+                        out.append((kernel, cfg, _signature(kernel, dtype), constexprs))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# lazy kernel wrapping
+# --------------------------------------------------------------------------------------------
+_lock = threading.Lock()
+_wrapped: dict[tuple[str, bool], object] = {}
+_probe: dict[int, str | None] = {}
+
+
+def _raw(name: str):
+    from . import kernels
+
+    return getattr(kernels, f"ns_{name}_kernel")
+
+
+def jit_kernel(name: str, interpret: bool = False):
+    """The kernel ``name`` (one of ``fwd, dx, dw, dsim``) as a Triton ``JITFunction`` or, with
+    ``interpret``, as the interpreter's ``InterpretedFunction``; built once per process."""
+    key = (name, interpret)
+    fn = _wrapped.get(key)
+    if fn is None:
+        with _lock:
+            fn = _wrapped.get(key)
+            if fn is None:
+                if interpret:
+                    from triton.runtime.interpreter import InterpretedFunction
+
+                    fn = InterpretedFunction(_raw(name))
+                else:
+                    from triton.runtime.jit import JITFunction
+
+                    fn = JITFunction(_raw(name))
+                _wrapped[key] = fn
+    return fn
+
+
+def _triton_missing() -> str | None:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - any import failure means "no triton"
+        return "triton is not installed" if isinstance(e, ModuleNotFoundError) else f"triton fails to import: {e}"
+    return None
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """None when the kernels can run on tensors of ``device``, otherwise one sentence saying why.
+
+    CUDA: Triton importable and a probe kernel compiles and runs on that device (checked once per
+    device). CPU: Triton importable and ``TRITON_INTERPRET=1`` set (the interpreter). Never raises.
+    """
+    try:
+        device = torch.device(device)
+        missing = _triton_missing()
+        if missing:
+            return missing
+        if device.type == "cpu":
+            if os.environ.get("TRITON_INTERPRET") != "1":
+                return "CPU tensors run the Triton kernels only in the interpreter (set TRITON_INTERPRET=1)"
+            return None
+        if device.type != "cuda":
+            return f"the Triton kernels run on CUDA devices, not {device.type}"
+        if not torch.cuda.is_available():
+            return "no CUDA device"
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in _probe:
+            _probe[index] = _run_probe(torch.device("cuda", index))
+        return _probe[index]
+    except Exception as e:  # noqa: BLE001 - never raise from a capability check
+        return f"checking the Triton kernels failed: {type(e).__name__}: {e}"
+
+
+def _run_probe(device: torch.device) -> str | None:
+    try:
+        x = torch.ones(1, 1, 3, 3, device=device)
+        w = torch.ones(1, 1, 3, 3, device=device)
+        m = torch.ones(1, 9, 1, 1, device=device)
+        out = forward(x, w, m, (1, 1), (0, 0), (1, 1), 1)
+        torch.cuda.synchronize(device)
+        if abs(float(out.item()) - 9.0) > 1e-3:
+            return f"compiling failed: the probe kernel computed {float(out.item())} instead of 9"
+    except Exception as e:  # noqa: BLE001 - any failure disables the kernels on this device
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        return f"compiling failed: {type(e).__name__}: {first}"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _geometry(x, weight, sim, stride, padding, dilation, groups):
+    n, c, h, w = x.shape
+    out_c, cg, kh, kw = weight.shape
+    p = kh * kw
+    full = sim.dim() == 5
+    ho, wo = sim.shape[-2], sim.shape[-1]
+    expected_h = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    expected_w = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    sim_shape = (n, p, p, expected_h, expected_w) if full else (n, p, expected_h, expected_w)
+    if cg * groups != c or out_c % groups or tuple(sim.shape) != sim_shape:
+        raise ValueError(f"nsl._triton: inconsistent shapes x {list(x.shape)}, weight {list(weight.shape)}, "
+                         f"sim {list(sim.shape)} for groups {groups}, stride {stride}, padding {padding}, "
+                         f"dilation {dilation} (expected sim {list(sim_shape)})")
+    dims = (c, h, w, cg, out_c // groups, ho, wo, kw, p, stride[0], stride[1], padding[0], padding[1],
+            dilation[0], dilation[1])
+    return n, out_c, full, dims
+
+
+def _check(tensors, names) -> None:
+    dtype, device = tensors[0].dtype, tensors[0].device
+    for t, name in zip(tensors, names):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"nsl._triton: {name} must be a tensor, got {type(t).__name__}")
+        if t.dtype != dtype or t.device != device:
+            raise TypeError(f"nsl._triton: {name} is {t.dtype} on {t.device}, expected {dtype} on {device}")
+    if dtype not in _TL_DTYPES:
+        raise TypeError(f"nsl._triton: dtype {dtype} is not supported (float32, bfloat16, float16)")
+
+
+def _mode(x: torch.Tensor) -> tuple[bool, bool, str]:
+    """(interpret, DOT_F32, PRECISION) for tensors like ``x``."""
+    interpret = x.device.type == "cpu"
+    dot_f32 = interpret and x.dtype == torch.bfloat16
+    tf32 = x.dtype == torch.float32 and not interpret and torch.backends.cuda.matmul.allow_tf32
+    return interpret, dot_f32, "tf32" if tf32 else "ieee"
+
+
+def _fp32_ieee(x: torch.Tensor, dot_f32: bool, precision: str) -> bool:
+    return (x.dtype == torch.float32 or dot_f32) and precision == "ieee"
+
+
+def _weight_t(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """``[C_out, Cg, kh, kw]`` -> ``[G, P, Cg, Og]`` contiguous (output channels innermost)."""
+    out_c, cg, kh, kw = weight.shape
+    return weight.reshape(groups, out_c // groups, cg, kh * kw).permute(0, 3, 2, 1).contiguous()
+
+
+def _pairs(*values):
+    return [(int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1])) for v in values]
+
+
+def forward(x, weight, sim, stride, padding, dilation, groups) -> torch.Tensor:
+    """Dynamic NSL forward ``[N, C_out, H_out, W_out]`` (module docstring), no bias.
+
+    ``x [N, C_in, H, W]``, ``weight [C_out, C_in/groups, kh, kw]``, ``sim [N, P, Ho, Wo]`` or
+    ``[N, P, P, Ho, Wo]``, one dtype (float32, bfloat16, float16) on one device; ``stride``,
+    ``padding`` (symmetric), ``dilation`` pairs; ``groups`` int. Not autograd-aware.
+    """
+    _check((x, weight, sim), ("x", "weight", "sim"))
+    stride, padding, dilation = _pairs(stride, padding, dilation)
+    groups = int(groups)
+    n, out_c, full, dims = _geometry(x, weight, sim, stride, padding, dilation, groups)
+    ho, wo = dims[5], dims[6]
+    out = torch.empty(n, out_c, ho, wo, dtype=x.dtype, device=x.device)
+    nl = n * ho * wo
+    if nl == 0:
+        return out
+    x, sim, wt = x.contiguous(), sim.contiguous(), _weight_t(weight, groups)
+    interpret, dot_f32, precision = _mode(x)
+    ieee = _fp32_ieee(x, dot_f32, precision)
+    cfg = pick_config("fwd", dims[4])
+    grid = (_cdiv(nl, cfg.block_m), _cdiv(dims[4], cfg.block_n), groups)
+    jit_kernel("fwd", interpret)[grid](x, wt, sim, out, nl, *dims, FULL=full, **cfg.constexprs(ieee),
+                                       DOT_F32=dot_f32, PRECISION=precision, num_warps=cfg.num_warps,
+                                       num_stages=cfg.num_stages)
+    return out
+
+
+def dw_split(rows: int, programs: int, block: int, interpret: bool) -> tuple[int, int]:
+    """``(SPLIT, ROWS_PER_SPLIT)`` of the dW reduction over ``rows`` output positions when
+    ``programs`` (tiles x groups x positions) programs run without splitting: enough splits to reach
+    about 512 programs on a GPU (4 in the interpreter, to keep it quick yet exercise the split),
+    each split a multiple of ``block`` rows and at least 8 (interpreter: 1) blocks long."""
+    target, min_steps = (4, 1) if interpret else (_DW_TARGET_PROGRAMS, _DW_MIN_STEPS)
+    split = max(1, min(_cdiv(target, programs), _cdiv(rows, block * min_steps)))
+    per = _cdiv(_cdiv(rows, split), block) * block
+    return _cdiv(rows, per), per
+
+
+def backward(grad_out, x, weight, sim, stride, padding, dilation, groups, need_dx, need_dw, need_dsim):
+    """Gradients ``(dx | None, dw | None, dsim | None)`` of :func:`forward` for ``grad_out``
+    ``[N, C_out, H_out, W_out]``; each computed only when its ``need_*`` flag is true. Needs only
+    ``x``, ``weight`` and ``sim`` (no saved columns). Outputs in the input dtype."""
+    _check((x, weight, sim), ("x", "weight", "sim"))
+    stride, padding, dilation = _pairs(stride, padding, dilation)
+    groups = int(groups)
+    n, out_c, full, dims = _geometry(x, weight, sim, stride, padding, dilation, groups)
+    c, h, w, cg, og, ho, wo, _, p = dims[:9]
+    if tuple(grad_out.shape) != (n, out_c, ho, wo):
+        raise ValueError(f"nsl._triton: grad_out has shape {list(grad_out.shape)}, expected {[n, out_c, ho, wo]}")
+    grad_out = grad_out.to(device=x.device, dtype=x.dtype).contiguous()
+    x, sim = x.contiguous(), sim.contiguous()
+    wt = _weight_t(weight, groups)
+    interpret, dot_f32, precision = _mode(x)
+    ieee = _fp32_ieee(x, dot_f32, precision)
+    nl = n * ho * wo
+    common = {"FULL": full, "DOT_F32": dot_f32, "PRECISION": precision}
+    dx = dw = dsim = None
+    if need_dx:
+        dx = torch.empty_like(x)
+        if dx.numel():
+            cfg = pick_config("dx", cg)
+            grid = (_cdiv(n * h * w, cfg.block_m), _cdiv(cg, cfg.block_n), groups)
+            jit_kernel("dx", interpret)[grid](grad_out, wt, sim, dx, n * h * w, *dims, **common,
+                                              **cfg.constexprs(ieee), num_warps=cfg.num_warps,
+                                              num_stages=cfg.num_stages)
+    if need_dw:
+        buf = torch.zeros(out_c, cg, p, dtype=torch.float32, device=x.device)
+        if nl:
+            cfg = pick_config("dw", og)
+            o_tiles, c_tiles = _cdiv(og, cfg.block_m), _cdiv(cg, cfg.block_n)
+            block_k = cfg.constexprs(ieee)["BLOCK_K"]
+            split, per = dw_split(nl, o_tiles * c_tiles * groups * p, block_k, interpret)
+            grid = (o_tiles * c_tiles * groups * p, split)
+            jit_kernel("dw", interpret)[grid](grad_out, x, sim, buf, nl, *dims, per, o_tiles, c_tiles, **common,
+                                              **cfg.constexprs(ieee), num_warps=cfg.num_warps,
+                                              num_stages=cfg.num_stages)
+        dw = buf.to(x.dtype).reshape(weight.shape)
+    if need_dsim:
+        dsim = torch.empty_like(sim)
+        if nl:
+            cfg = pick_config("dsim", cg)
+            grid = (_cdiv(nl, cfg.block_m), p, _cdiv(p, cfg.block_q) if full else 1)
+            jit_kernel("dsim", interpret)[grid](grad_out, x, wt, dsim, nl, *dims, **common,
+                                                **cfg.constexprs(ieee), num_warps=cfg.num_warps,
+                                                num_stages=cfg.num_stages)
+    return dx, dw, dsim
