@@ -241,3 +241,53 @@ def test_bad_inputs():
     meta = torch.empty(2, 4, 8, 8, device="meta")
     with pytest.raises(ValueError, match="must be on one device; got input on meta, weight on cpu"):
         ns_conv2d(meta, w, torch.ones(9))
+
+
+# ---------------------------------------------------------------------------------------------
+# non-finite similarity at zero-padded positions: one IEEE semantics on every backend
+# ---------------------------------------------------------------------------------------------
+def _fused_backends(monkeypatch):
+    """'cpp' where it compiled; 'triton' on CPU tensors through the interpreter where triton imports."""
+    names = ["cpp"] if NF._cpp_available() else []
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if NF._triton_reason(torch.device("cpu")) is None:
+        names.append("triton")
+    return names
+
+
+@pytest.mark.parametrize("layout", ["dynamic-diagonal", "dynamic-full"])
+@pytest.mark.parametrize("stride,padding", [((1, 1), 1), ((2, 1), (1, 2))], ids=["same", "strided"])
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_nonfinite_similarity_at_padding_propagates(layout, stride, padding, monkeypatch):
+    """NaN/inf in M where the (zero) padding is read: 0 * NaN = NaN, so those outputs and dW are NaN,
+    as with F.conv2d and a non-finite weight; dx and dM stay finite. Every backend agrees."""
+    torch.manual_seed(11)
+    x = torch.randn(2, 3, 7, 6, dtype=torch.float64)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    oh, ow = conv_output_size((7, 6), 3, stride, padding)
+    shape = (2, 9, oh, ow) if layout == "dynamic-diagonal" else (2, 9, 9, oh, ow)
+    sim = torch.rand(shape, dtype=torch.float64)
+    # offset (0, 0) at output (0, 0) and offset (2, 2) at the last output read the padding
+    if layout == "dynamic-diagonal":
+        sim[0, 0, 0, 0], sim[1, 8, -1, -1] = float("nan"), float("inf")
+    else:
+        sim[0, 4, 0, 0, 0], sim[1, 2, 8, -1, -1] = float("nan"), float("-inf")
+    results = {}
+    fused = _fused_backends(monkeypatch)
+    if stride != (1, 1) and "triton" in fused:
+        fused.remove("triton")  # the interpreter is slow; Triton's strided geometry is covered in test_triton
+    for backend in ["reference", "unfold", "ztrick"] + fused:
+        dtype = torch.float32 if backend == "triton" else torch.float64  # Triton has no float64 kernels
+        leaves = [t.to(dtype).detach().requires_grad_() for t in (x, w, sim)]
+        with use_backend(backend):
+            out = ns_conv2d(*leaves, stride=stride, padding=padding)
+        out.sum().backward()
+        results[backend] = [t.double() for t in [out.detach()] + [t.grad for t in leaves]]
+    out, dx, dw, dsim = results["reference"]
+    assert torch.isnan(out[0, :, 0, 0]).all() and torch.isnan(out[1, :, -1, -1]).all()
+    assert torch.isfinite(out).sum() == out.numel() - 2 * out.shape[1]
+    assert torch.isnan(dw).any() and torch.isfinite(dx).all() and torch.isfinite(dsim).all()
+    for backend, grads in results.items():
+        for name, a, r in zip(("out", "dx", "dw", "dsim"), grads, results["reference"]):
+            tol = dict(rtol=1e-4, atol=1e-4) if backend == "triton" else {}
+            torch.testing.assert_close(a, r, equal_nan=True, **tol, msg=lambda m, n=name, b=backend: f"{b} {n}: {m}")

@@ -24,23 +24,40 @@ similarity runs on one of several backends that all compute the same numbers:
   channels, then ``out(y) = sum_{p,q} M[p, q](y) z_p(y * stride + dilation * offset(q) - padding)``;
   it keeps ``P`` times the output instead of ``P`` times the input, so it wins when
   ``C_out < C_in`` (especially with full ``M``). Memory-lean backward as well.
-* ``"cpp"``: a fused C++ kernel (CPU, float32/float64) that builds modulated column tiles in
-  cache and feeds them to a GEMM, forward and backward; compiled on first use.
+* ``"cpp"``: the registered operator ``torch.ops.nsl.dynamic_ns_conv2d`` (see :mod:`nsl._ops`)
+  on CPU: a fused C++ kernel that builds modulated column tiles in cache and feeds them to a GEMM,
+  forward and backward; float32/float64 (bfloat16/float16 computed in float32 and cast back);
+  compiled on first use.
+* ``"triton"``: the same operator on CUDA, where its kernels are fused Triton implicit GEMMs
+  (float32/bfloat16/float16, float32 accumulation); on CPU tensors under ``TRITON_INTERPRET=1``
+  the Triton kernels run through the interpreter (tests), called directly.
 
-``"auto"`` (the default) picks ``cpp`` where it applies, otherwise ``ztrick`` or ``unfold`` by
-shape, and ``reference`` while tracing for ``torch.compile`` or export. Select with
-:func:`set_backend` or the :func:`use_backend` context manager.
+``"auto"`` (the default) picks the operator where a fused kernel applies: ``cpp`` on CPU when the
+C++ kernel is available, ``triton`` on CUDA when ``nsl._triton.unavailable_reason(device)`` is
+None (otherwise ``ztrick`` or ``unfold`` by shape, with one warning per process saying why). It
+does so under ``torch.compile`` too: the compiled graph calls the operator (no graph break), and
+where no fused kernel applies the compiler gets ``reference``. ``torch.jit.trace`` and ONNX
+export get ``reference``, so an exported model is the reference formula in standard ops (gathers
+of shifted views, einsum/matmul). Select with :func:`set_backend` or the :func:`use_backend`
+context manager.
+
+Non-finite similarity: a zero-padded input entry is a real zero that ``M`` multiplies, so a NaN or
+inf in ``M`` where the padding is read makes that output NaN (IEEE ``0 * NaN``), on every backend,
+as ``F.conv2d`` does with a non-finite weight.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from . import _ops
 
 __all__ = [
     "ns_conv2d",
@@ -54,7 +71,7 @@ __all__ = [
     "BACKENDS",
 ]
 
-BACKENDS = ("auto", "reference", "unfold", "ztrick", "cpp")
+BACKENDS = ("auto", "reference", "unfold", "ztrick", "cpp", "triton")
 
 _state = threading.local()
 _default_backend = "auto"
@@ -227,6 +244,12 @@ def ns_conv2d(input: Tensor, weight: Tensor, similarity: Tensor, bias: Tensor | 
     Returns:
         ``[N, C_out, H_out, W_out]`` (``[C_out, H_out, W_out]`` for unbatched input).
 
+    Dynamic similarity runs on the backend chosen by :func:`use_backend` (module docstring); under
+    autocast everything is computed in the autocast dtype. Padded input entries are zeros that
+    ``M`` multiplies (IEEE): a NaN/inf in ``M`` at a position reading the padding gives NaN in
+    that output and in the weight gradient (``0 * NaN``), like ``F.conv2d`` with a non-finite
+    weight; identical on every backend.
+
     Example::
 
         >>> x = torch.randn(2, 8, 16, 16); w = torch.randn(4, 8, 3, 3)
@@ -303,10 +326,6 @@ def ns_conv2d(input: Tensor, weight: Tensor, similarity: Tensor, bias: Tensor | 
 # --------------------------------------------------------------------------------------------
 # dynamic similarity backends
 # --------------------------------------------------------------------------------------------
-def _tracing() -> bool:
-    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-
-
 def _cpp_available() -> bool:
     try:
         from . import _cpp
@@ -315,13 +334,61 @@ def _cpp_available() -> bool:
     return _cpp.is_available()
 
 
+_triton_warned = False
+
+
+_triton_reasons: dict[str, str | None] = {}
+
+
+def _triton_reason(device: torch.device) -> str | None:
+    """Why the Triton kernels cannot run on ``device`` (None when they can); asked once per CUDA device."""
+    key = str(device)
+    if key not in _triton_reasons or device.type != "cuda":
+        try:
+            from . import _triton
+        except ImportError as e:
+            _triton_reasons[key] = f"nsl._triton could not be imported ({e})"
+        else:
+            _triton_reasons[key] = _triton.unavailable_reason(device)
+    return _triton_reasons[key]
+
+
+@torch.compiler.assume_constant_result
+def _auto_fused(device_type: str, device_index: int, dtype: torch.dtype) -> str:
+    """The fused backend ``auto`` uses on this device and dtype: ``'cpp'``, ``'triton'`` or ``''``.
+
+    Evaluated once per trace under ``torch.compile`` (its result is a constant of the graph). On
+    CUDA without usable Triton kernels it warns once per process, saying why.
+    """
+    global _triton_warned
+    if device_type == "cpu":
+        return "cpp" if dtype in _CPU_FUSED_DTYPES and _cpp_available() else ""
+    if device_type == "cuda" and dtype in (torch.float32, torch.bfloat16, torch.float16):
+        reason = _triton_reason(torch.device("cuda", device_index))
+        if reason is None:
+            return "triton"
+        if not _triton_warned:
+            _triton_warned = True
+            warnings.warn(f"nsl: dynamic similarity on CUDA falls back to the PyTorch 'unfold'/'ztrick' "
+                          f"backends (slower, more memory): the Triton kernels are unavailable: {reason}",
+                          RuntimeWarning, stacklevel=2)
+    return ""
+
+
+# dtypes the C++ kernel serves on CPU (bfloat16/float16 computed in float32, cast back)
+_CPU_FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
 def _choose(backend: str, x: Tensor, weight: Tensor, sim: Tensor) -> str:
     if backend != "auto":
         return backend
-    if _tracing():
-        return "reference"
-    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and _cpp_available():
-        return "cpp"
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return "reference"  # exporters get the explicit formula in standard ops
+    fused = _auto_fused(x.device.type, x.device.index or 0, x.dtype)
+    if fused:
+        return fused
+    if torch.compiler.is_compiling():
+        return "reference"  # plain ops the compiler can fuse
     # The P-times tensor is the columns (P * C_in/groups per output location) for unfold and z
     # (P * C_out/groups per padded input location) for ztrick; mixing with M costs the same ratio.
     in_per_group = weight.shape[1]
@@ -333,18 +400,29 @@ def _choose(backend: str, x: Tensor, weight: Tensor, sim: Tensor) -> str:
 
 def _dynamic(x, weight, sim, stride, pads, dilation, groups, out_size) -> Tensor:
     backend = _choose(get_backend(), x, weight, sim)
-    if backend == "cpp":
-        from . import _cpp
+    if backend in ("cpp", "triton"):
+        if backend == "cpp":
+            if x.device.type != "cpu" or x.dtype not in _CPU_FUSED_DTYPES:
+                raise TypeError(f"the 'cpp' backend runs on CPU float32/float64 (and bfloat16/float16, computed "
+                                f"in float32) tensors, got {x.dtype} on {x.device}; use backend 'auto'")
+            if not _cpp_available():
+                from . import _cpp
 
-        if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"the 'cpp' backend runs on CPU float32/float64 tensors, got {x.dtype} on "
-                            f"{x.device}; use backend 'auto'")
-        if not _cpp.is_available():
-            raise RuntimeError(f"the 'cpp' backend is unavailable: {_cpp.unavailable_reason()}")
+                raise RuntimeError(f"the 'cpp' backend is unavailable: {_cpp.unavailable_reason()}")
+        else:
+            if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                raise TypeError(f"the 'triton' backend runs float32/bfloat16/float16 tensors, got {x.dtype}; use "
+                                f"backend 'auto'")
+            reason = _triton_reason(x.device)
+            if reason is not None:
+                raise RuntimeError(f"the 'triton' backend is unavailable on {x.device}: {reason}")
         if pads[0] != pads[1] or pads[2] != pads[3]:
             x = F.pad(x, (pads[2], pads[3], pads[0], pads[1]))
             pads = (0, 0, 0, 0)
-        return _cpp.dynamic_ns_conv2d(x, weight, sim, stride, (pads[0], pads[2]), dilation, groups)
+        geometry = (list(stride), [pads[0], pads[2]], list(dilation), groups)
+        if backend == "triton" and x.device.type != "cuda":
+            return _ops.triton_dynamic_ns_conv2d(x, weight, sim, *geometry)
+        return torch.ops.nsl.dynamic_ns_conv2d(x, weight, sim, *geometry)
     if any(pads):
         x = F.pad(x, (pads[2], pads[3], pads[0], pads[1]))
     geometry = (weight.shape[2], weight.shape[3], stride, dilation, out_size)
@@ -391,6 +469,56 @@ def _chunks(n: int, per_sample: int) -> list[slice]:
     return [slice(s, min(n, s + step)) for s in range(0, n, step)]
 
 
+def _unfold_forward(xpad: Tensor, weight: Tensor, sim: Tensor, groups: int, geometry) -> Tensor:
+    """The unfold formulation's forward on a padded input: columns per chunk of samples, one matmul."""
+    n = xpad.shape[0]
+    out_c, cg, kh, kw = weight.shape
+    oh, ow = geometry[4]
+    w = weight.reshape(groups, out_c // groups, cg * kh * kw)
+    out = xpad.new_empty(n, out_c, oh, ow)
+    for s in _chunks(n, xpad.shape[1] * kh * kw * oh * ow * (2 if sim.dim() == 5 else 1)):
+        mixed, _ = _chunk_columns(xpad[s], sim[s], groups, geometry)
+        out[s] = torch.matmul(w, mixed).reshape(-1, out_c, oh, ow)
+    return out
+
+
+def _unfold_backward(grad: Tensor, xpad: Tensor, weight: Tensor, sim: Tensor, groups: int, geometry, needs):
+    """``(dxpad, dweight, dsim)`` of :func:`_unfold_forward` (None where ``needs`` is False);
+    rebuilds the columns per chunk instead of keeping them."""
+    need_x, need_w, need_m = needs
+    n = xpad.shape[0]
+    out_c, cg, kh, kw = weight.shape
+    oh, ow = geometry[4]
+    P = kh * kw
+    w = weight.reshape(groups, out_c // groups, cg * P)
+    dx = torch.zeros_like(xpad) if need_x else None
+    dw = torch.zeros_like(w) if need_w else None
+    dm = torch.empty_like(sim) if need_m else None
+    grad = grad.contiguous()
+    for s in _chunks(n, xpad.shape[1] * P * oh * ow * 3):
+        g = grad[s].reshape(-1, groups, out_c // groups, oh * ow)
+        mixed, cols = _chunk_columns(xpad[s], sim[s], groups, geometry)
+        if need_w:
+            dw += torch.matmul(g, mixed.transpose(-1, -2)).sum(0)
+        del mixed
+        if not (need_x or need_m):
+            continue
+        h = torch.matmul(w.transpose(-1, -2), g).reshape(-1, groups, cg, P, oh * ow)
+        m = sim[s].reshape(-1, *sim.shape[1:-2], oh * ow)
+        if need_m:
+            if sim.dim() == 4:
+                dm[s] = (h * cols).sum((1, 2)).reshape(dm[s].shape)
+            else:
+                dm[s] = torch.einsum("ngcpl,ngcql->npql", h, cols).reshape(dm[s].shape)
+        if need_x:
+            dcols = h * m[:, None, None] if sim.dim() == 4 else torch.einsum("npql,ngcpl->ngcql", m, h)
+            dcols = dcols.reshape(-1, xpad.shape[1], P, oh, ow)
+            dxs = dx[s]
+            for q in range(P):
+                _window(dxs, q // kw, q % kw, geometry).add_(dcols[:, :, q])
+    return dx, (dw.reshape(weight.shape) if need_w else None), dm
+
+
 class _UnfoldFn(torch.autograd.Function):
     """Columns per chunk of samples; saves only (x, w, M) and rebuilds columns in backward."""
 
@@ -398,52 +526,13 @@ class _UnfoldFn(torch.autograd.Function):
     def forward(ctx, xpad, weight, sim, groups, geometry):
         ctx.save_for_backward(xpad, weight, sim)
         ctx.groups, ctx.geometry = groups, geometry
-        n = xpad.shape[0]
-        out_c, cg, kh, kw = weight.shape
-        oh, ow = geometry[4]
-        w = weight.reshape(groups, out_c // groups, cg * kh * kw)
-        out = xpad.new_empty(n, out_c, oh, ow)
-        for s in _chunks(n, xpad.shape[1] * kh * kw * oh * ow * (2 if sim.dim() == 5 else 1)):
-            mixed, _ = _chunk_columns(xpad[s], sim[s], groups, geometry)
-            out[s] = torch.matmul(w, mixed).reshape(-1, out_c, oh, ow)
-        return out
+        return _unfold_forward(xpad, weight, sim, groups, geometry)
 
     @staticmethod
     def backward(ctx, grad):
         xpad, weight, sim = ctx.saved_tensors
-        groups, geometry = ctx.groups, ctx.geometry
-        need_x, need_w, need_m = ctx.needs_input_grad[:3]
-        n = xpad.shape[0]
-        out_c, cg, kh, kw = weight.shape
-        oh, ow = geometry[4]
-        P = kh * kw
-        w = weight.reshape(groups, out_c // groups, cg * P)
-        dx = torch.zeros_like(xpad) if need_x else None
-        dw = torch.zeros_like(w) if need_w else None
-        dm = torch.empty_like(sim) if need_m else None
-        grad = grad.contiguous()
-        for s in _chunks(n, xpad.shape[1] * P * oh * ow * 3):
-            g = grad[s].reshape(-1, groups, out_c // groups, oh * ow)
-            mixed, cols = _chunk_columns(xpad[s], sim[s], groups, geometry)
-            if need_w:
-                dw += torch.matmul(g, mixed.transpose(-1, -2)).sum(0)
-            del mixed
-            if not (need_x or need_m):
-                continue
-            h = torch.matmul(w.transpose(-1, -2), g).reshape(-1, groups, cg, P, oh * ow)
-            m = sim[s].reshape(-1, *sim.shape[1:-2], oh * ow)
-            if need_m:
-                if sim.dim() == 4:
-                    dm[s] = (h * cols).sum((1, 2)).reshape(dm[s].shape)
-                else:
-                    dm[s] = torch.einsum("ngcpl,ngcql->npql", h, cols).reshape(dm[s].shape)
-            if need_x:
-                dcols = h * m[:, None, None] if sim.dim() == 4 else torch.einsum("npql,ngcpl->ngcql", m, h)
-                dcols = dcols.reshape(-1, xpad.shape[1], P, oh, ow)
-                dxs = dx[s]
-                for q in range(P):
-                    _window(dxs, q // kw, q % kw, geometry).add_(dcols[:, :, q])
-        return dx, (dw.reshape(weight.shape) if need_w else None), dm, None, None
+        dx, dw, dm = _unfold_backward(grad, xpad, weight, sim, ctx.groups, ctx.geometry, ctx.needs_input_grad[:3])
+        return dx, dw, dm, None, None
 
 
 def _chunk_columns(xpad, sim, groups, geometry):

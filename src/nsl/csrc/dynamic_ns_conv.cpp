@@ -11,7 +11,9 @@
 // With col[c, q](y) = x[c, y_h sh + dh i - ph, y_w sw + dw j - pw] (zero outside the image):
 //   diagonal: out[o](y) = sum_{c in group(o), q} W[o, c, q] m[q](y) col[c, q](y)
 //   full:     out[o](y) = sum_{c, p} W[o, c, p] sum_q M[p, q](y) col[c, q](y)
-// m = 1 (M = I) gives exactly F.conv2d; no bias.
+// m = 1 (M = I) gives exactly F.conv2d; no bias. A padded column entry is a real zero that m or
+// M multiplies (IEEE: a NaN or inf in m at a padded position makes that output NaN, as on every
+// other backend and in F.conv2d with a non-finite weight).
 //
 // Strategy (see docs/fast-dynamic.md): never materialise the P-times column tensor of a whole
 // batch. Each image is cut into tiles of T consecutive output locations (flattened y) sized so
@@ -283,6 +285,27 @@ NSL_INLINE void zero_border_cols(const Geom& g, const Tile& tl, int64_t j, scala
   }
 }
 
+// Padded entries of a modulated row: m * 0 (IEEE, like every other backend and F.conv2d: a
+// non-finite m at a zero-padded position gives NaN, not 0). pad_fill: d[t] = m[t] * 0 on
+// [lo, hi); pad_border_cols: the same on the border columns of kernel column j (shift path).
+template <typename scalar_t>
+NSL_INLINE void pad_fill(const scalar_t* __restrict m, scalar_t* __restrict d, int64_t lo,
+                         int64_t hi) {
+  for (int64_t t = lo; t < hi; ++t) d[t] = m[t] * scalar_t(0);
+}
+
+template <typename scalar_t>
+NSL_INLINE void pad_border_cols(const Geom& g, const Tile& tl, int64_t j, const scalar_t* m,
+                                scalar_t* d) {
+  const int64_t xlo = g.xlo[j], xhi = g.xhi[j];
+  if (xlo == 0 && xhi == g.Wo) return;
+  for (const Segment& s : tl.segs) {
+    const int64_t base = s.off - s.x0;  // tile offset of output column 0 of this segment
+    pad_fill(m + base, d + base, s.x0, std::min(xlo, s.x1));
+    pad_fill(m + base, d + base, std::max(xhi, s.x0), s.x1);
+  }
+}
+
 // ------------------------------------------------------------------------------------------
 // Column tiles, one row (c, q = i * kw + j) at a time
 // ------------------------------------------------------------------------------------------
@@ -295,13 +318,16 @@ NSL_INLINE void build_row(const Geom& g, const Tile& tl, int64_t i, int64_t j,
                           scalar_t* __restrict d) {
   if (g.shift_path) {
     const Bulk b = bulk_range(g, tl, i, j);
-    for (int64_t t = 0; t < b.lo; ++t) d[t] = 0;
     const scalar_t* __restrict src = xc + tl.t0 + b.shift;
     if (m) {
+      pad_fill(m, d, 0, b.lo);
       for (int64_t t = b.lo; t < b.hi; ++t) d[t] = m[t] * src[t];
-    } else if (b.hi > b.lo) {
-      std::memcpy(d + b.lo, src + b.lo, (b.hi - b.lo) * sizeof(scalar_t));
+      pad_fill(m, d, b.hi, tl.len);
+      pad_border_cols(g, tl, j, m, d);
+      return;
     }
+    for (int64_t t = 0; t < b.lo; ++t) d[t] = 0;
+    if (b.hi > b.lo) std::memcpy(d + b.lo, src + b.lo, (b.hi - b.lo) * sizeof(scalar_t));
     for (int64_t t = b.hi; t < tl.len; ++t) d[t] = 0;
     zero_border_cols(g, tl, j, d);
     return;
@@ -309,18 +335,27 @@ NSL_INLINE void build_row(const Geom& g, const Tile& tl, int64_t i, int64_t j,
   const int64_t xlo = g.xlo[j], xhi = g.xhi[j], coff = g.dw * j - g.pw, sw = g.sw;
   for (const Segment& s : tl.segs) {
     scalar_t* __restrict r = d + s.off - s.x0;  // indexed by output column x
+    const scalar_t* __restrict mr = m ? m + s.off - s.x0 : nullptr;
     const int64_t ih = s.yh * g.sh + g.dh * i - g.ph;
     if (ih < 0 || ih >= g.H) {
-      for (int64_t x = s.x0; x < s.x1; ++x) r[x] = 0;
+      if (m) {
+        pad_fill(mr, r, s.x0, s.x1);
+      } else {
+        for (int64_t x = s.x0; x < s.x1; ++x) r[x] = 0;
+      }
       continue;
     }
     const int64_t lo = std::min(std::max(xlo, s.x0), s.x1);
     const int64_t hi = std::max(std::min(xhi, s.x1), lo);
-    for (int64_t x = s.x0; x < lo; ++x) r[x] = 0;
-    for (int64_t x = hi; x < s.x1; ++x) r[x] = 0;
+    if (m) {
+      pad_fill(mr, r, s.x0, lo);
+      pad_fill(mr, r, hi, s.x1);
+    } else {
+      for (int64_t x = s.x0; x < lo; ++x) r[x] = 0;
+      for (int64_t x = hi; x < s.x1; ++x) r[x] = 0;
+    }
     const scalar_t* __restrict src = xc + ih * g.W + coff;  // indexed by x * sw
     if (m) {
-      const scalar_t* __restrict mr = m + s.off - s.x0;
       if (sw == 1) {
         for (int64_t x = lo; x < hi; ++x) r[x] = mr[x] * src[x];
       } else {
@@ -619,10 +654,10 @@ NSL_INLINE void diag_bwd_row_shift(const Geom& g, const Tile& tl, int64_t i, int
     case 7: diag_bwd_bulk<scalar_t, true, true, true>(src, m, h, dm, cr, dx, b.lo, b.hi); break;
     default: break;
   }
-  if (cr) {
-    for (int64_t t = 0; t < b.lo; ++t) cr[t] = 0;
-    for (int64_t t = b.hi; t < tl.len; ++t) cr[t] = 0;
-    zero_border_cols(g, tl, j, cr);
+  if (cr) {  // the forward's modulated row: m * 0 where the column is padding
+    pad_fill(m, cr, 0, b.lo);
+    pad_fill(m, cr, b.hi, tl.len);
+    pad_border_cols(g, tl, j, m, cr);
   }
 }
 

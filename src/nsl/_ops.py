@@ -1,0 +1,305 @@
+"""Dynamic neural similarity convolution as registered PyTorch operators (``torch.ops.nsl``).
+
+Two operators, defined with :func:`torch.library.custom_op`::
+
+    nsl::dynamic_ns_conv2d(Tensor x, Tensor weight, Tensor sim, SymInt[] stride, SymInt[] padding,
+                           SymInt[] dilation, SymInt groups) -> Tensor
+    nsl::dynamic_ns_conv2d_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor sim,
+                                    SymInt[] stride, SymInt[] padding, SymInt[] dilation,
+                                    SymInt groups, bool need_dx, bool need_dweight, bool need_dsim)
+        -> (Tensor, Tensor, Tensor)
+
+Shapes (``P = kh * kw``, positions row-major ``q = i * kw + j`` with offset ``(i, j)``; padding
+symmetric, ``(ph, pw)``)::
+
+    x      [N, C_in, H, W]
+    weight [C_out, C_in / groups, kh, kw]
+    sim    [N, P, H_out, W_out]  (diagonal m)   or   [N, P, P, H_out, W_out]  (full M)
+    out    [N, C_out, H_out, W_out],  H_out = (H + 2 ph - dh (kh - 1) - 1) // sh + 1
+
+    out[n, o](y) = sum_{c in group(o), p, q} W[o, c, p] M[n, p, q](y) x[n, c, y * s + d * (i_q, j_q) - pad]
+
+(diagonal: ``M = diag(m)``; zero padding). The backward returns ``(dx, dweight, dsim)``; a gradient
+not asked for is an empty tensor (``numel() == 0``; custom ops cannot return ``None``).
+
+What runs where:
+
+* CPU, float32/float64: the fused C++ kernel (:mod:`nsl._cpp`); CPU bfloat16/float16: the same
+  kernel in float32, results cast back to the input dtype (it has no low-precision path). Where the
+  C++ kernel is unavailable (no compiler, ``NSL_DISABLE_CPP=1``): the PyTorch ``unfold`` math.
+* CUDA, float32/bfloat16/float16: the Triton kernels of :mod:`nsl._triton` (imported on first use)
+  when ``_triton.unavailable_reason(device)`` is None; otherwise (and for float64) ``unfold`` math.
+* Any other device: the ``unfold`` math (memory-lean: saves only x, w and M).
+* Fake/meta tensors (``torch.compile``, ``torch.export``, shape propagation): shape-only kernels.
+
+Autograd: ``register_autograd`` saves only ``x``, ``weight`` and ``sim`` and calls the backward
+operator; first order only: the backward operator has no derivative of its own, so double
+backward through it raises.
+
+Autocast (``torch.autocast`` on CUDA or CPU): floating inputs other than float64 are cast to the
+autocast dtype and the operator runs in it, so the output has the autocast dtype (unlike
+``torchvision.ops.deform_conv2d``, which computes in float32). On CUDA the Triton kernels then
+run in bfloat16/float16 with float32 accumulation; on CPU the C++ kernel computes in float32 and
+casts its results to the autocast dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["dynamic_ns_conv2d", "dynamic_ns_conv2d_backward", "triton_dynamic_ns_conv2d", "cpu_kernel",
+           "cuda_kernel"]
+
+_CPP_DTYPES = (torch.float32, torch.float64)
+_CPP_CASTS = (torch.bfloat16, torch.float16)
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _geometry(x: Tensor, weight: Tensor, stride, padding, dilation):
+    kh, kw = weight.shape[2], weight.shape[3]
+    oh = (x.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (x.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return kh, kw, oh, ow
+
+
+def _cpp_ready() -> bool:
+    from . import _cpp
+
+    return _cpp.is_available()
+
+
+def cpu_kernel(dtype: torch.dtype) -> str:
+    """The kernel the CPU implementation uses for ``dtype``: ``'cpp'``, ``'cpp-float32'`` or ``'unfold'``."""
+    if dtype in _CPP_DTYPES + _CPP_CASTS and _cpp_ready():
+        return "cpp" if dtype in _CPP_DTYPES else "cpp-float32"
+    return "unfold"
+
+
+def cuda_kernel(device: torch.device, dtype: torch.dtype) -> str:
+    """The kernel the CUDA implementation uses: ``'triton'`` or ``'unfold'``."""
+    if dtype not in _TRITON_DTYPES:
+        return "unfold"
+    try:
+        from . import _triton
+    except ImportError:
+        return "unfold"
+    return "triton" if _triton.unavailable_reason(device) is None else "unfold"
+
+
+# --------------------------------------------------------------------------------------------
+# the PyTorch math (unfold formulation), used where no fused kernel applies
+# --------------------------------------------------------------------------------------------
+def _torch_forward(x, weight, sim, stride, padding, dilation, groups) -> Tensor:
+    from .functional import _unfold_forward
+
+    kh, kw, oh, ow = _geometry(x, weight, stride, padding, dilation)
+    xpad = F.pad(x, (padding[1], padding[1], padding[0], padding[0])) if any(padding) else x
+    return _unfold_forward(xpad, weight, sim, groups, (kh, kw, tuple(stride), tuple(dilation), (oh, ow)))
+
+
+def _torch_backward(grad, x, weight, sim, stride, padding, dilation, groups, needs):
+    from .functional import _unfold_backward
+
+    kh, kw, oh, ow = _geometry(x, weight, stride, padding, dilation)
+    ph, pw = padding
+    xpad = F.pad(x, (pw, pw, ph, ph)) if any(padding) else x
+    dx, dw, dsim = _unfold_backward(grad, xpad, weight, sim, groups,
+                                    (kh, kw, tuple(stride), tuple(dilation), (oh, ow)), needs)
+    if dx is not None and any(padding):
+        dx = dx[:, :, ph: ph + x.shape[2], pw: pw + x.shape[3]].contiguous()
+    return dx, dw, dsim
+
+
+# --------------------------------------------------------------------------------------------
+# the operators
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("nsl::dynamic_ns_conv2d", mutates_args=())
+def dynamic_ns_conv2d(x: Tensor, weight: Tensor, sim: Tensor, stride: Sequence[int], padding: Sequence[int],
+                      dilation: Sequence[int], groups: int) -> Tensor:
+    """``out[n, o](y) = sum_{c, p, q} W[o, c, p] M[n, p, q](y) x[n, c, y * s + d * offset(q) - pad]``
+    (see the module docstring for shapes); this default implementation (devices without a fused
+    kernel) runs the PyTorch ``unfold`` math."""
+    return _torch_forward(x, weight, sim, list(stride), list(padding), list(dilation), groups)
+
+
+@torch.library.custom_op("nsl::dynamic_ns_conv2d_backward", mutates_args=())
+def dynamic_ns_conv2d_backward(grad_out: Tensor, x: Tensor, weight: Tensor, sim: Tensor, stride: Sequence[int],
+                               padding: Sequence[int], dilation: Sequence[int], groups: int, need_dx: bool,
+                               need_dweight: bool, need_dsim: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dweight, dsim)`` of :func:`dynamic_ns_conv2d` for ``grad_out = dL/dout``; a gradient
+    not asked for is an empty tensor. Default implementation: the PyTorch ``unfold`` math."""
+    grads = _torch_backward(grad_out.contiguous(), x, weight, sim, list(stride), list(padding), list(dilation),
+                            groups, (need_dx, need_dweight, need_dsim))
+    return _fill(grads, x)
+
+
+def _fill(grads, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Replace the gradients not computed (None) by empty tensors (an operator cannot return None)."""
+    return tuple(x.new_empty(0) if g is None else g for g in grads)
+
+
+# ---- CPU: the fused C++ kernel -------------------------------------------------------------
+@dynamic_ns_conv2d.register_kernel("cpu")
+def _forward_cpu(x, weight, sim, stride, padding, dilation, groups):
+    kernel = cpu_kernel(x.dtype)
+    if kernel == "unfold":
+        return _torch_forward(x, weight, sim, list(stride), list(padding), list(dilation), groups)
+    from . import _cpp
+
+    dtype = x.dtype
+    if kernel == "cpp-float32":
+        x, weight, sim = x.float(), weight.float(), sim.float()
+    out = _cpp._ext().forward(x.contiguous(), weight.contiguous(), sim.contiguous(), list(stride), list(padding),
+                              list(dilation), groups)
+    return out.to(dtype)
+
+
+@dynamic_ns_conv2d_backward.register_kernel("cpu")
+def _backward_cpu(grad_out, x, weight, sim, stride, padding, dilation, groups, need_dx, need_dweight, need_dsim):
+    needs = (need_dx, need_dweight, need_dsim)
+    kernel = cpu_kernel(x.dtype)
+    if kernel == "unfold":
+        return _fill(_torch_backward(grad_out.contiguous(), x, weight, sim, list(stride), list(padding),
+                                     list(dilation), groups, needs), x)
+    from . import _cpp
+
+    dtypes = (x.dtype, weight.dtype, sim.dtype)
+    tensors = (grad_out, x, weight, sim)
+    if kernel == "cpp-float32":
+        tensors = tuple(t.float() for t in tensors)
+    grads = _cpp._ext().backward(*(t.contiguous() for t in tensors), list(stride), list(padding), list(dilation),
+                                 groups, *needs)
+    return _fill([None if g is None else g.to(d) for g, d in zip(grads, dtypes)], x)
+
+
+# ---- CUDA: the Triton kernels --------------------------------------------------------------
+@dynamic_ns_conv2d.register_kernel("cuda")
+def _forward_cuda(x, weight, sim, stride, padding, dilation, groups):
+    if cuda_kernel(x.device, x.dtype) == "unfold":
+        return _torch_forward(x, weight, sim, list(stride), list(padding), list(dilation), groups)
+    from . import _triton
+
+    return _triton.forward(x.contiguous(), weight.contiguous(), sim.contiguous(), tuple(stride), tuple(padding),
+                           tuple(dilation), groups)
+
+
+@dynamic_ns_conv2d_backward.register_kernel("cuda")
+def _backward_cuda(grad_out, x, weight, sim, stride, padding, dilation, groups, need_dx, need_dweight, need_dsim):
+    needs = (need_dx, need_dweight, need_dsim)
+    if cuda_kernel(x.device, x.dtype) == "unfold":
+        return _fill(_torch_backward(grad_out.contiguous(), x, weight, sim, list(stride), list(padding),
+                                     list(dilation), groups, needs), x)
+    from . import _triton
+
+    grads = _triton.backward(grad_out.contiguous(), x.contiguous(), weight.contiguous(), sim.contiguous(),
+                             tuple(stride), tuple(padding), tuple(dilation), groups, *needs)
+    return _fill(grads, x)
+
+
+# ---- shapes (FakeTensor / meta) ------------------------------------------------------------
+def _check_shapes(x, weight, sim, stride, padding, dilation, groups):
+    torch._check(x.dim() == 4 and weight.dim() == 4, lambda: "x and weight must be 4-D")
+    torch._check(len(stride) == 2 and len(padding) == 2 and len(dilation) == 2,
+                 lambda: "stride, padding and dilation must have two entries")
+    kh, kw, oh, ow = _geometry(x, weight, stride, padding, dilation)
+    torch._check(x.shape[1] == weight.shape[1] * groups, lambda: "x.size(1) must be weight.size(1) * groups")
+    P = kh * kw
+    n = x.shape[0]
+    expected = [n, P, oh, ow] if sim.dim() == 4 else [n, P, P, oh, ow]
+    torch._check(sim.dim() in (4, 5) and list(sim.shape) == expected,
+                 lambda: f"sim has shape {list(sim.shape)}; expected {expected}")
+    torch._check(x.dtype == weight.dtype == sim.dtype, lambda: "x, weight and sim must share a dtype")
+    return oh, ow
+
+
+@dynamic_ns_conv2d.register_fake
+def _forward_fake(x, weight, sim, stride, padding, dilation, groups):
+    oh, ow = _check_shapes(x, weight, sim, stride, padding, dilation, groups)
+    return x.new_empty(x.shape[0], weight.shape[0], oh, ow)
+
+
+@dynamic_ns_conv2d_backward.register_fake
+def _backward_fake(grad_out, x, weight, sim, stride, padding, dilation, groups, need_dx, need_dweight, need_dsim):
+    _check_shapes(x, weight, sim, stride, padding, dilation, groups)
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) if need else t.new_empty(0)
+                 for t, need in ((x, need_dx), (weight, need_dweight), (sim, need_dsim)))
+
+
+# ---- autograd ------------------------------------------------------------------------------
+def _setup_context(ctx, inputs, output):
+    x, weight, sim, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(x, weight, sim)
+    ctx.geometry = (list(stride), list(padding), list(dilation), groups)
+
+
+def _backward(ctx, grad_out):
+    x, weight, sim = ctx.saved_tensors
+    needs = ctx.needs_input_grad[:3]
+    if not any(needs):
+        return None, None, None, None, None, None, None
+    grads = torch.ops.nsl.dynamic_ns_conv2d_backward(grad_out, x, weight, sim, *ctx.geometry, *needs)
+    return (*(g if need else None for g, need in zip(grads, needs)), None, None, None, None)
+
+
+dynamic_ns_conv2d.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- autocast ------------------------------------------------------------------------------
+def _register_autocast(device_type: str) -> None:
+    """Under ``torch.autocast(device_type)``: cast floating inputs (not float64) to the autocast
+    dtype in force at call time, then run the operator with autocast off."""
+    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+    op = torch.ops.nsl.dynamic_ns_conv2d.default
+
+    def kernel(_keyset, x, weight, sim, stride, padding, dilation, groups):
+        dtype = torch.get_autocast_dtype(device_type)
+
+        def cast(t):
+            return t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
+
+        with torch._C._ExcludeDispatchKeyGuard(keyset):
+            return op(cast(x), cast(weight), cast(sim), stride, padding, dilation, groups)
+
+    _AUTOCAST_LIB.impl("dynamic_ns_conv2d", kernel, key, with_keyset=True)
+
+
+_AUTOCAST_LIB = torch.library.Library("nsl", "FRAGMENT")
+for _device in ("cpu", "cuda"):
+    _register_autocast(_device)
+
+
+# --------------------------------------------------------------------------------------------
+# Triton on CPU tensors (TRITON_INTERPRET=1): not the registered op, whose CPU kernel is the C++ one
+# --------------------------------------------------------------------------------------------
+class _TritonFn(torch.autograd.Function):
+    """Autograd glue calling :mod:`nsl._triton` directly (saves only x, weight and sim); used by the
+    ``'triton'`` backend on CPU tensors under the Triton interpreter, and equal to the operator."""
+
+    @staticmethod
+    def forward(ctx, x, weight, sim, stride, padding, dilation, groups):
+        from . import _triton
+
+        ctx.save_for_backward(x, weight, sim)
+        ctx.geometry = (stride, padding, dilation, groups)
+        return _triton.forward(x, weight, sim, stride, padding, dilation, groups)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        from . import _triton
+
+        x, weight, sim = ctx.saved_tensors
+        grads = _triton.backward(grad_out.contiguous(), x, weight, sim, *ctx.geometry, *ctx.needs_input_grad[:3])
+        return (*grads, None, None, None, None)
+
+
+def triton_dynamic_ns_conv2d(x: Tensor, weight: Tensor, sim: Tensor, stride, padding, dilation, groups: int) -> Tensor:
+    """:func:`dynamic_ns_conv2d` computed by the Triton kernels on any device they run on (CUDA, or CPU
+    tensors under ``TRITON_INTERPRET=1``), bypassing the operator's per-device dispatch."""
+    return _TritonFn.apply(x.contiguous(), weight.contiguous(), sim.contiguous(), tuple(stride), tuple(padding),
+                           tuple(dilation), int(groups))
