@@ -1,4 +1,5 @@
-"""The ``nsl`` command line: ``demo``, ``train``, ``eval``, ``report``, ``viz`` and ``fewshot train|eval``."""
+"""The ``nsl`` command line: ``demo``, ``train``, ``eval``, ``download``, ``export``, ``report``, ``viz`` and
+``fewshot train|eval``."""
 
 from __future__ import annotations
 
@@ -35,6 +36,164 @@ def _error(command: str, message: str, code: int = 2) -> int:
     return _cli_error(command, message, code)
 
 
+# -- nsl download / --download -------------------------------------------------------------------
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def _fetch_dataset(dataset: str, data_dir: str | None, progress: bool) -> None:
+    """``--download``: fetch ``dataset`` into ``data_dir`` unless it is there (``nsl.data.download.ensure_dataset``)."""
+    from .data.download import NO_FILES, ensure_dataset
+    from .data.errors import DatasetError
+
+    if str(dataset).lower().replace("_", "-") in NO_FILES:
+        return
+    if data_dir is None:
+        raise ValueError(f"--download needs --data-dir DIR, the folder to download {dataset} into")
+    try:
+        ensure_dataset(dataset, data_dir, progress=progress, echo=_stderr)
+    except DatasetError:
+        raise
+    except ValueError as e:
+        raise ValueError(f"--download: {e}") from None
+    except OSError as e:
+        raise DatasetError(f"--download: cannot write into --data-dir {data_dir}: {e.strerror or e}") from None
+
+
+def with_download(train):
+    """``train(cfg, resume)`` that first downloads ``cfg.dataset`` into ``cfg.data_dir`` when it is not
+    there (``--download`` of ``nsl train`` and ``nsl fewshot train``)."""
+    def run(cfg, resume: bool = False, **kw):
+        _fetch_dataset(cfg.dataset, cfg.data_dir, bool(getattr(cfg, "progress", True)))
+        return train(cfg, resume=resume, **kw)
+
+    return run
+
+
+def _download_list() -> None:
+    from .data.download import NO_FILES, PROVIDERS, SOURCES
+
+    print("datasets `nsl download NAME DIR` fetches (official archives, checksums verified):")
+    for name, src in SOURCES.items():
+        size = f"~{src.size_mb} MB" if src.size_mb else ""
+        print(f"  {name:<16} {src.title:<52} {size:>8}  -> DIR/{src.target}/")
+    made = sorted(k for k in PROVIDERS if k not in SOURCES)
+    for k in made:
+        print(f"  {k:<16} made from {PROVIDERS[k][0]} (`nsl download {k} DIR` fetches {PROVIDERS[k][0]})")
+    print(f"no download needed: {', '.join(NO_FILES)} (bundled with scikit-learn); not downloadable: imagefolder, "
+          "mini-imagenet (place their files yourself)")
+
+
+def _download(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .data.download import PROVIDERS, SOURCES, download, find_downloaded, resolve_name
+    from .data.errors import DatasetError
+
+    if args.list or args.name is None:
+        _download_list()
+        return 0
+    try:
+        key = resolve_name(args.name)
+    except ValueError as e:
+        return _error("download", str(e))
+    if args.dir is None:
+        return _error("download", f"expected DIR, the folder to download {args.name} into "
+                                  f"(e.g. nsl download {args.name} data)")
+    root = Path(args.dir).expanduser()
+    if root.exists() and not root.is_dir():
+        return _error("download", f"DIR {root} is a file; expected a folder to download into")
+    src = SOURCES[key]
+    title = src.title or key
+    asked = args.name.lower().replace("_", "-")
+    if asked in PROVIDERS and asked not in SOURCES:
+        print(f"{args.name} is made from {key}: fetching {key}")
+    found = None if args.force else find_downloaded(asked if asked in PROVIDERS else key, root)
+    if found is not None:
+        print(f"{title} is already in {found}: nothing downloaded (--force downloads it again)")
+        return 0
+    size = f", about {src.size_mb} MB" if src.size_mb else ""
+    print(f"downloading {title}{size} into {root}")
+    try:
+        dest = download(key, root, force=args.force, progress=args.progress, timeout=args.timeout)
+    except (DatasetError, ValueError) as e:
+        return _error("download", str(e))
+    except OSError as e:
+        return _error("download", f"cannot write into DIR {root}: {e.strerror or e}")
+    except KeyboardInterrupt:
+        return _error("download", f"interrupted; nothing was kept in {root}", 130)
+    print(f"{title}: checksums verified, extracted to {dest}")
+    return 0
+
+
+# -- nsl export ----------------------------------------------------------------------------------
+def _export(args: argparse.Namespace) -> int:
+    import json
+
+    from .export import ExportError, export_onnx
+    from .train import CheckpointError
+
+    try:
+        res = export_onnx(args.checkpoint, args.out, fold=args.fold, opset=args.opset, input_size=args.input_size,
+                          batch=args.batch, check=args.check, atol=args.atol, rtol=args.rtol)
+    except (CheckpointError, ExportError, ValueError) as e:
+        return _error("export", str(e))
+    except OSError as e:
+        return _error("export", f"cannot write --out {args.out}: {e.strerror or e}")
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    n, *chw = res["input_shape"]
+    folded = f", {res['folded_static_layers']} static NSL layer(s) folded" if args.fold else ""
+    ops = f", operators: {', '.join(res['onnx_ops'])}" if res["onnx_ops"] is not None else ""
+    print(f"exported the {res['what']}{folded} to {res['out']}: input [N, {', '.join(map(str, chw))}] (N dynamic) "
+          f"-> output [N, {', '.join(map(str, res['output_shape'][1:]))}], opset {res['opset']}{ops}")
+    if res["checked"]:
+        print(f"onnxruntime check: max |onnx - torch| = {res['max_abs_diff']:.2e} (tolerance {res['tolerance']:.2e}) "
+              f"on a random batch of {n}")
+    elif args.check:
+        print("onnxruntime is not installed: the exported graph was not checked (pip install onnxruntime)")
+    return 0
+
+
+def _add_download_export_parsers(sub) -> None:
+    d = sub.add_parser("download", help="download a dataset into a folder (checksummed; --list lists them)",
+                       description="Download a dataset's official files into DIR, verify their published "
+                                   "checksums and extract them atomically (a temporary folder in DIR, then a "
+                                   "rename). A dataset already in DIR is not downloaded again. Without NAME (or "
+                                   "with --list): list the datasets.")
+    d.add_argument("name", nargs="?", metavar="NAME", help="dataset (see --list)")
+    d.add_argument("dir", nargs="?", metavar="DIR", help="data folder (created if needed), later --data-dir")
+    d.add_argument("--list", action="store_true", help="list the datasets that can be downloaded")
+    d.add_argument("--force", action="store_true", help="download again even if the dataset is present")
+    d.add_argument("--timeout", type=float, default=60.0, help="network timeout in seconds (default 60)")
+    d.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    d.set_defaults(func=_download)
+
+    x = sub.add_parser("export", help="export a trained model to ONNX (checked with onnxruntime)",
+                       description="Export the model of a checkpoint to ONNX with torch.onnx. A checkpoint of nsl "
+                                   "train exports the classifier (input [N, C, H, W] normalised as in training, "
+                                   "output logits); a checkpoint of nsl fewshot train exports its embedding "
+                                   "backbone (output embeddings [N, D]; the few-shot head is not exported). "
+                                   "--fold first folds static NSL layers into plain convolutions; dynamic NSL "
+                                   "layers export through their reference formula (standard ONNX operators). "
+                                   "The file is written atomically; when onnxruntime is installed the graph is "
+                                   "checked against PyTorch on a random input first.")
+    x.add_argument("--checkpoint", required=True, help="checkpoint file (RUN_DIR/checkpoints/best.pt or last.pt)")
+    x.add_argument("--out", required=True, help="the .onnx file to write (its folder must exist)")
+    x.add_argument("--fold", action="store_true", help="fold static NSL layers into plain convolutions first")
+    x.add_argument("--opset", type=positive_int, help="ONNX opset version (default: torch.onnx's)")
+    x.add_argument("--input-size", dest="input_size", nargs=2, type=positive_int, metavar=("H", "W"),
+                   help="image size of the example input (default: the training size)")
+    x.add_argument("--batch", type=positive_int, default=2, help="batch of the check input (default 2; the "
+                   "exported batch dimension is dynamic)")
+    x.add_argument("--no-check", dest="check", action="store_false", help="skip the onnxruntime comparison")
+    x.add_argument("--atol", type=float, default=1e-4, help="check tolerance: atol + rtol * max|output| (1e-4)")
+    x.add_argument("--rtol", type=float, default=1e-4, help="(default 1e-4)")
+    x.add_argument("--json", action="store_true", help="print the result as JSON")
+    x.set_defaults(func=_export)
+
+
 def _train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, apply_overrides, make_config
     from .train import train as run_train
@@ -44,7 +203,8 @@ def _train(args: argparse.Namespace) -> int:
         given["iters"] = None  # --epochs replaces the protocol's iteration count
     # an earlier --stop-at does not carry over to the continuation
     return run_training("train", args, given, TrainConfig, lambda: make_config(args.protocol, **given),
-                        apply_overrides, run_train, on_resume={"stop_at": 0})
+                        apply_overrides, with_download(run_train) if args.download else run_train,
+                        on_resume={"stop_at": 0}, check_data_dir=not args.download)
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -109,6 +269,8 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.pt")
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="hide the progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON at the end")
+    p.add_argument("--download", action="store_true", help="download the dataset into --data-dir first if it is "
+                   "not there (as nsl download NAME DIR)")
     p.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="test accuracy of a training checkpoint (optionally folded)",
@@ -137,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     demo.set_defaults(func=_demo)
     _add_train_parser(sub)
+    _add_download_export_parsers(sub)
     from .fewshot.cli import add_parser as _add_fewshot_parser
 
     _add_fewshot_parser(sub)

@@ -128,8 +128,10 @@ def _layout_description(spec: _Spec, root: Path) -> str:
 
 
 def _how_to_get(spec: _Spec, root: Path) -> str:
-    return (f"To get it: run `nsl.data.download.download({spec.name!r}, {str(root)!r})` (fetches "
-            f"{spec.url} and checks its published md5), or torchvision.datasets.{spec.torchvision}"
+    return (f"To get it: run `nsl download {spec.name} {root}` or add --download to nsl train or nsl fewshot "
+            f"train (fetches "
+            f"{spec.url} and checks its published md5; from Python: `nsl.data.download.download({spec.name!r}, "
+            f"{str(root)!r})`), or torchvision.datasets.{spec.torchvision}"
             f"({str(root)!r}, download=True), or download that archive by hand and extract it into "
             f"{root}.")
 

@@ -143,8 +143,9 @@ def _how_to_get(variant: str, root: Path | None) -> str:
     r = str(root) if root is not None else "ROOT"
     extra = (" On Debian/Ubuntu, `apt-get install dataset-fashion-mnist` installs the files under "
              f"{DEBIAN_FASHION_MNIST}." if variant == "fashion-mnist" else "")
-    return (f"To get it: run `nsl.data.download.download({variant!r}, {r!r})` (fetches the four .gz "
-            f"files from {v['url']} into {r}/{v['tv_folder']}/raw and checks their md5), or "
+    return (f"To get it: run `nsl download {variant} {r}` or add --download to nsl train (fetches the four "
+            f".gz files from {v['url']} into {r}/{v['tv_folder']}/raw and checks their md5; from Python: "
+            f"`nsl.data.download.download({variant!r}, {r!r})`), or "
             f"torchvision.datasets.{v['torchvision']}({r!r}, download=True).{extra}")
 
 

@@ -21,12 +21,14 @@ def _error(command: str, message: str, code: int = 2) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from ..cli import with_download
     from .train import FewShotConfig, apply_fewshot_overrides, train_fewshot
 
     given = {k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k) is not None}
     return run_training("fewshot train", args, given, FewShotConfig,
                         lambda: FewShotConfig.from_dict({**FewShotConfig().to_dict(), **given}),
-                        apply_fewshot_overrides, train_fewshot, check_data_dir=False)
+                        apply_fewshot_overrides, with_download(train_fewshot) if args.download else train_fewshot,
+                        check_data_dir=False)
 
 
 def _line(res: dict) -> str:
@@ -120,6 +122,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    "(a larger --episodes extends it)")
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="hide the progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON at the end")
+    p.add_argument("--download", action="store_true", help="download the dataset into --data-dir first if it is "
+                   "not there (CIFAR-FS and FC100: CIFAR-100; as nsl download NAME DIR)")
     p.set_defaults(func=_train)
 
     e = fsub.add_parser("eval", help="mean accuracy and 95%% CI over fixed-seed episodes",

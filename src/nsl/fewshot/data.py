@@ -276,7 +276,8 @@ _OMNIGLOT_LAYOUT = (
     "expected {where}/images_{split}/ holding either one folder per character with its PNG drawings "
     "(cNNNN/NN.png, as shared/data/materialize.py writes) or the official tree "
     "<Alphabet>/characterNN/*.png (from images_{split}.zip of github.com/brendenlake/omniglot); "
-    "root may be that folder or its parent holding omniglot/ or omniglot-py/")
+    "root may be that folder or its parent holding omniglot/ or omniglot-py/. To get it: run `nsl download "
+    "omniglot {where}` or add --download to nsl fewshot train")
 
 
 def _omniglot_dir(root: Path, subset: str) -> Path:
