@@ -217,14 +217,23 @@ def test_in_small_cnn_trains_and_compiles():
 # ---------------------------------------------------------------------------------------------
 def test_bad_inputs():
     block = GlobalSimilarity2d(8)
-    with pytest.raises(ValueError, match=r"expected 8 input channels, got 6"):
+    with pytest.raises(ValueError, match=r"expected 8 input channels, got input of shape \[1, 6, 4, 4\]"):
         block(torch.randn(1, 6, 4, 4))
-    with pytest.raises(ValueError, match=r"expected a 4-D input \[N, C, H, W\], got shape \[8, 4, 4\]"):
-        block(torch.randn(8, 4, 4))
-    with pytest.raises(ValueError, match=r"4-D input"):
+    with pytest.raises(ValueError, match=r"expected input of shape \[N, C, H, W\] or unbatched \[C, H, W\], got "
+                                         r"shape \[1, 8, 4, 4, 1\]"):
         block.attention(torch.randn(1, 8, 4, 4, 1))
-    with pytest.raises(TypeError, match="expected a Tensor"):
+    with pytest.raises(TypeError, match="expected a torch.Tensor input, got list"):
         block([1.0, 2.0])
+
+
+def test_unbatched_input_is_a_batch_of_one():
+    torch.manual_seed(0)
+    block = GlobalSimilarity2d(8)
+    with torch.no_grad():
+        block.gamma.fill_(0.5)
+    x = torch.randn(8, 4, 4)
+    torch.testing.assert_close(block(x), block(x[None])[0])
+    assert block.attention(x).shape == (16, 16)
 
 
 @pytest.mark.parametrize("kwargs, message", [

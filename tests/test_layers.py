@@ -376,7 +376,7 @@ def test_layer_bad_arguments():
         nsl.NSConv2d(3, 4, 3, similarity_groups=2)
     with pytest.raises(ValueError, match="unknown similarity_init 'eye'"):
         nsl.NSConv2d(3, 4, 3, similarity_init="eye")
-    with pytest.raises(ValueError, match="expects 3 input channels, got input of shape \\[1, 5, 6, 6\\]"):
+    with pytest.raises(ValueError, match="expected 3 input channels, got input of shape \\[1, 5, 6, 6\\]"):
         nsl.DynamicNSConv2d(3, 4, 3)(torch.randn(1, 5, 6, 6))
     with pytest.raises(ValueError, match="unknown similarity 'lowrank' for a dynamic layer"):
         nsl.convert(nn.Conv2d(3, 4, 3), "lowrank", dynamic=True)

@@ -9,13 +9,14 @@
     net = build_backbone("resnet12", layer="static-full")             # [N, 3, H, W] -> [N, 640]
 
 A backbone maps images ``[N, C, H, W]`` to embeddings ``[N, D]``; ``net.embedding_dim(image_size)``
-gives ``D`` without running it. The layer kinds are those of the training toolkit
-(:data:`nsl.models.LAYER_KINDS`: ``conv``, ``static-diagonal``, ``static-full``, ``dynamic-diagonal``,
-``dynamic-full``, ``dynamic-diagonal-cosine``, ``dynamic-filter``), built with
-:func:`nsl.models.make_conv`; 1x1 convolutions (ResNet-12 shortcuts) stay plain ``nn.Conv2d``, since a
+gives ``D`` without running it. The layer kinds are those of the table
+:data:`nsl.layers.LAYER_KINDS` (``conv``, ``static-*``, ``dynamic-*``, ``dynamic-filter``), built with
+:func:`nsl.layers.make_conv`; 1x1 convolutions (ResNet-12 shortcuts) stay plain ``nn.Conv2d``, since a
 1x1 kernel has a single position and its similarity ``M`` would be a scalar. With ``paper=False``
 (the default) every NSL layer starts exactly as its plain convolution, so all kinds share the
-baseline's function at initialisation.
+baseline's function at initialisation. ``predictor_width`` and ``share_predictor`` (kinds with a
+predictor) set the predictors' hidden channels and share one predictor between the layers of equal
+input channels (Conv-4: the whole backbone is one stage, so blocks 2-4 share; ResNet-12: each block).
 """
 
 from __future__ import annotations
@@ -25,9 +26,15 @@ from collections.abc import Callable, Sequence
 import torch.nn as nn
 from torch import Tensor
 
-from nsl.models.layers import LAYER_KINDS, check_layer_kind, make_conv
+from nsl.layers.kinds import SharedPredictors, layer_kind, make_conv, predictor_scope
 
 __all__ = ["BACKBONES", "Conv4", "Conv4Block", "ResNet12", "ResNet12Block", "build_backbone"]
+
+
+def _shared(layer: str, share_predictor: bool) -> dict[str, SharedPredictors]:
+    """``{'shared': scope}`` for one stage when sharing predictors, else ``{}``."""
+    scope = predictor_scope(layer, share_predictor)
+    return {} if scope is None else {"shared": scope}
 
 
 def _side(image_size: int | Sequence[int]) -> tuple[int, int]:
@@ -65,21 +72,23 @@ class Conv4(nn.Module):
     ``64*2*2 = 256``; Omniglot's 28x28 gives 28 -> 14 -> 7 -> 3 -> 1, ``D = 64``).
 
     Args:
-        layer: layer kind of the four 3x3 convs (:data:`nsl.models.LAYER_KINDS`).
+        layer: layer kind of the four 3x3 convs (:data:`nsl.layers.LAYER_KINDS`).
         in_channels: input channels (3 for colour images, 1 for Omniglot).
         width: channels of every block (64 in the paper).
         paper: the authors' NSL initialisations (see :func:`nsl.models.make_conv`).
         bn_eps: batch-norm epsilon.
-        **kw: passed to every NSL layer (e.g. ``hidden_channels``).
+        share_predictor: blocks 2-4 (equal input channels) share one predictor (kinds with a predictor).
+        **kw: passed to every NSL layer through :func:`nsl.layers.make_conv` (e.g. ``predictor_width``).
     """
 
     def __init__(self, layer: str = "conv", in_channels: int = 3, width: int = 64, paper: bool = False,
-                 bn_eps: float = 1e-5, **kw):
+                 bn_eps: float = 1e-5, share_predictor: bool = False, **kw):
         super().__init__()
-        check_layer_kind(layer)
+        layer = layer_kind(layer).name
         self.layer = layer
         self.width = width
         chans = [in_channels] + [width] * 4
+        kw.update(_shared(layer, share_predictor))
         self.blocks = nn.Sequential(*[Conv4Block(layer, chans[i], chans[i + 1], paper=paper, bn_eps=bn_eps, **kw)
                                       for i in range(4)])
 
@@ -144,25 +153,29 @@ class ResNet12(nn.Module):
     recipes, is not included.
 
     Args:
-        layer: layer kind of the twelve 3x3 convs (:data:`nsl.models.LAYER_KINDS`).
+        layer: layer kind of the twelve 3x3 convs (:data:`nsl.layers.LAYER_KINDS`).
         in_channels: input channels.
         widths: channels of the four blocks.
         paper, bn_eps: as :class:`Conv4`.
         negative_slope: leaky-ReLU slope.
-        **kw: passed to every NSL layer.
+        share_predictor: in each block, ``conv2`` and ``conv3`` (equal input channels) share one
+            predictor (kinds with a predictor).
+        **kw: passed to every NSL layer through :func:`nsl.layers.make_conv` (e.g. ``predictor_width``).
     """
 
     def __init__(self, layer: str = "conv", in_channels: int = 3, widths: Sequence[int] = (64, 160, 320, 640),
-                 paper: bool = False, bn_eps: float = 1e-5, negative_slope: float = 0.1, **kw):
+                 paper: bool = False, bn_eps: float = 1e-5, negative_slope: float = 0.1,
+                 share_predictor: bool = False, **kw):
         super().__init__()
-        check_layer_kind(layer)
+        layer = layer_kind(layer).name
         if len(widths) != 4:
             raise ValueError(f"resnet12 needs 4 block widths, got {len(widths)}")
         self.layer = layer
         self.widths = tuple(int(w) for w in widths)
         chans = [in_channels, *self.widths]
         self.blocks = nn.Sequential(*[ResNet12Block(layer, chans[i], chans[i + 1], paper=paper, bn_eps=bn_eps,
-                                                    negative_slope=negative_slope, **kw) for i in range(4)])
+                                                    negative_slope=negative_slope,
+                                                    **_shared(layer, share_predictor), **kw) for i in range(4)])
         self.pool = nn.AdaptiveAvgPool2d(1)
 
     def embedding_dim(self, image_size: int | Sequence[int] | None = None) -> int:
@@ -188,10 +201,11 @@ def build_backbone(name: str, layer: str = "conv", in_channels: int = 3, **kw) -
 
     Args:
         name: one of :data:`BACKBONES` (``conv4``, ``resnet12``).
-        layer: one of :data:`nsl.models.LAYER_KINDS`.
+        layer: one of :data:`nsl.layers.LAYER_KINDS`.
         in_channels: input channels (1 for Omniglot).
         **kw: ``paper``, ``bn_eps``, ``width`` (conv4), ``widths`` and ``negative_slope`` (resnet12),
-            and keyword arguments of the NSL layers (e.g. ``hidden_channels``).
+            ``predictor_width`` and ``share_predictor`` (kinds with a predictor), and keyword arguments
+            of the NSL layers.
 
     Returns:
         An ``nn.Module`` mapping ``[N, in_channels, H, W]`` to embeddings ``[N, D]``, with a method
@@ -202,6 +216,5 @@ def build_backbone(name: str, layer: str = "conv", in_channels: int = 3, **kw) -
     """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; valid backbones: {', '.join(BACKBONES)}")
-    if layer not in LAYER_KINDS:
-        raise ValueError(f"unknown layer kind {layer!r}; valid kinds: {', '.join(LAYER_KINDS)}")
+    layer_kind(layer)
     return BACKBONES[name](layer=layer, in_channels=in_channels, **kw)

@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._checks import batched_input, check_positive_int
 from .sphere import SphereConv2d
 
 __all__ = ["GlobalSimilarity2d"]
@@ -71,7 +72,7 @@ class GlobalSimilarity2d(nn.Module):
     ``value.weight`` ``[C_v, C, 1, 1]`` (plus biases if ``bias``), ``gamma`` ``[]``
     (and ``out_proj.weight`` ``[C, C_v, 1, 1]``).
 
-    Shapes: input ``[N, C, H, W]`` -> output ``[N, C, H, W]``.
+    Shapes: input ``[N, C, H, W]`` (or unbatched ``[C, H, W]``) -> output of the same shape.
 
     Example::
 
@@ -86,19 +87,18 @@ class GlobalSimilarity2d(nn.Module):
                  eps: float = 1e-4, device=None, dtype=None):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
-        if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:
-            raise ValueError(f"GlobalSimilarity2d: channels must be a positive int, got {channels!r}")
+        name = type(self).__name__
+        check_positive_int(name, "channels", channels)
         if qk_channels is None:
             qk_channels = max(1, channels // 8)
         if value_channels is None:
             value_channels = channels
-        for name, value in (("qk_channels", qk_channels), ("value_channels", value_channels)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"GlobalSimilarity2d: {name} must be a positive int, got {value!r}")
-        if not scale > 0:
-            raise ValueError(f"GlobalSimilarity2d: scale must be positive, got {scale!r}")
-        if eps <= 0:
-            raise ValueError(f"GlobalSimilarity2d: eps must be positive, got {eps!r}")
+        check_positive_int(name, "qk_channels", qk_channels)
+        check_positive_int(name, "value_channels", value_channels)
+        if not (isinstance(scale, (int, float)) and scale > 0):
+            raise ValueError(f"{name}: scale must be positive, got {scale!r}")
+        if not (isinstance(eps, (int, float)) and eps > 0):
+            raise ValueError(f"{name}: eps must be positive, got {eps!r}")
         self.channels = channels
         self.qk_channels = qk_channels
         self.value_channels = value_channels
@@ -128,14 +128,8 @@ class GlobalSimilarity2d(nn.Module):
         with torch.no_grad():
             self.gamma.zero_()
 
-    def _check(self, input: Tensor) -> None:
-        if not isinstance(input, Tensor):
-            raise TypeError(f"GlobalSimilarity2d: expected a Tensor, got {type(input).__name__}")
-        if input.dim() != 4:
-            raise ValueError(f"GlobalSimilarity2d: expected a 4-D input [N, C, H, W], got shape {list(input.shape)}")
-        if input.shape[1] != self.channels:
-            raise ValueError(f"GlobalSimilarity2d: expected {self.channels} input channels, got "
-                             f"{input.shape[1]} (input shape {list(input.shape)})")
+    def _check(self, input: Tensor) -> tuple[Tensor, bool]:
+        return batched_input(type(self).__name__, input, self.channels, self.gamma.dtype)
 
     def _qkv(self, input: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Queries, keys ``[N, L, d]`` and values ``[N, L, C_v]``."""
@@ -147,13 +141,17 @@ class GlobalSimilarity2d(nn.Module):
         return (q.flatten(2).transpose(1, 2), k.flatten(2).transpose(1, 2), v.flatten(2).transpose(1, 2))
 
     def attention(self, input: Tensor) -> Tensor:
-        """The softmax attention ``a(i, j)`` as ``[N, L, L]`` (``L = H * W``, row-major; rows ``i`` sum to 1)."""
-        self._check(input)
+        """The softmax attention ``a(i, j)`` as ``[N, L, L]`` (``L = H * W``, row-major; rows ``i`` sum to 1).
+
+        An unbatched input ``[C, H, W]`` gives ``[L, L]``.
+        """
+        input, unbatched = self._check(input)
         q, k, _ = self._qkv(input)
-        return torch.softmax(self.scale * (q @ k.transpose(1, 2)), dim=-1)
+        a = torch.softmax(self.scale * (q @ k.transpose(1, 2)), dim=-1)
+        return a.squeeze(0) if unbatched else a
 
     def forward(self, input: Tensor) -> Tensor:
-        self._check(input)
+        input, unbatched = self._check(input)
         n, c, h, w = input.shape
         q, k, v = self._qkv(input)
         # [N, 1, L, d] "one head" layout for the fused kernel; softmax over keys j.
@@ -161,7 +159,8 @@ class GlobalSimilarity2d(nn.Module):
         o = o.squeeze(1).transpose(1, 2).reshape(n, self.value_channels, h, w)
         if self.out_proj is not None:
             o = self.out_proj(o)
-        return input + self.gamma * o
+        out = input + self.gamma * o
+        return out.squeeze(0) if unbatched else out
 
     def extra_repr(self) -> str:
         s = f"{self.channels}, qk_channels={self.qk_channels}, value_channels={self.value_channels}"

@@ -10,14 +10,38 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..functional import ns_conv2d
+from ._checks import batched_input, check_conv_args, check_positive_int
 from .sphere import SphereConv2d
 
-__all__ = ["DynamicNSConv2d", "SimilarityPredictor", "LightPredictor", "DYNAMIC_SIMILARITIES", "PREDICTORS"]
+__all__ = ["DynamicNSConv2d", "SimilarityPredictor", "LightPredictor", "DYNAMIC_SIMILARITIES", "PREDICTORS",
+           "check_predictor_init", "check_shared_predictor"]
 
 DYNAMIC_SIMILARITIES = ("diagonal", "full")
 PREDICTORS = ("sphere", "cosine", "light")
 _INITS = ("zero", "authors")
 _BN_EPS = 1e-3  # the authors' TensorFlow batch-norm epsilon
+
+
+def check_predictor_init(owner: str, init) -> None:
+    """Raise ``ValueError`` unless ``init`` is a predictor initialisation (``'zero'`` or ``'authors'``)."""
+    if init not in _INITS:
+        raise ValueError(f"{owner}: unknown predictor_init {init!r}; expected one of {', '.join(_INITS)}")
+
+
+def check_shared_predictor(owner: str, predictor) -> None:
+    """Raise ``TypeError`` unless ``predictor`` (a module given to share) is an ``nn.Module``."""
+    if not isinstance(predictor, nn.Module):
+        raise TypeError(f"{owner}: predictor must be a predictor name or an nn.Module, got {type(predictor).__name__}")
+
+
+def _check_predictor_args(owner: str, in_channels, kernel_size, stride, padding, dilation, similarity,
+                          hidden_channels, init) -> None:
+    check_conv_args(owner, in_channels, 1, kernel_size, stride, padding, dilation)
+    if similarity not in DYNAMIC_SIMILARITIES:
+        raise ValueError(f"{owner}: unknown similarity {similarity!r}; expected one of "
+                         f"{', '.join(DYNAMIC_SIMILARITIES)}")
+    check_positive_int(owner, "hidden_channels", hidden_channels, allow_none=True)
+    check_predictor_init(owner, init)
 
 
 def _he_normal_(weight: Tensor, scale: float) -> None:
@@ -53,13 +77,18 @@ class SimilarityPredictor(nn.Module):
                  init: str = "zero", device=None, dtype=None):
         super().__init__()
         if kind not in ("sphere", "cosine"):
-            raise ValueError(f"unknown predictor kind {kind!r}; expected 'sphere' or 'cosine'")
+            raise ValueError(f"SimilarityPredictor: unknown predictor kind {kind!r}; expected 'sphere' or 'cosine'")
+        _check_predictor_args(type(self).__name__, in_channels, kernel_size, stride, padding, dilation, similarity,
+                              hidden_channels, init)
         factory = {"device": device, "dtype": dtype}
         kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
         P = kh * kw
         out = P if similarity == "diagonal" else P * P
-        hidden = hidden_channels or (64 if similarity == "diagonal" else 128)
+        if hidden_channels is None:
+            hidden_channels = 64 if similarity == "diagonal" else 128
+        hidden = hidden_channels
         use_bn = similarity == "diagonal" or kind == "cosine"
+        self.in_channels, self.hidden_channels = in_channels, hidden
         self.kind, self.similarity, self.init = kind, similarity, init
         self.conv1 = SphereConv2d(in_channels, hidden, 3, padding=1, bias=not use_bn, **factory)
         self.bn1 = nn.BatchNorm2d(hidden, eps=_BN_EPS, **factory) if use_bn else nn.Identity()
@@ -89,7 +118,9 @@ class SimilarityPredictor(nn.Module):
                 self.conv2.weight.zero_()
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        x, unbatched = batched_input(type(self).__name__, x, self.in_channels, self.conv1.weight.dtype)
+        g = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return g.squeeze(0) if unbatched else g
 
 
 class LightPredictor(nn.Module):
@@ -105,15 +136,20 @@ class LightPredictor(nn.Module):
     Shapes: ``x [N, C_in, H, W]`` -> ``g [N, P or P*P, H_out, W_out]``.
     """
 
+    kind = "light"
+
     def __init__(self, in_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  similarity: str = "diagonal", hidden_channels: int | None = None, init: str = "zero",
                  device=None, dtype=None):
         super().__init__()
+        _check_predictor_args(type(self).__name__, in_channels, kernel_size, stride, padding, dilation, similarity,
+                              hidden_channels, init)
         factory = {"device": device, "dtype": dtype}
         kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
         P = kh * kw
         out = P if similarity == "diagonal" else P * P
-        hidden = hidden_channels or 16
+        hidden = 16 if hidden_channels is None else hidden_channels
+        self.in_channels, self.hidden_channels = in_channels, hidden
         self.similarity, self.init = similarity, init
         self.dw = nn.Conv2d(in_channels, in_channels, (kh, kw), stride, padding, dilation, groups=in_channels,
                             bias=False, **factory)
@@ -136,7 +172,9 @@ class LightPredictor(nn.Module):
             _he_normal_(self.out.weight, 0.001)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.out(F.relu(self.bn1(self.pw(F.relu(self.bn0(self.dw(x)))))))
+        x, unbatched = batched_input(type(self).__name__, x, self.in_channels, self.dw.weight.dtype)
+        g = self.out(F.relu(self.bn1(self.pw(F.relu(self.bn0(self.dw(x)))))))
+        return g.squeeze(0) if unbatched else g
 
 
 class DynamicNSConv2d(nn.Conv2d):
@@ -170,29 +208,44 @@ class DynamicNSConv2d(nn.Conv2d):
             ``M'(y) = M(y) diag(D)``, so a removed input position stays removed.
         record_similarity: when ``True``, ``forward`` stores ``M(y)`` of the last call in
             ``last_similarity`` (``[N, P, H_out, W_out]`` or ``[N, P, P, H_out, W_out]``, detached).
+        weight_transform: ``None`` or a module ``T`` with ``W -> T(W)`` (same shape): the layer
+            computes with ``T(W)`` in place of ``W`` (set by :func:`nsl.convert` for ``nn.Conv2d``
+            subclasses that transform their weight, e.g. weight standardisation).
+        input_padding: ``None`` or a module padding the input before the predictor and the
+            convolution (set by :func:`nsl.convert` for TensorFlow-style dynamic 'same' padding).
 
-    Shapes: input ``[N, C_in, H, W]`` -> output ``[N, C_out, H_out, W_out]``.
+    Shapes: input ``[N, C_in, H, W]`` (or unbatched ``[C_in, H, W]``) -> output
+    ``[N, C_out, H_out, W_out]`` (``[C_out, H_out, W_out]``). The input must have the parameters'
+    dtype (outside autocast): a float64 input to a float32 layer is a ``TypeError`` naming both.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", similarity: str = "diagonal",
                  predictor: str | nn.Module = "sphere", predictor_init: str = "zero",
                  hidden_channels: int | None = None, device=None, dtype=None):
+        name = type(self).__name__
+        check_conv_args(name, in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
         if similarity not in DYNAMIC_SIMILARITIES:
-            raise ValueError(f"unknown similarity {similarity!r} for a dynamic layer; expected one of "
+            raise ValueError(f"{name}: unknown similarity {similarity!r} for a dynamic layer; expected one of "
                              f"{', '.join(DYNAMIC_SIMILARITIES)}")
-        if predictor_init not in _INITS:
-            raise ValueError(f"unknown predictor_init {predictor_init!r}; expected one of {', '.join(_INITS)}")
+        check_predictor_init(name, predictor_init)
+        check_positive_int(name, "hidden_channels", hidden_channels, allow_none=True)
         if not isinstance(predictor, nn.Module) and predictor not in PREDICTORS:
-            raise ValueError(f"unknown predictor {predictor!r}; expected one of {', '.join(PREDICTORS)} "
+            raise ValueError(f"{name}: unknown predictor {predictor!r}; expected one of {', '.join(PREDICTORS)} "
                              "or an nn.Module")
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, device=device, dtype=dtype)
         self.similarity_kind = similarity
-        self.predictor_name = predictor if isinstance(predictor, str) else type(predictor).__name__
+        if isinstance(predictor, str):
+            self.predictor_name = predictor
+        else:  # a shared built-in predictor keeps its name ('sphere', 'cosine', 'light')
+            kind = getattr(predictor, "kind", None)
+            self.predictor_name = kind if kind in PREDICTORS else type(predictor).__name__
         self.predictor_init = predictor_init
         self.record_similarity = False
         self.kernel_gate: nn.Module | None = None
+        self.weight_transform: nn.Module | None = None
+        self.input_padding: nn.Module | None = None
         self.last_similarity: Tensor | None = None
         if isinstance(predictor, nn.Module):
             self.predictor = predictor
@@ -220,15 +273,20 @@ class DynamicNSConv2d(nn.Conv2d):
         eye = torch.eye(P, device=g.device, dtype=g.dtype).view(1, P, P, 1, 1)
         return g.view(g.shape[0], P, P, *g.shape[2:]) + eye
 
+    def base_weight(self) -> Tensor:
+        """The weight ``M`` acts on: ``weight``, or ``weight_transform(weight)`` when a transform is attached.
+
+        :func:`nsl.convert` attaches the weight transform of a converted ``nn.Conv2d`` subclass (e.g. the
+        weight standardisation of ``StdConv2d``), so that the layer keeps computing what it computed.
+        """
+        return self.weight if self.weight_transform is None else self.weight_transform(self.weight)
+
     def forward(self, input: Tensor) -> Tensor:
-        if input.dim() != 4:
-            raise ValueError(f"{type(self).__name__} expects input of shape [N, C_in, H, W], got "
-                             f"{list(input.shape)}")
-        if input.shape[1] != self.in_channels:
-            raise ValueError(f"{type(self).__name__} expects {self.in_channels} input channels, got input of "
-                             f"shape {list(input.shape)}")
+        input, unbatched = batched_input(type(self).__name__, input, self.in_channels, self.weight.dtype)
+        if self.input_padding is not None:  # e.g. TensorFlow 'same' padding computed from the input size
+            input = self.input_padding(input)
         sim = self.similarity_from(input)
-        weight = self.weight
+        weight = self.base_weight()
         if self.kernel_gate is not None:
             d = self.kernel_gate()
             P = sim.shape[1]
@@ -245,7 +303,8 @@ class DynamicNSConv2d(nn.Conv2d):
         if self.padding_mode != "zeros":
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
-        return ns_conv2d(input, weight, sim, self.bias, self.stride, padding, self.dilation, self.groups)
+        out = ns_conv2d(input, weight, sim, self.bias, self.stride, padding, self.dilation, self.groups)
+        return out.squeeze(0) if unbatched else out
 
     def extra_repr(self) -> str:
         s = super().extra_repr() + f", similarity={self.similarity_kind!r}, predictor={self.predictor_name!r}"

@@ -9,6 +9,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..functional import static_weight
+from ._checks import batched_input, check_conv_args, check_positive_int
 
 __all__ = ["NSConv2d", "STATIC_SIMILARITIES", "apply_kernel_gate"]
 
@@ -67,8 +68,15 @@ class NSConv2d(nn.Conv2d):
     Attributes:
         kernel_gate: ``None`` or a module returning the kernel shape ``D`` (``[P]`` or
             ``[C_out, P]``, see :mod:`nsl.shape`), applied after ``M``: ``W' = (W M) * D``.
+        weight_transform: ``None`` or a module ``T`` with ``W -> T(W)`` (same shape), applied before
+            ``M``: ``W' = (T(W) M) * D`` (set by :func:`nsl.convert` for ``nn.Conv2d`` subclasses that
+            transform their weight, e.g. weight standardisation).
+        input_padding: ``None`` or a module padding the input before the convolution (set by
+            :func:`nsl.convert` for TensorFlow-style dynamic 'same' padding).
 
-    Shapes: input ``[N, C_in, H, W]`` -> output ``[N, C_out, H_out, W_out]`` (``F.conv2d``'s sizes).
+    Shapes: input ``[N, C_in, H, W]`` (or unbatched ``[C_in, H, W]``) -> output
+    ``[N, C_out, H_out, W_out]`` (``F.conv2d``'s sizes). The input must have the parameters' dtype
+    (outside autocast): a float64 input to a float32 layer is a ``TypeError`` naming both.
 
     Example::
 
@@ -81,18 +89,20 @@ class NSConv2d(nn.Conv2d):
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", similarity: str = "full",
                  similarity_init: str = "identity", similarity_groups: int = 1, rank: int = 2,
                  device=None, dtype=None):
+        name = type(self).__name__
+        check_conv_args(name, in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
         if similarity not in STATIC_SIMILARITIES:
-            raise ValueError(f"unknown similarity {similarity!r}; expected one of "
+            raise ValueError(f"{name}: unknown similarity {similarity!r}; expected one of "
                              f"{', '.join(STATIC_SIMILARITIES)}")
         if similarity_init not in _INITS:
-            raise ValueError(f"unknown similarity_init {similarity_init!r}; expected one of {', '.join(_INITS)}")
-        if not isinstance(similarity_groups, int) or similarity_groups < 1:
-            raise ValueError(f"similarity_groups must be a positive int, got {similarity_groups!r}")
-        if in_channels % groups == 0 and (in_channels // groups) % similarity_groups:
-            raise ValueError(f"similarity_groups = {similarity_groups} must divide the input channels per "
+            raise ValueError(f"{name}: unknown similarity_init {similarity_init!r}; expected one of "
+                             f"{', '.join(_INITS)}")
+        check_positive_int(name, "similarity_groups", similarity_groups)
+        if (in_channels // groups) % similarity_groups:
+            raise ValueError(f"{name}: similarity_groups = {similarity_groups} must divide the input channels per "
                              f"group, in_channels / groups = {in_channels // groups}")
-        if similarity == "lowrank" and (not isinstance(rank, int) or rank < 1):
-            raise ValueError(f"rank must be a positive int, got {rank!r}")
+        if similarity == "lowrank":
+            check_positive_int(name, "rank", rank)
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, device=device, dtype=dtype)
         self.similarity_init = similarity_init
@@ -109,6 +119,8 @@ class NSConv2d(nn.Conv2d):
             self.similarity_u = nn.Parameter(torch.empty(*lead, P, rank, **factory))
             self.similarity_v = nn.Parameter(torch.empty(*lead, P, rank, **factory))
         self.kernel_gate: nn.Module | None = None
+        self.weight_transform: nn.Module | None = None
+        self.input_padding: nn.Module | None = None
         self.similarity_kind = similarity  # set last: reset_parameters re-initialises M once it exists
         self.reset_similarity()
 
@@ -153,24 +165,34 @@ class NSConv2d(nn.Conv2d):
         return eye + u @ self.similarity_v.transpose(-1, -2)
 
     def effective_weight(self) -> Tensor:
-        """The folded weight ``W'[o, c, q] = sum_p W[o, c, p] M_{s(c)}[p, q] * D[o, q]``.
+        """The folded weight ``W'[o, c, q] = sum_p T(W)[o, c, p] M_{s(c)}[p, q] * D[o, q]``.
 
         Shape ``[C_out, C_in/groups, kh, kw]``. ``D`` is the kernel shape of an attached
         ``kernel_gate`` (``[P]`` per layer or ``[C_out, P]`` per filter), applied after ``M`` so that
-        a removed position stays removed; without a gate ``D = 1``.
+        a removed position stays removed; without a gate ``D = 1``. ``T`` is the attached
+        ``weight_transform`` (the identity without one).
         """
         return apply_kernel_gate(self._similar_weight(), self.kernel_gate)
 
+    def base_weight(self) -> Tensor:
+        """The weight ``M`` acts on: ``weight``, or ``weight_transform(weight)`` when a transform is attached.
+
+        :func:`nsl.convert` attaches the weight transform of a converted ``nn.Conv2d`` subclass (e.g. the
+        weight standardisation of ``StdConv2d``), so that the layer keeps computing what it computed.
+        """
+        return self.weight if self.weight_transform is None else self.weight_transform(self.weight)
+
     def _similar_weight(self) -> Tensor:
         kind = self.similarity_kind
+        weight = self.base_weight()
         if kind == "identity":
-            return self.weight
+            return weight
         S = self.similarity_groups
         if S == 1:
             sim = self.similarity if kind in ("diagonal", "full") else self.similarity_matrix()
-            return static_weight(self.weight, sim)
-        o, c, kh, kw = self.weight.shape
-        w = self.weight.reshape(o, S, c // S, kh * kw)
+            return static_weight(weight, sim)
+        o, c, kh, kw = weight.shape
+        w = weight.reshape(o, S, c // S, kh * kw)
         if kind == "diagonal":
             w = w * self.similarity[None, :, None, :]
         else:
@@ -178,7 +200,11 @@ class NSConv2d(nn.Conv2d):
         return w.reshape(o, c, kh, kw)
 
     def forward(self, input: Tensor) -> Tensor:
-        return self._conv_forward(input, self.effective_weight(), self.bias)
+        input, unbatched = batched_input(type(self).__name__, input, self.in_channels, self.weight.dtype)
+        if self.input_padding is not None:  # e.g. TensorFlow 'same' padding computed from the input size
+            input = self.input_padding(input)
+        out = self._conv_forward(input, self.effective_weight(), self.bias)
+        return out.squeeze(0) if unbatched else out
 
     def extra_repr(self) -> str:
         s = super().extra_repr() + f", similarity={self.similarity_kind!r}"

@@ -7,7 +7,8 @@
 Names: ``cnn9`` (the authors' CIFAR network), ``resnet20``, ``resnet32``, ``resnet56`` (CIFAR
 ResNets), ``resnet18``, ``resnet50`` (ImageNet-shaped, torchvision layout), ``sphere-attention`` (the
 authors' global-neural-similarity CIFAR model, :class:`SphereAttentionNet`; layer ``conv`` only, see
-:data:`MODEL_LAYERS`). Layer kinds: see :data:`LAYER_KINDS` and :mod:`nsl.models.layers`.
+:data:`MODEL_LAYERS`). Layer kinds: the table :data:`nsl.layers.LAYER_KINDS` (re-exported here as
+:data:`LAYER_KINDS`), see :mod:`nsl.layers.kinds`.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import torch.nn as nn
 
 from .attention_net import SPHERE_ATTENTION_LAYERS, SphereAttentionNet
 from .cnn9 import CNN9, ConvBNReLU
-from .layers import LAYER_KINDS, DynamicFilterConv2d, check_layer_kind, make_conv
+from .layers import LAYER_KINDS, DynamicFilterConv2d, check_layer_kind, layer_kind, make_conv
 from .resnet import BasicBlock, Bottleneck, CifarResNet, ResNet
 
-__all__ = ["MODELS", "LAYER_KINDS", "build_model", "make_conv", "check_layer_kind", "DynamicFilterConv2d", "CNN9",
+__all__ = ["MODELS", "LAYER_KINDS", "build_model", "make_conv", "check_layer_kind", "layer_kind", "DynamicFilterConv2d",
+           "CNN9",
            "ConvBNReLU", "CifarResNet", "ResNet", "BasicBlock", "Bottleneck", "count_parameters", "SphereAttentionNet",
            "MODEL_LAYERS"]
 
@@ -58,7 +60,8 @@ MODELS = {
 MODEL_LAYERS: dict[str, tuple[str, ...]] = {"sphere-attention": SPHERE_ATTENTION_LAYERS}
 
 
-def build_model(name: str, layer: str = "conv", num_classes: int = 10, in_channels: int = 3, **kw) -> nn.Module:
+def build_model(name: str, layer: str = "conv", num_classes: int = 10, in_channels: int = 3, *,
+                predictor_width: int | None = None, share_predictor: bool = False, **kw) -> nn.Module:
     """Build model ``name`` with its NSL convolutions of kind ``layer``.
 
     Args:
@@ -66,6 +69,10 @@ def build_model(name: str, layer: str = "conv", num_classes: int = 10, in_channe
             ``resnet50``, ``sphere-attention``).
         layer: one of :data:`LAYER_KINDS` (``sphere-attention``: ``conv`` only, meaning its cosine convs).
         num_classes, in_channels: classifier outputs and input channels.
+        predictor_width: hidden channels of the NSL layers' predictors (kinds with a predictor;
+            ``None``: the predictor's default, 64 / 128 for sphere and cosine, 16 for light).
+        share_predictor: one predictor per stage of the model for the layers of equal input
+            channels and geometry (the paper's shared parametrisation; kinds with a predictor).
         **kw: ``paper`` (the authors' inits of ``M`` and predictors), ``bn_eps``, ``image_size``
             (cnn9, sphere-attention: input side, default 32), ``raw_input`` (sphere-attention: apply the
             authors' ``(x - 127.5) / 128``), ``width`` (cnn9, CIFAR ResNets), ``zero_init_residual``
@@ -77,8 +84,15 @@ def build_model(name: str, layer: str = "conv", num_classes: int = 10, in_channe
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
-    check_layer_kind(layer)
-    return MODELS[name](layer, num_classes, in_channels, **kw)
+    kind = layer_kind(layer)
+    if predictor_width is not None or share_predictor:
+        if kind.predictor is None:
+            option = "predictor_width" if predictor_width is not None else "share_predictor"
+            raise ValueError(f"{option} applies to layer kinds with a predictor ("
+                             f"{', '.join(n for n, k in LAYER_KINDS.items() if k.predictor is not None)}), "
+                             f"got {kind.name!r}")
+        kw.update(predictor_width=predictor_width, share_predictor=share_predictor)
+    return MODELS[name](kind.name, num_classes, in_channels, **kw)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,152 +1,21 @@
-"""Layer kinds of the model zoo: one factory, :func:`make_conv`, and the dynamic-filter layer.
+"""Layer kinds of the model zoo (kept for compatibility: the table lives in :mod:`nsl.layers.kinds`).
 
-Kinds (the ``layer`` argument of :func:`nsl.models.build_model`):
-
-==========================  ==========================================================================
-``conv``                    ``nn.Conv2d``: the baseline
-``static-diagonal``         :class:`nsl.NSConv2d`, ``similarity='diagonal'`` (learned kernel shape)
-``static-full``             :class:`nsl.NSConv2d`, ``similarity='full'``
-``dynamic-diagonal``        :class:`nsl.DynamicNSConv2d`, diagonal ``M(y)``, the authors' sphere predictor
-``dynamic-full``            :class:`nsl.DynamicNSConv2d`, full ``M(y)``, sphere predictor
-``dynamic-diagonal-cosine`` :class:`nsl.DynamicNSConv2d`, diagonal ``M(y)``, cosine predictor (the
-                            authors' best CIFAR model)
-``dynamic-filter``          :class:`DynamicFilterConv2d`: a dynamic filter network layer (Jia et al. 2016)
-==========================  ==========================================================================
-
-``paper=True`` selects the authors' initialisations (``similarity_init='authors'``,
-``predictor_init='authors'``); otherwise every NSL layer starts exactly as its plain convolution.
+``from nsl.models.layers import make_conv, LAYER_KINDS, check_layer_kind, DynamicFilterConv2d`` keeps
+working; :data:`LAYER_KINDS` maps each kind's name to its :class:`~nsl.layers.LayerKind`.
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from torch import Tensor
+from ..layers.dynamic_filter import DynamicFilterConv2d
+from ..layers.kinds import (
+    LAYER_KINDS,
+    LayerKind,
+    SharedPredictors,
+    check_layer_kind,
+    layer_kind,
+    make_conv,
+    predictor_scope,
+)
 
-from ..layers import DynamicNSConv2d, NSConv2d, SimilarityPredictor
-
-__all__ = ["LAYER_KINDS", "DynamicFilterConv2d", "make_conv", "check_layer_kind"]
-
-LAYER_KINDS = ("conv", "static-diagonal", "static-full", "dynamic-diagonal", "dynamic-full",
-               "dynamic-diagonal-cosine", "dynamic-filter")
-
-
-def check_layer_kind(kind: str) -> str:
-    """Return ``kind`` if it is a known layer kind, else raise ValueError listing the valid ones."""
-    if kind not in LAYER_KINDS:
-        raise ValueError(f"unknown layer kind {kind!r}; valid kinds: {', '.join(LAYER_KINDS)}")
-    return kind
-
-
-class DynamicFilterConv2d(nn.Conv2d):
-    """A convolution plus a dynamic filter predicted at every output location (Jia et al., NeurIPS 2016).
-
-    Dynamic filter networks generate filters from the input, per location. Generating a whole
-    ``C_out x C_in x k x k`` filter per location is far too costly, so, as in Jia et al.'s dynamic
-    local filtering layer, the predictor produces one ``k x k`` spatial filter ``f(y)`` per location
-    (``P = k*k`` numbers), shared by all channels, and a learned ``1 x 1`` mixing ``A [C_out, C_in]``
-    spreads it over the channels. The effective filter at location ``y`` is the static filter plus a
-    per-location rank-one term::
-
-        W(y)[o, c, p] = W[o, c, p] + A[o, c] * f(y)[p],       f(y) = delta_centre + g(x)(y)
-
-        out[o](y) = conv(x, W)[o](y) + sum_c A[o, c] * sum_p f(y)[p] * x[c](y*stride + dilation*offset(p) - padding)
-
-    i.e. a dynamic local filtering of ``x`` (the same per-location filter for every channel)
-    followed by the 1x1 convolution ``A``, added to the static convolution.
-
-    * Predictor ``g``: :class:`nsl.SimilarityPredictor` with ``similarity='diagonal'`` (sphere
-      conv 3x3 to 64 channels, BN, ReLU, conv to ``P``, BN) at the layer's geometry: the same
-      network, hence the same cost, as the dynamic diagonal NSL predictor, so the two can be
-      compared side by side. The dynamic part adds ``C_in * P + C_in * C_out`` multiply-adds per
-      location (a ``1/P``-sized fraction of the convolution plus a 1x1 conv).
-    * ``f = delta_centre + g`` is the analogue of NSL's identity residual: with ``g = 0`` the
-      dynamic branch is a plain ``1x1`` convolution of the (strided) input.
-    * Init: ``A = 0``, so the layer starts exactly as its plain convolution; ``A`` receives
-      gradient at once (through the centre tap), and ``g`` as soon as ``A != 0``.
-      ``predictor_init`` is passed to the predictor (``'zero'``: ``g = 0``; ``'authors'``: the
-      authors' He x 0.1 / He x 0.001 init).
-
-    ``groups`` must be 1. Shapes: ``[N, C_in, H, W]`` -> ``[N, C_out, H_out, W_out]`` as ``nn.Conv2d``.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", predictor_init: str = "zero",
-                 hidden_channels: int | None = None, device=None, dtype=None):
-        if groups != 1:
-            raise ValueError("DynamicFilterConv2d supports groups=1 only")
-        if padding_mode != "zeros":
-            raise ValueError("DynamicFilterConv2d supports padding_mode='zeros' only")
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-                         padding_mode, device=device, dtype=dtype)
-        if isinstance(self.padding, str):
-            raise ValueError("DynamicFilterConv2d needs numeric padding")
-        self.predictor_init = predictor_init
-        self.predictor = SimilarityPredictor(in_channels, self.kernel_size, self.stride, self.padding,
-                                             self.dilation, similarity="diagonal", kind="sphere",
-                                             hidden_channels=hidden_channels, init=predictor_init,
-                                             device=device, dtype=dtype)
-        self.mix = nn.Conv2d(in_channels, out_channels, 1, bias=False, device=device, dtype=dtype)
-        nn.init.zeros_(self.mix.weight)
-
-    def filters_from(self, input: Tensor) -> Tensor:
-        """The per-location filters ``f(y)``: ``[N, P, H_out, W_out]``."""
-        g = self.predictor(input)
-        kh, kw = self.kernel_size
-        centre = (kh // 2) * kw + kw // 2
-        delta = torch.zeros(kh * kw, device=g.device, dtype=g.dtype)
-        delta[centre] = 1.0
-        return g + delta.view(1, -1, 1, 1)
-
-    def dynamic_filtering(self, input: Tensor, filters: Tensor) -> Tensor:
-        """``sum_p f(y)[p] * x[c](y*stride + dilation*offset(p) - padding)`` for every channel ``c``."""
-        kh, kw = self.kernel_size
-        (sh, sw), (dh, dw), (ph, pw) = self.stride, self.dilation, self.padding
-        ho, wo = filters.shape[-2:]
-        x = F.pad(input, (pw, pw, ph, ph))
-        out = None
-        for i in range(kh):
-            for j in range(kw):
-                win = x[:, :, i * dh: i * dh + sh * (ho - 1) + 1: sh, j * dw: j * dw + sw * (wo - 1) + 1: sw]
-                term = win * filters[:, i * kw + j: i * kw + j + 1]
-                out = term if out is None else out + term
-        return out
-
-    def forward(self, input: Tensor) -> Tensor:
-        static = self._conv_forward(input, self.weight, self.bias)
-        filtered = self.dynamic_filtering(input, self.filters_from(input))
-        return static + self.mix(filtered)
-
-    def extra_repr(self) -> str:
-        s = super().extra_repr() + ", dynamic filter"
-        if self.predictor_init != "zero":
-            s += f", predictor_init={self.predictor_init!r}"
-        return s
-
-
-def make_conv(kind: str, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, bias: bool = True,
-              paper: bool = False, **kw) -> nn.Module:
-    """A convolution of layer kind ``kind`` (see the module docstring) with ``nn.Conv2d``'s geometry.
-
-    Args:
-        kind: one of :data:`LAYER_KINDS`.
-        in_channels, out_channels, kernel_size, stride, padding, bias: as ``nn.Conv2d``.
-        paper: the authors' initialisations (static ``similarity_init='authors'``, dynamic
-            ``predictor_init='authors'``) instead of the exact-identity start.
-        **kw: passed to the layer (e.g. ``hidden_channels``).
-    """
-    check_layer_kind(kind)
-    geo = dict(stride=stride, padding=padding, bias=bias)
-    if kind == "conv":
-        return nn.Conv2d(in_channels, out_channels, kernel_size, **geo, **kw)
-    if kind.startswith("static-"):
-        return NSConv2d(in_channels, out_channels, kernel_size, **geo, similarity=kind.split("-")[1],
-                        similarity_init="authors" if paper else "identity", **kw)
-    init = "authors" if paper else "zero"
-    if kind == "dynamic-filter":
-        return DynamicFilterConv2d(in_channels, out_channels, kernel_size, **geo, predictor_init=init, **kw)
-    similarity = "full" if kind == "dynamic-full" else "diagonal"
-    predictor = "cosine" if kind.endswith("-cosine") else "sphere"
-    return DynamicNSConv2d(in_channels, out_channels, kernel_size, **geo, similarity=similarity,
-                           predictor=predictor, predictor_init=init, **kw)
+__all__ = ["LAYER_KINDS", "LayerKind", "SharedPredictors", "DynamicFilterConv2d", "make_conv", "check_layer_kind",
+           "layer_kind", "predictor_scope"]

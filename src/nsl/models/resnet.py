@@ -3,6 +3,11 @@
 Every 3x3 convolution of the residual blocks is of layer kind ``layer``; the stem and the 1x1
 convolutions (bottleneck reductions/expansions and projection shortcuts) stay plain ``nn.Conv2d``
 (a 1x1 kernel has a single position, so its similarity ``M`` would be a scalar).
+
+``share_predictor=True`` (kinds with a predictor): within a stage (``layer1``, ``layer2``, ...), the
+3x3 NSL layers with equal input channels and geometry share one predictor (in a CIFAR ResNet stage
+with ``n`` blocks: every conv except the first, strided one of stages 2 and 3 and, there, the first
+block's second conv shares with the later blocks).
 """
 
 from __future__ import annotations
@@ -10,7 +15,8 @@ from __future__ import annotations
 import torch.nn as nn
 from torch import Tensor
 
-from .layers import make_conv
+from ..layers import DynamicFilterConv2d, DynamicNSConv2d, NSConv2d
+from .layers import make_conv, predictor_scope
 
 __all__ = ["BasicBlock", "Bottleneck", "CifarResNet", "ResNet"]
 
@@ -71,8 +77,12 @@ class Bottleneck(nn.Module):
 
 
 def _init(model: nn.Module, zero_init_residual: bool) -> None:
+    # NSL layers keep their own initialisation of weight, M, predictor and mixing, including the plain
+    # nn.Conv2d modules inside them (a predictor's last conv, the dynamic filter's mixing A)
+    nsl_parts = {id(sub) for m in model.modules() if isinstance(m, (NSConv2d, DynamicNSConv2d, DynamicFilterConv2d))
+                 for sub in m.modules()}
     for m in model.modules():
-        if type(m) is nn.Conv2d:  # NSL layers keep their own initialisation of weight, M and predictor
+        if type(m) is nn.Conv2d and id(m) not in nsl_parts:
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
     if zero_init_residual:
         for m in model.modules():
@@ -90,7 +100,7 @@ class CifarResNet(nn.Module):
 
     def __init__(self, depth: int, layer: str = "conv", num_classes: int = 10, in_channels: int = 3,
                  paper: bool = False, bn_eps: float = 1e-5, width: int = 16, zero_init_residual: bool = False,
-                 **kw):
+                 share_predictor: bool = False, **kw):
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"a CIFAR ResNet has depth 6n + 2, got {depth}")
@@ -101,9 +111,11 @@ class CifarResNet(nn.Module):
         chans, cin = [width, 2 * width, 4 * width], width
         for s, c in enumerate(chans):
             blocks = []
+            shared = predictor_scope(layer, share_predictor)
+            extra = {} if shared is None else {"shared": shared}
             for i in range(n):
                 blocks.append(BasicBlock(layer, cin, c, 2 if (i == 0 and s > 0) else 1, paper=paper, bn_eps=bn_eps,
-                                         **kw))
+                                         **extra, **kw))
                 cin = c
             self.add_module(f"layer{s + 1}", nn.Sequential(*blocks))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -125,7 +137,7 @@ class ResNet(nn.Module):
 
     def __init__(self, block: type, layers: list[int], layer: str = "conv", num_classes: int = 1000,
                  in_channels: int = 3, paper: bool = False, bn_eps: float = 1e-5, zero_init_residual: bool = False,
-                 **kw):
+                 share_predictor: bool = False, **kw):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(64, eps=bn_eps)
@@ -134,8 +146,11 @@ class ResNet(nn.Module):
         cin = 64
         for s, (c, n) in enumerate(zip((64, 128, 256, 512), layers)):
             blocks = []
+            shared = predictor_scope(layer, share_predictor)
+            extra = {} if shared is None else {"shared": shared}
             for i in range(n):
-                blocks.append(block(layer, cin, c, 2 if (i == 0 and s > 0) else 1, paper=paper, bn_eps=bn_eps, **kw))
+                blocks.append(block(layer, cin, c, 2 if (i == 0 and s > 0) else 1, paper=paper, bn_eps=bn_eps,
+                                    **extra, **kw))
                 cin = c * block.expansion
             self.add_module(f"layer{s + 1}", nn.Sequential(*blocks))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
