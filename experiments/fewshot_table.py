@@ -34,7 +34,7 @@ def main(out: Path) -> int:
             kinds.append(m["kind"])
     from nsl.models import LAYER_KINDS
 
-    kinds.sort(key=lambda k: LAYER_KINDS.index(k) if k in LAYER_KINDS else len(LAYER_KINDS))
+    kinds.sort(key=lambda k: list(LAYER_KINDS).index(k) if k in LAYER_KINDS else len(LAYER_KINDS))
     if not rows:
         print(f"no eval-*.json files in {out}", file=sys.stderr)
         return 1

@@ -18,6 +18,7 @@ from nsl.train import (
     ConfigError,
     TrainConfig,
     apply_overrides,
+    build_model_for,
     load_checkpoint,
     lr_factor,
     make_config,
@@ -285,7 +286,6 @@ def test_imagefolder_stream_train_resume_and_eval(tmp_path, capsys):
 
 
 def test_bn_settings_applied_to_the_model():
-    from nsl.train.engine import build_model_for
 
     meta = {"num_classes": 10, "in_channels": 3, "image_size": 32}
     model = build_model_for(make_config("paper", layer="dynamic-diagonal", bn_zero_init=True), meta)

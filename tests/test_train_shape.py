@@ -8,8 +8,7 @@ import torch
 from cli_helpers import records, run
 from nsl.layers import NSConv2d
 from nsl.shape import gated_layers
-from nsl.train import ConfigError, load_checkpoint, make_config
-from nsl.train.engine import build_from_checkpoint
+from nsl.train import ConfigError, build_from_checkpoint, build_model_for, load_checkpoint, make_config
 
 COMMON = ["train", "--dataset", "digits", "--model", "cnn9", "--layer", "static-full", "--protocol", "fast",
           "--batch-size", "32", "--test-subset", "200", "--no-progress", "--set", "width=8", "--set", "log_every=1"]
@@ -17,7 +16,6 @@ COMMON = ["train", "--dataset", "digits", "--model", "cnn9", "--layer", "static-
 
 def test_width_sets_the_channels_and_is_checked():
     cfg = make_config("fast", dataset="digits", width=8)
-    from nsl.train.engine import build_model_for
 
     model = build_model_for(cfg, {"num_classes": 10, "in_channels": 1, "image_size": 8})
     assert model.stem.conv.out_channels == 8

@@ -20,6 +20,33 @@ def positive_int(text: str) -> int:
     return value
 
 
+#: The command-line flag of each configuration field (or training argument) that has one; an error
+#: that names a field (:class:`nsl.train.ConfigError` ``fields``) names it by this flag on the command line,
+#: and a field without a flag by ``--set FIELD=...``. Shared by ``nsl train``, ``nsl eval`` and ``nsl fewshot``.
+FIELD_FLAGS = {"dataset": "--dataset", "data_dir": "--data-dir", "model": "--model", "layer": "--layer",
+               "out": "--out", "resume": "--resume", "iters": "--iters", "epochs": "--epochs",
+               "batch_size": "--batch-size", "seed": "--seed", "device": "--device", "train_subset": "--subset",
+               "test_subset": "--test-subset", "lr": "--lr", "warmup_iters": "--warmup-iters",
+               "bn_momentum": "--bn-momentum", "bn_recalibrate": "--bn-recalibrate", "amp": "--amp",
+               "channels_last": "--channels-last", "eval_every": "--eval-every", "stop_at": "--stop-at",
+               "progress": "--no-progress", "protocol": "--protocol", "backbone": "--backbone", "head": "--head",
+               "ways": "--ways", "shots": "--shots", "queries": "--queries", "train_ways": "--train-ways",
+               "train_shots": "--train-shots", "episodes": "--episodes", "lr_step": "--lr-step",
+               "val_every": "--val-every", "val_episodes": "--val-episodes", "rotations": "--rotations",
+               "checkpoint": "--checkpoint"}
+
+
+def flag_of(field: str) -> str:
+    """How the command line sets configuration field ``field``: its flag, else ``--set FIELD=...``."""
+    return FIELD_FLAGS.get(field, f"--set {field}=...")
+
+
+def message_of(e: Exception) -> str:
+    """The one-line command-line message of a library error: fields named by their flags (:data:`FIELD_FLAGS`)."""
+    render = getattr(e, "render", None)
+    return render(flag_of) if callable(render) else str(e)
+
+
 def error(command: str, message: str, code: int = 2) -> int:
     """Print ``nsl COMMAND: error: MESSAGE`` to stderr and return the exit code."""
     print(f"nsl {command}: error: {message}", file=sys.stderr)
@@ -32,10 +59,12 @@ def run_training(command: str, args: argparse.Namespace, given: dict, config_cls
     """The command-line front end of a training command (``nsl train``, ``nsl fewshot train``).
 
     Builds the configuration (on ``--resume`` with a saved ``OUT/config.json``: the saved one, with
-    ``on_resume`` and then the flags given on the command line applied; otherwise ``new_config()``),
+    ``stop_at`` reset, ``on_resume`` and then the flags given on the command line applied; otherwise
+    ``new_config()``),
     applies ``--set`` overrides, checks that ``--data-dir`` is a directory (unless ``check_data_dir`` is
     false: the data layer then says what is missing), runs ``train(cfg, resume=...)`` and maps
-    every expected failure to one ``nsl COMMAND: error: ...`` line: exit 1 for a diverged run, 130
+    every expected failure to one ``nsl COMMAND: error: ...`` line (fields named by their flags:
+    :func:`message_of`): exit 1 for a diverged run, 130
     for Ctrl-C (with the command that resumes), 2 for bad settings, run directories or data.
     Prints the summary as JSON with ``--json``.
     """
@@ -48,6 +77,8 @@ def run_training(command: str, args: argparse.Namespace, given: dict, config_cls
         saved = Path(args.out).expanduser() / "config.json"
         if args.resume and saved.exists():
             d = json.loads(saved.read_text())
+            if "stop_at" in d:  # an earlier --stop-at does not carry over to the continuation
+                d["stop_at"] = 0
             d.update(on_resume or {})
             d.update(given)
             cfg = config_cls.from_dict(d)
@@ -58,12 +89,12 @@ def run_training(command: str, args: argparse.Namespace, given: dict, config_cls
             raise ConfigError(f"--data-dir {cfg.data_dir} is not a directory")
         summary = train(cfg, resume=args.resume)
     except TrainingDiverged as e:
-        return error(command, str(e), 1)
+        return error(command, message_of(e), 1)
     except KeyboardInterrupt:
         return error(command, f"interrupted; continue from the last checkpoint with: nsl {command} --out {args.out} "
                               "--resume", 130)
     except (ConfigError, CheckpointError, DatasetError, ValueError) as e:
-        return error(command, str(e))
+        return error(command, message_of(e))
     if args.json:
         print(json.dumps(summary))
     return 0

@@ -8,7 +8,7 @@ import sys
 from dataclasses import fields
 
 from ._cli_utils import error as _cli_error
-from ._cli_utils import positive_int, run_training
+from ._cli_utils import message_of, positive_int, run_training
 
 __all__ = ["main"]
 
@@ -220,7 +220,7 @@ def _eval(args: argparse.Namespace) -> int:
         res = evaluate_checkpoint(args.checkpoint, data_dir=args.data_dir, fold=args.fold, device=args.device,
                                   batch_size=args.batch_size)
     except (ConfigError, CheckpointError, DatasetError, ValueError) as e:
-        return _error("eval", str(e))
+        return _error("eval", message_of(e))
     if args.json:
         print(json.dumps(res))
         return 0 if not args.fold or res["fold_matches"] else 1

@@ -30,8 +30,7 @@ from .convert import convert, fold
 from .data import dataset_info
 from .layers import NSConv2d
 from .report import mean_ci
-from .train import build_from_checkpoint, load_checkpoint, make_config, train
-from .train.engine import load_data
+from .train import build_from_checkpoint, load_checkpoint, load_data, make_config, train
 
 __all__ = ["DemoConfig", "VARIANTS", "run_demo"]
 

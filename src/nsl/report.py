@@ -198,8 +198,7 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
 
 def _model_of(run: RunRecord) -> tuple[nn.Module, tuple[int, int, int]] | None:
     from .data import dataset_info
-    from .train import TrainConfig
-    from .train.engine import build_model_for
+    from .train import TrainConfig, build_model_for
 
     cfg = TrainConfig.from_dict(run.config)
     meta = run.meta

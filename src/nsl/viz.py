@@ -53,8 +53,7 @@ def load_model(checkpoint: str | Path) -> tuple[nn.Module, object, dict]:
     try:
         if any(".kernel_gate." in k for k in state):
             from .shape import attach_kernel_shape
-            from .train import TrainConfig
-            from .train.engine import build_model_for
+            from .train import TrainConfig, build_model_for
 
             cfg = TrainConfig.from_dict(ckpt["config"])
             model = build_model_for(cfg, ckpt["meta"])
@@ -156,8 +155,7 @@ def load_image(path: str | Path, channels: int, size: int) -> Tensor:
 
 def _test_images(cfg, data_dir: str | None, n: int) -> tuple[Tensor, list[str]]:
     from .data import DatasetError
-    from .train import ConfigError
-    from .train.engine import load_data
+    from .train import ConfigError, load_data
 
     if data_dir is not None:
         if not Path(data_dir).expanduser().is_dir():

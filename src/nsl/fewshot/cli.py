@@ -6,7 +6,7 @@ import argparse
 import json
 
 from .._cli_utils import error as _cli_error
-from .._cli_utils import positive_int, run_training
+from .._cli_utils import message_of, positive_int, run_training
 
 __all__ = ["add_parser"]
 
@@ -66,7 +66,7 @@ def _eval(args: argparse.Namespace) -> int:
             other = evaluate_fewshot_checkpoint(args.compare, dataset=dataset, **kw)
             paired = compare_results(res, other)
     except (ConfigError, CheckpointError, DatasetError, ValueError) as e:
-        return _error("eval", str(e))
+        return _error("eval", message_of(e))
     if args.json:
         out = res if other is None else {"a": res, "b": other, "paired": paired}
         print(json.dumps(out))

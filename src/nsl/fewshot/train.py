@@ -1,6 +1,7 @@
 """Episodic training and evaluation of few-shot classifiers (Prototypical Networks and NSL).
 
-Same run-directory layout and checkpoint discipline as :mod:`nsl.train.engine`::
+Few-shot training is a task (:class:`FewShotTask`) of the one training loop :func:`nsl.train.fit`, so it
+has the run-directory layout and checkpoint discipline of every run (:mod:`nsl.train.run`)::
 
     RUN_DIR/config.json             the resolved FewShotConfig
     RUN_DIR/metrics.jsonl           one JSON object per logged episode window ("kind": "train") or
@@ -8,7 +9,7 @@ Same run-directory layout and checkpoint discipline as :mod:`nsl.train.engine`::
     RUN_DIR/checkpoints/last.pt     latest state: model, optimizer, RNG, episode counter
     RUN_DIR/checkpoints/best.pt     the same, at the best validation accuracy so far
 
-Checkpoints are written atomically (``nsl.train.engine.atomic_save``) and read with
+Checkpoints are written atomically (:class:`nsl.train.RunDir`) and read with
 ``torch.load(weights_only=True)``. Training episode ``i`` is episode ``i`` of
 ``EpisodeSampler(train.labels, train_ways, shots, queries, seed=seed)``: it depends only on
 ``(seed, i)``, so a resumed run sees the same episodes as an uninterrupted one and, on the CPU, ends
@@ -25,12 +26,8 @@ with bit-identical weights. Validation uses ``val_episodes`` fixed episodes of t
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 import math
-import random
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,22 +36,13 @@ import torch
 import torch.nn as nn
 
 from ..models import LAYER_KINDS
-from ..train.config import ConfigError, apply_overrides, check_keys
-from ..train.engine import (
-    TrainingDiverged,
-    atomic_save,
-    load_checkpoint,
-    open_run,
-    resolve_device,
-    rng_state,
-    set_rng_state,
-    start_run_files,
-)
+from ..train.config import ConfigBase, ConfigError, apply_overrides
+from ..train.loop import Task, fit
+from ..train.run import Process, load_checkpoint
 from .data import FEWSHOT_DATASETS, FewShotDataset, get_fewshot_dataset
 from .models import BACKBONES, build_backbone
 from .protonet import (
     BilinearSimilarityHead,
-    EvalResult,
     FewShotClassifier,
     PrototypicalHead,
     confidence_interval,
@@ -65,7 +53,7 @@ from .sampler import EpisodeSampler, make_episode
 
 __all__ = ["FEWSHOT_HEADS", "FewShotConfig", "apply_fewshot_overrides", "build_fewshot_model",
            "channel_stats", "compare_results", "evaluate_fewshot_checkpoint", "load_fewshot_checkpoint",
-           "load_fewshot_split", "train_fewshot"]
+           "load_fewshot_split", "train_fewshot", "FewShotTask"]
 
 CHECKPOINT_FORMAT = "nsl-fewshot"
 CHECKPOINT_VERSION = 1
@@ -75,7 +63,7 @@ FEWSHOT_HEADS = ("protonet", "protonet-cosine", "bilinear")
 
 
 @dataclass
-class FewShotConfig:
+class FewShotConfig(ConfigBase):
     """Everything an episodic training run depends on.
 
     Data: ``dataset`` (``cifar-fs``, ``fc100``, ``omniglot``, ``mini-imagenet``), ``data_dir``,
@@ -96,6 +84,9 @@ class FewShotConfig:
     Validation: every ``val_every`` episodes (and at the end) on ``val_episodes`` fixed episodes of
     the val split (seed ``val_seed``); ``best.pt`` keeps the best. ``checkpoint_every``: extra
     ``last.pt`` saves. ``log_every``: episodes per metrics.jsonl train record.
+
+    Engine (as :class:`~nsl.train.TrainConfig`): ``amp``, ``stop_at`` (stop after this many episodes
+    with a checkpoint, as if interrupted), ``compile`` / ``compile_backend`` (``torch.compile`` of the model).
     """
 
     dataset: str = "cifar-fs"
@@ -125,6 +116,10 @@ class FewShotConfig:
     device: str = "auto"
     out: str | None = None
     progress: bool = True
+    amp: str = "none"  # none | bf16 | fp16 | auto (bf16 on CUDA, none on CPU)
+    stop_at: int = 0
+    compile: str = "none"  # torch.compile mode (as TrainConfig.compile); checkpoints hold the uncompiled weights
+    compile_backend: str = "inductor"
     extra: dict = field(default_factory=dict)  # free-form notes recorded with the run
 
     @property
@@ -134,19 +129,6 @@ class FewShotConfig:
     @property
     def n_train_shots(self) -> int:
         return self.train_shots or self.shots
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> FewShotConfig:
-        check_keys(cls, d)
-        cfg = cls(**d)
-        cfg.validate()
-        return cfg
 
     def validate(self) -> None:
         """Raise :class:`~nsl.train.ConfigError` for values out of range or unknown choices."""
@@ -175,6 +157,7 @@ class FewShotConfig:
             raise ConfigError("weight_decay and grad_clip must be >= 0")
         if self.rotations and self.dataset != "omniglot":
             raise ConfigError("rotations is an Omniglot option")
+        self.validate_engine()
 
     def lr_factor(self, episode: int) -> float:
         """Multiplier of ``lr`` for training episode ``episode`` (0-based): ``lr_gamma ** (episode // lr_step)``."""
@@ -194,7 +177,7 @@ def load_fewshot_split(dataset: str, data_dir: str | Path | None, split: str, ro
                        ) -> FewShotDataset:
     """Split ``split`` of ``dataset`` from ``data_dir``, with a clear error when the folder is missing."""
     if data_dir is None:
-        raise ConfigError(f"{dataset} needs --data-dir (the folder holding its files)")
+        raise ConfigError(f"{dataset} needs {{data_dir}} (the folder holding its files)", "data_dir")
     root = Path(data_dir).expanduser()
     if not root.is_dir():
         raise ConfigError(f"data directory {data_dir} does not exist or is not a directory")
@@ -268,8 +251,92 @@ _STRUCTURAL = ("dataset", "rotations", "backbone", "layer", "head", "bilinear_ra
                "val_episodes")
 
 
+class FewShotTask(Task):
+    """Episodic training of :func:`build_fewshot_model`'s classifier: step ``i`` is episode ``i`` of
+    ``EpisodeSampler(train.labels, train_ways, train_shots, queries, seed=seed)``, loss and accuracy by
+    :func:`~nsl.fewshot.protonet.episode_loss_and_accuracy`; validated on ``val_episodes`` fixed episodes of
+    the val split (``val_acc`` selects ``best.pt``)."""
+
+    unit, total_key, best_key, eval_kind, score_key = "episode", "episodes", "best_episode", "val", "val_acc"
+    items, rate_digits, bar_unit = "episodes", 1, "ep"
+    checkpoint_format = CHECKPOINT_FORMAT
+    structural = _STRUCTURAL
+    divergence_hint = "a lower lr or grad_clip"
+    supports_distributed = False
+
+    def __init__(self, cfg: FewShotConfig):
+        self.cfg = cfg
+        self.eval_every = cfg.val_every
+        self.name = f"{cfg.backbone}/{cfg.layer}"
+
+    def load_checkpoint(self, path):
+        return load_fewshot_checkpoint(path)
+
+    def setup(self, process: Process, ckpt: dict | None) -> None:
+        cfg = self.cfg
+        self.device = process.device
+        train_ds = load_fewshot_split(cfg.dataset, cfg.data_dir, "train", cfg.rotations)
+        val_ds = load_fewshot_split(cfg.dataset, cfg.data_dir, "val")
+        # fail before any work if an episode cannot be drawn (the sampler's message names the class)
+        self.sampler = EpisodeSampler(train_ds.labels, cfg.n_train_ways, cfg.n_train_shots, cfg.queries,
+                                      cfg.episodes, cfg.seed)
+        EpisodeSampler(val_ds.labels, cfg.ways, cfg.shots, cfg.queries, cfg.val_episodes, cfg.val_seed)
+        if ckpt is not None:
+            self.meta = ckpt["meta"]
+        else:
+            mean, std = channel_stats(train_ds.images)
+            self.meta = {"in_channels": int(train_ds.images.shape[1]), "image_size": int(train_ds.images.shape[2]),
+                         "mean": mean, "std": std, "train_classes": train_ds.n_classes,
+                         "val_classes": val_ds.n_classes}
+        self.train_ds, self.val_ds = train_ds.to(self.device), val_ds.to(self.device)
+        self.total = cfg.episodes
+
+    def build_model(self) -> nn.Module:
+        return build_fewshot_model(self.cfg, self.meta["in_channels"], self.meta["image_size"]).to(self.device)
+
+    def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.Adam(model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+
+    def lr_factor(self, step: int) -> float:
+        return self.cfg.lr_factor(step)
+
+    def batches(self, step: int):
+        while True:
+            yield make_episode(self.train_ds.images, self.sampler.episode(step), device=self.device,
+                               mean=self.meta["mean"], std=self.meta["std"])
+            step += 1
+
+    def loss(self, net, batch, autocast):
+        xs, ys, xq, yq = batch
+        with autocast():
+            loss, acc = episode_loss_and_accuracy(net, xs, ys, xq, yq)
+        return loss, {"acc": (acc.detach(), 1)}, 1
+
+    def evaluate(self, model: nn.Module, autocast) -> dict:
+        cfg = self.cfg
+        with autocast():
+            res = evaluate(model, self.val_ds, cfg.ways, cfg.shots, cfg.queries, cfg.val_episodes, seed=cfg.val_seed,
+                           device=self.device, mean=self.meta["mean"], std=self.meta["std"], progress=False)
+        return {"val_acc": res.mean, "val_ci95": res.ci95, "val_episodes": res.n_episodes}
+
+    def describe(self, params: int) -> str:
+        cfg = self.cfg
+        return (f"{cfg.backbone}/{cfg.layer} + {cfg.head} on {cfg.dataset} ({self.train_ds.n_classes} train "
+                f"classes), {cfg.n_train_ways}-way {cfg.n_train_shots}-shot {cfg.queries}-query training episodes, "
+                f"{params:,} parameters, {cfg.episodes} episodes")
+
+    def eval_message(self, result: dict) -> str:
+        return (f"val accuracy {100 * result['val_acc']:.2f} +- {100 * result['val_ci95']:.2f} % "
+                f"({result['val_episodes']} episodes)")
+
+    def summary(self, result: dict | None) -> dict:
+        return {"val_acc": None if result is None else result["val_acc"],
+                "val_ci95": None if result is None else result["val_ci95"]}
+
+
 def train_fewshot(cfg: FewShotConfig, resume: bool = False, echo=print) -> dict:
-    """Episodic training of ``cfg`` into run directory ``cfg.out``; return a summary dict.
+    """Episodic training of ``cfg`` into run directory ``cfg.out``: :func:`nsl.train.fit` of a
+    :class:`FewShotTask`; return a summary dict.
 
     Args:
         cfg: the resolved configuration (``cfg.out`` and ``cfg.data_dir`` set).
@@ -279,143 +346,17 @@ def train_fewshot(cfg: FewShotConfig, resume: bool = False, echo=print) -> dict:
 
     Returns:
         ``{run_dir, episode, episodes, val_acc, val_ci95, best_acc, best_episode, params, seconds,
-        episodes_per_s}`` (accuracies are fractions).
+        train_seconds, episodes_per_s, stopped}`` (accuracies are fractions; ``episodes_per_s`` per second of
+        training time).
 
     Raises:
         TrainingDiverged: the loss became NaN/inf (last.pt keeps the last good state).
         ConfigError, CheckpointError, DatasetError, ValueError: bad settings, run directory or data
         (e.g. more shots + queries than images in a class).
     """
-    from tqdm import tqdm
-
-    if not cfg.out:
-        raise ConfigError("set the run directory (--out RUN_DIR)")
-    cfg.validate()
-    run_dir = Path(cfg.out).expanduser()
-    ckpt_dir = run_dir / "checkpoints"
-    last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
-    device = resolve_device(cfg, 0)
-
-    ckpt = open_run(cfg, run_dir, last_path, resume, _STRUCTURAL, load=load_fewshot_checkpoint)
-
-    train_ds = load_fewshot_split(cfg.dataset, cfg.data_dir, "train", cfg.rotations)
-    val_ds = load_fewshot_split(cfg.dataset, cfg.data_dir, "val")
-    # fail before any work if an episode cannot be drawn (the sampler's message names the class)
-    sampler = EpisodeSampler(train_ds.labels, cfg.n_train_ways, cfg.n_train_shots, cfg.queries, cfg.episodes,
-                             cfg.seed)
-    EpisodeSampler(val_ds.labels, cfg.ways, cfg.shots, cfg.queries, cfg.val_episodes, cfg.val_seed)
-    if ckpt is not None:
-        meta = ckpt["meta"]
-    else:
-        mean, std = channel_stats(train_ds.images)
-        meta = {"in_channels": int(train_ds.images.shape[1]), "image_size": int(train_ds.images.shape[2]),
-                "mean": mean, "std": std, "train_classes": train_ds.n_classes, "val_classes": val_ds.n_classes}
-    train_ds, val_ds = train_ds.to(device), val_ds.to(device)
-
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    model = build_fewshot_model(cfg, meta["in_channels"], meta["image_size"]).to(device)
-    params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step, best_acc, best_step = 0, -1.0, -1
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        set_rng_state(ckpt["rng"])
-        step, best_acc, best_step = int(ckpt["episode"]), float(ckpt["best_acc"]), int(ckpt["best_episode"])
-        if step >= cfg.episodes:
-            echo(f"the run in {run_dir} is already complete ({step} of {cfg.episodes} episodes)")
-
-    metrics_path = start_run_files(run_dir, cfg, ckpt, step, "episode")
-
-    def log(record: dict) -> None:
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def save(path: Path) -> None:
-        atomic_save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "episode": step,
-                      "episodes": cfg.episodes, "config": cfg.to_dict(), "meta": meta, "model": model.state_dict(),
-                      "optimizer": opt.state_dict(), "rng": rng_state(), "best_acc": best_acc,
-                      "best_episode": best_step, "params": params}, path)
-
-    def validate() -> EvalResult:
-        return evaluate(model, val_ds, cfg.ways, cfg.shots, cfg.queries, cfg.val_episodes, seed=cfg.val_seed,
-                        device=device, mean=meta["mean"], std=meta["std"], progress=False)
-
-    echo(f"run {run_dir}: {cfg.backbone}/{cfg.layer} + {cfg.head} on {cfg.dataset} ({train_ds.n_classes} train "
-         f"classes), {cfg.n_train_ways}-way {cfg.n_train_shots}-shot {cfg.queries}-query training episodes, "
-         f"{params:,} parameters, {cfg.episodes} episodes, device {device}"
-         + (f", resuming at episode {step}" if ckpt else ""))
-    bar = tqdm(total=cfg.episodes, initial=min(step, cfg.episodes), disable=not cfg.progress, unit="ep",
-               dynamic_ncols=True, desc=f"{cfg.backbone}/{cfg.layer}")
-    model.train()
-    window = {"loss": 0.0, "acc": 0.0, "n": 0, "t": time.perf_counter()}
-    ema_loss = ema_acc = None
-    t_start, done, last_val = time.perf_counter(), 0, None
-    try:
-        while step < cfg.episodes:
-            f = cfg.lr_factor(step)
-            for g in opt.param_groups:
-                g["lr"] = cfg.lr * f
-            xs, ys, xq, yq = make_episode(train_ds.images, sampler.episode(step), device=device, mean=meta["mean"],
-                                          std=meta["std"])
-            loss, acc = episode_loss_and_accuracy(model, xs, ys, xq, yq)
-            lv = loss.item()
-            if not math.isfinite(lv):
-                kept = f"{last_path} (episode {torch.load(last_path, weights_only=True)['episode']})" \
-                    if last_path.exists() else "none (no checkpoint was written yet)"
-                raise TrainingDiverged(f"loss became {lv} at episode {step + 1} (lr {cfg.lr * f:g}); stopped. Last "
-                                       f"good checkpoint: {kept}. Try a lower lr or grad_clip.")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            step += 1
-            done += 1
-            av = acc.item()
-            window["loss"] += lv
-            window["acc"] += av
-            window["n"] += 1
-            ema_loss = lv if ema_loss is None else 0.95 * ema_loss + 0.05 * lv
-            ema_acc = av if ema_acc is None else 0.95 * ema_acc + 0.05 * av
-            elapsed = time.perf_counter() - t_start
-            bar.update(1)
-            if cfg.progress:
-                bar.set_postfix(loss=f"{ema_loss:.3f}", acc=f"{ema_acc:.3f}", ep_s=f"{done / max(elapsed, 1e-9):.1f}",
-                                refresh=False)
-            if cfg.log_every and (step % cfg.log_every == 0 or step == cfg.episodes):
-                dt = time.perf_counter() - window["t"]
-                log({"kind": "train", "episode": step, "loss": window["loss"] / window["n"],
-                     "acc": window["acc"] / window["n"], "lr": cfg.lr * f,
-                     "episodes_per_s": window["n"] / max(dt, 1e-9), "time": round(elapsed, 3)})
-                window = {"loss": 0.0, "acc": 0.0, "n": 0, "t": time.perf_counter()}
-            validated = False
-            if step == cfg.episodes or (cfg.val_every and step % cfg.val_every == 0):
-                last_val = validate()
-                validated = True
-                log({"kind": "val", "episode": step, "val_acc": last_val.mean, "val_ci95": last_val.ci95,
-                     "val_episodes": last_val.n_episodes, "time": round(time.perf_counter() - t_start, 3)})
-                if cfg.progress:
-                    bar.write(f"episode {step}: val acc {last_val}")
-                if last_val.mean > best_acc:
-                    best_acc, best_step = last_val.mean, step
-                    save(best_path)
-            if validated or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-                save(last_path)
-    finally:
-        bar.close()
-    seconds = time.perf_counter() - t_start
-    if last_val is None and ckpt is not None:
-        last_val = validate()
-    summary = {"run_dir": str(run_dir), "episode": step, "episodes": cfg.episodes, "params": params,
-               "seconds": round(seconds, 3), "episodes_per_s": done / max(seconds, 1e-9), "best_acc": best_acc,
-               "best_episode": best_step, "val_acc": None if last_val is None else last_val.mean,
-               "val_ci95": None if last_val is None else last_val.ci95}
-    if last_val is not None:
-        echo(f"done: episode {step}, val accuracy {last_val} (best {100 * best_acc:.2f}% at episode {best_step}), "
-             f"{summary['episodes_per_s']:.1f} episodes/s")
-    return summary
+    if not isinstance(cfg, FewShotConfig):
+        raise TypeError(f"train_fewshot expects a FewShotConfig, got {type(cfg).__name__}")
+    return fit(FewShotTask(cfg), cfg, resume=resume, echo=echo)
 
 
 # -- evaluation ----------------------------------------------------------------------------------

@@ -1,6 +1,10 @@
-r"""Training toolkit: configurations (:class:`TrainConfig`, protocols ``paper`` and ``fast``) and one
-training loop (:func:`train`) for every model and dataset; see :mod:`nsl.train.engine` for the
-run-directory layout and checkpoint format.
+r"""Training toolkit: configurations (:class:`TrainConfig`, protocols ``paper``, ``fast``, ``demo``,
+``paper-attention``), one training loop (:func:`fit`) for every task, and the classification task
+(:func:`train`, :func:`evaluate_checkpoint`). Modules, in import order: :mod:`.config` (settings),
+:mod:`.run` (run directory, checkpoints, RNG, device, DDP, AMP), :mod:`.optim` (schedules, optimisers,
+batch norm), :mod:`.shaping` (kernel-shape schedule), :mod:`.loop` (:func:`fit`, :class:`Task`),
+:mod:`.classification` (:class:`ClassificationTask`). Few-shot training is another task on the same
+loop (:mod:`nsl.fewshot.train`).
 
 ::
 
@@ -38,20 +42,31 @@ epoch's order exactly (each epoch's sampler is seeded by ``seed + epoch``) but w
 may differ; exact resumption is guaranteed for tensor datasets (GPULoader).
 """
 
-from .config import PROTOCOLS, ConfigError, TrainConfig, apply_overrides, make_config, parse_value
-from .engine import (
-    CheckpointError,
-    TrainingDiverged,
+from .classification import (
+    ClassificationTask,
     build_from_checkpoint,
+    build_model_for,
     evaluate,
     evaluate_checkpoint,
-    load_checkpoint,
-    lr_factor,
-    param_groups,
-    recalibrate_bn,
+    load_data,
     train,
 )
+from .config import PROTOCOLS, ConfigBase, ConfigError, TrainConfig, apply_overrides, make_config, parse_value
+from .loop import Task, TrainingDiverged, fit
+from .optim import build_optimizer, lr_factor, orthogonality_filters, param_groups, recalibrate_bn
+from .run import (
+    CheckpointError,
+    Process,
+    RunDir,
+    atomic_save,
+    load_checkpoint,
+    resolve_device,
+    rng_state,
+    set_rng_state,
+)
 
-__all__ = ["TrainConfig", "PROTOCOLS", "ConfigError", "make_config", "apply_overrides", "parse_value", "train",
-           "TrainingDiverged", "CheckpointError", "load_checkpoint", "build_from_checkpoint", "evaluate",
-           "evaluate_checkpoint", "lr_factor", "param_groups", "recalibrate_bn"]
+__all__ = ["TrainConfig", "ConfigBase", "PROTOCOLS", "ConfigError", "make_config", "apply_overrides", "parse_value",
+           "fit", "Task", "train", "ClassificationTask", "TrainingDiverged", "CheckpointError", "load_checkpoint",
+           "build_from_checkpoint", "build_model_for", "load_data", "evaluate", "evaluate_checkpoint", "lr_factor",
+           "param_groups", "build_optimizer", "orthogonality_filters", "recalibrate_bn", "RunDir", "Process",
+           "atomic_save", "rng_state", "set_rng_state", "resolve_device"]

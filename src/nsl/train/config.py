@@ -16,11 +16,28 @@ import math
 import re
 from dataclasses import dataclass, field, fields
 
-__all__ = ["TrainConfig", "PROTOCOLS", "make_config", "apply_overrides", "parse_value", "ConfigError"]
+__all__ = ["TrainConfig", "ConfigBase", "PROTOCOLS", "make_config", "apply_overrides", "parse_value",
+           "ConfigError", "check_keys", "AMP_MODES", "COMPILE_MODES"]
 
 
 class ConfigError(ValueError):
-    """An invalid configuration value or an unknown configuration key."""
+    """An invalid configuration value or an unknown configuration key.
+
+    ``fields`` are the configuration fields (or arguments of the call, such as ``resume``) that the
+    message names, each written ``{name}`` in ``message``. ``str(error)`` names them as fields; a front
+    end names them its own way with :meth:`render` (the command line: by its flags, e.g. ``--data-dir``).
+    """
+
+    def __init__(self, message: str, *fields: str):
+        self.template, self.fields = message, fields
+        super().__init__(self.render())
+
+    def render(self, name=lambda field: field) -> str:
+        """The message with each field ``f`` of :attr:`fields` written as ``name(f)``."""
+        text = self.template
+        for f in self.fields:
+            text = text.replace("{" + f + "}", name(f))
+        return text
 
 
 # The authors' step schedule: lr x 0.1 at 20,000, 30,000 and 37,500 of 42,500 iterations. Stored as
@@ -40,8 +57,65 @@ def check_keys(config_cls, d: dict) -> None:
         raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}")
 
 
+#: values of the configs' ``amp``
+AMP_MODES = ("none", "bf16", "fp16", "auto")
+#: values of the configs' ``compile``: ``none`` or a ``torch.compile`` mode (``default`` is torch's default mode)
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+_COMPILE_ALIASES = {True: "default", False: "none", "true": "default", "false": "none", "yes": "default",
+                    "no": "none", "on": "default", "off": "none", "1": "default", "0": "none"}
+
+
+class ConfigBase:
+    """What every run configuration shares: (de)serialisation and the settings of the engine.
+
+    A subclass is a dataclass; :func:`nsl.train.fit` reads these of its fields: ``out``, ``seed``,
+    ``device``, ``progress``, ``log_every``, ``checkpoint_every``, ``grad_clip``, ``amp``, ``stop_at``,
+    ``compile`` and ``compile_backend`` (checked, and ``compile``'s true/false aliases normalised, by
+    :meth:`validate_engine`).
+    """
+
+    def to_dict(self) -> dict:
+        """The fields as plain JSON values (tuples as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        """A validated config from ``to_dict()``'s output (unknown keys rejected; missing ones take defaults)."""
+        check_keys(cls, d)
+        d = dict(d)
+        for f in fields(cls):
+            if isinstance(f.default, tuple) and isinstance(d.get(f.name), list):
+                d[f.name] = tuple(d[f.name])
+        cfg = cls(**d)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        self.validate_engine()
+
+    def validate_engine(self) -> None:
+        """Raise :class:`ConfigError` for engine settings out of range."""
+        if self.amp not in AMP_MODES:
+            raise ConfigError(f"amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
+        for name in ("stop_at", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        key = self.compile.lower() if isinstance(self.compile, str) else self.compile
+        if isinstance(key, (bool, str)) and key in _COMPILE_ALIASES:
+            self.compile = _COMPILE_ALIASES[key]
+        if self.compile not in COMPILE_MODES:
+            raise ConfigError(f"compile must be one of {', '.join(COMPILE_MODES)} (or true/false), got "
+                              f"{self.compile!r}")
+        if not isinstance(self.compile_backend, str) or not self.compile_backend:
+            raise ConfigError(f"compile_backend must be the name of a torch.compile backend, got "
+                              f"{self.compile_backend!r}")
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(ConfigBase):
     """Everything a training run depends on. Defaults are the ``paper`` protocol.
 
     Run: ``dataset``, ``data_dir``, ``model``, ``layer``, ``out`` (run directory), ``seed``,
@@ -118,6 +192,9 @@ class TrainConfig:
     # engine
     amp: str = "none"  # none | bf16 | fp16 | auto (bf16 on CUDA, none on CPU)
     channels_last: bool = False
+    compile: str = "none"  # torch.compile of the model for training: none | default | reduce-overhead (CUDA graphs)
+    # | max-autotune (torch.compile's modes; true/false are default/none); checkpoints hold the uncompiled weights
+    compile_backend: str = "inductor"  # torch.compile backend (aot_eager compiles fastest on the CPU)
     eval_every: int = 2500  # steps between test evaluations (0: only at the end)
     checkpoint_every: int = 500  # steps between checkpoints (0: only at evaluations and the end)
     log_every: int = 50  # steps between metrics.jsonl train records
@@ -126,24 +203,6 @@ class TrainConfig:
     num_workers: int = 4  # imagefolder only
     image_size: int = 224  # imagefolder only
     extra: dict = field(default_factory=dict)  # free-form notes recorded with the run
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["lr_milestones"] = list(self.lr_milestones)
-        return d
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        check_keys(cls, d)
-        d = dict(d)
-        if "lr_milestones" in d and d["lr_milestones"] is not None:
-            d["lr_milestones"] = tuple(d["lr_milestones"])
-        cfg = cls(**d)
-        cfg.validate()
-        return cfg
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for values out of range or of unknown choices."""
@@ -183,7 +242,6 @@ class TrainConfig:
         choice("schedule", ("multistep", "cosine", "onecycle", "constant"))
         choice("optimizer", ("sgd", "adam", "adamw"))
         choice("input", ("raw", "unit", "normalize"))
-        choice("amp", ("none", "bf16", "fp16", "auto"))
         if self.iters is None and self.epochs is None:
             raise ConfigError("set iters or epochs")
         if self.iters is not None and self.iters < 1:
@@ -193,8 +251,7 @@ class TrainConfig:
         for name in ("batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("train_subset", "test_subset", "stop_at", "warmup_iters", "eval_every", "checkpoint_every",
-                     "log_every", "bn_recalibrate", "pad"):
+        for name in ("train_subset", "test_subset", "warmup_iters", "eval_every", "bn_recalibrate", "pad"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0 or not math.isfinite(self.lr):
@@ -207,6 +264,7 @@ class TrainConfig:
             raise ConfigError(f"onecycle_pct must be in (0, 1), got {self.onecycle_pct}")
         if any(not 0 < m < 1 for m in self.lr_milestones):
             raise ConfigError(f"lr_milestones are fractions of the run in (0, 1), got {list(self.lr_milestones)}")
+        self.validate_engine()
 
 
 #: models whose channel width ``TrainConfig.width`` sets
