@@ -206,7 +206,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", type=Path, help="folder holding CIFAR-10 (cifar-10-batches-py/ or cifar-10-batches-bin/)")
     p.add_argument("--out", type=Path, default=Path("runs/paper-gpu"), help="parent of the run folders")
-    p.add_argument("--kinds", default=",".join(KINDS), help="comma-separated layer kinds (default: the table's 7)")
+    p.add_argument("--kinds", default=",".join(KINDS),
+                   help="comma-separated layer kinds of nsl.layers.LAYER_KINDS (default: the table's 7)")
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
     p.add_argument("--jobs", type=int, default=0, help="runs at a time (default: all of them at once)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per run (default 1)")
@@ -237,9 +238,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.threads < 1:
         p.error("--threads must be >= 1")
     args.kinds = [k for k in args.kinds.split(",") if k]
-    bad = [k for k in args.kinds if k not in KINDS]
+    from nsl.layers import LAYER_KINDS
+
+    bad = [k for k in args.kinds if k not in LAYER_KINDS]
     if bad:
-        p.error(f"--kinds: unknown kind(s) {', '.join(bad)}; valid: {', '.join(KINDS)}")
+        p.error(f"--kinds: unknown kind(s) {', '.join(bad)}; valid: {', '.join(LAYER_KINDS)}")
     try:
         args.seeds = [int(s) for s in args.seeds.split(",") if s]
     except ValueError:
