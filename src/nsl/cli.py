@@ -144,7 +144,7 @@ def _export(args: argparse.Namespace) -> int:
         print(json.dumps(res))
         return 0
     n, *chw = res["input_shape"]
-    folded = f", {res['folded_static_layers']} static NSL layer(s) folded" if args.fold else ""
+    folded = f" ({res['folded_static_layers']} static NSL layer(s) folded)" if args.fold else ""
     ops = f", operators: {', '.join(res['onnx_ops'])}" if res["onnx_ops"] is not None else ""
     print(f"exported the {res['what']}{folded} to {res['out']}: input [N, {', '.join(map(str, chw))}] (N dynamic) "
           f"-> output [N, {', '.join(map(str, res['output_shape'][1:]))}], opset {res['opset']}{ops}")

@@ -91,7 +91,8 @@ def load_for_export(checkpoint: str | Path) -> ExportedModel:
             chw = (int(meta["in_channels"]), int(meta["image_size"]), int(meta["image_size"]))
             info = {"task": "classification", "model": cfg.model, "layer": cfg.layer, "dataset": cfg.dataset,
                     "output": "logits [N, classes]", "mean": json.dumps(meta.get("mean")),
-                    "std": json.dumps(meta.get("std")), "classes": json.dumps(meta.get("classes"))}
+                    "std": json.dumps(meta.get("std")), "classes": json.dumps(meta.get("classes")),
+                    "num_classes": int(meta["num_classes"])}
             what = f"{cfg.model}/{cfg.layer} classifier ({cfg.dataset})"
         else:
             from .fewshot.train import FewShotConfig, build_fewshot_model
@@ -265,6 +266,17 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, fold: bool = False, 
     c, h, w = model.input_chw
     if input_size is not None:
         h, w = (int(s) for s in input_size)
+    try:
+        with torch.no_grad():
+            y = module(torch.zeros(2, c, h, w))
+    except Exception as e:  # noqa: BLE001 - a model that cannot take this input size
+        raise ExportError(f"the {model.what} cannot take {h}x{w} inputs ({type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+    n_classes = model.metadata.get("num_classes")
+    if n_classes is not None and tuple(y.shape[1:]) != (int(n_classes),):
+        raise ExportError(f"the {model.what} maps {h}x{w} inputs to outputs of shape [N, "
+                          f"{', '.join(map(str, y.shape[1:]))}], not [N, {n_classes}] logits; it was built for "
+                          f"{model.input_chw[1]}x{model.input_chw[2]} inputs")
     meta = {**{k: v for k, v in model.metadata.items() if v != "null"}, "folded": str(bool(fold))}
     result = export_module(module, out, (batch, c, h, w), opset=opset, check=check, atol=atol, rtol=rtol,
                            metadata=meta)
