@@ -172,10 +172,20 @@ def benchmark(shapes: dict, device: torch.device, repeat: int, warmup: int) -> t
     rows = []
     for shape_name, shape in shapes.items():
         for dtype_name, dtype in DTYPES.items():
-            cases = {impl: make_run(impl, shape, dtype, device) for impl in impls}
-            times = time_cases({impl: case[0] for impl, case in cases.items()}, repeat, warmup)
-            peaks = {impl: peak_bytes(case[0], device) for impl, case in cases.items()}
+            cases = {}
             for impl in impls:
+                try:  # e.g. a peer without this dtype, or out of memory: record it, measure the rest
+                    cases[impl] = make_run(impl, shape, dtype, device)
+                    if warmup:  # the first warm-up call, here so that a failure drops only this case
+                        cases[impl][0]()
+                except Exception as e:  # noqa: BLE001
+                    if impl == "conv":
+                        raise
+                    cases.pop(impl, None)
+                    skipped[f"{impl}/{shape_name}/{dtype_name}"] = f"{type(e).__name__}: {str(e)[:200]}"
+            times = time_cases({impl: case[0] for impl, case in cases.items()}, repeat, max(0, warmup - 1))
+            peaks = {impl: peak_bytes(case[0], device) for impl, case in cases.items()}
+            for impl in cases:
                 row = {"shape": shape_name, "dtype": dtype_name, "impl": impl, "ms": 1e3 * times[impl],
                        "x_conv": times[impl] / times["conv"]}
                 if peaks[impl] is not None:
