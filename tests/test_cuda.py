@@ -137,11 +137,12 @@ def _assert_close(got, want, dtype, tol=None, names=("out", "dx", "dw", "dsim"))
 
 @pytest.fixture(autouse=True)
 def no_tf32():
-    """Default PyTorch matmul precision (no TF32) unless a test asks for it."""
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
+    """IEEE float32 in matmuls (PyTorch's default) and in cuDNN convolutions (TF32 by default there,
+    used by the ztrick backend's 1x1 convolution) unless a test asks for TF32."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
-    torch.backends.cuda.matmul.allow_tf32 = before
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
