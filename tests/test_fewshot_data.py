@@ -339,6 +339,9 @@ def test_mini_imagenet_tiny_tree(mini_tree):
 def test_mini_imagenet_errors(tmp_path, mini_tree):
     with pytest.raises(DatasetError, match=r"train.csv not found .*header 'filename,label'.*images/"):
         load_mini_imagenet(tmp_path, "train")
+    (tmp_path / "train.csv").write_bytes(b"\xff\xfe\x00garbage\x9c")  # corrupt: not text
+    with pytest.raises(DatasetError, match=r"cannot read .*train.csv: not UTF-8 text; expected the Ravi"):
+        load_mini_imagenet(tmp_path, "train")
     (tmp_path / "train.csv").write_text("file,class\na.png,n0\n")
     with pytest.raises(DatasetError, match="header 'filename,label'"):
         load_mini_imagenet(tmp_path, "train")

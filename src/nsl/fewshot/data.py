@@ -411,8 +411,12 @@ def load_mini_imagenet(root: str | os.PathLike, split: str, image_size: int | No
     _check_split("mini-imagenet", split, SPLITS)
     base = _mini_dir(Path(root), split)
     csv_path = base / f"{split}.csv"
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.reader(f) if r]
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as f:
+            rows = [r for r in csv.reader(f) if r]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        reason = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else (getattr(e, "strerror", None) or str(e))
+        raise DatasetError(f"cannot read {csv_path}: {reason}; " + _MINI_LAYOUT.format(where=base)) from None
     if not rows or [c.strip() for c in rows[0]] != ["filename", "label"]:
         raise DatasetError(f"{csv_path}: the first line must be the header 'filename,label', got "
                            f"{rows[0] if rows else 'an empty file'}; " + _MINI_LAYOUT.format(where=base))
