@@ -227,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-tests", action="store_true", help="only the benchmark")
     parser.add_argument("--repeat", type=int, default=None, help="timed rounds (default 10; 1 with --cpu-interpret)")
     parser.add_argument("--shapes", default=None, help="comma-separated subset of " + ", ".join(SHAPES))
+    parser.add_argument("--fp32-precision", choices=("tf32", "ieee"), default="tf32",
+                        help="float32 benchmark rows: TF32 allowed for matmuls and cuDNN alike (default, cuDNN's "
+                             "own default) or IEEE everywhere; the tests always set their own")
     args = parser.parse_args(argv)
     if args.cpu_interpret:
         if os.environ.get("TRITON_INTERPRET") != "1":
@@ -246,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     env = environment()
     if device.type == "cuda":
         env.update({"gpu": torch.cuda.get_device_name(), "cuda": torch.version.cuda,
-                    "allow_tf32": torch.backends.cuda.matmul.allow_tf32})
+                    "fp32_precision": args.fp32_precision})
     try:
         import triton
 
@@ -260,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         tests = payload["tests"]
         print(f"  {tests['summary']} (exit {tests['returncode']}: {'ok' if tests['ok'] else 'FAILED'})", flush=True)
     print("benchmark (forward + backward) ...", flush=True)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.fp32_precision == "tf32"
     rows, skipped = benchmark(shapes, device, repeat, warmup)
     payload.update({"shapes": {k: shapes[k] for k in shapes}, "rows": rows, "skipped": skipped,
                     "checks": target_checks(rows), "seconds": round(time.perf_counter() - t0, 1)})
