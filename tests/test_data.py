@@ -413,6 +413,14 @@ def test_imagefolder_errors(tree, tmp_path):
     with pytest.raises(DatasetError, match=r"1 class folder\(s\) hold no image \(a\)"):
         ImageFolder(tmp_path)
     assert len(ImageFolder(tmp_path, allow_empty=True)) == 5
+    # a training loader drops incomplete batches: fewer images than one batch would be an epoch without batches
+    small = tmp_path / "small"
+    shutil.copytree(tree[0] / "val" / "cat", small / "cat")
+    with pytest.raises(DatasetError, match=r"has 5 images, fewer than one batch of 16: .*lower batch_size"):
+        imagefolder_loader(small, 16, train=True, num_workers=0)
+    with pytest.raises(DatasetError, match=r"has 5 images \(2 per process of 2\), fewer than one batch of 4"):
+        imagefolder_loader(small, 4, train=True, num_workers=0, rank=1, world_size=2)
+    assert len(imagefolder_loader(small, 16, train=False, num_workers=0)) == 1  # evaluation keeps the rest
     (tmp_path / "b" / "zz.png").write_bytes(b"not a png")
     ds = ImageFolder(tmp_path, allow_empty=True)
     with pytest.raises(DatasetError, match="cannot decode image .*zz.png"):

@@ -319,6 +319,10 @@ def imagefolder_loader(root: str | Path, batch_size: int, *, train: bool, image_
 
     Returns:
         a DataLoader yielding ``(images float32 [B, 3, image_size, image_size], labels int64 [B])``.
+
+    Raises:
+        DatasetError: the folder is not an image folder tree, or with ``drop_last`` it holds fewer images
+            (per process) than one batch, so that an epoch would yield nothing.
     """
     tf = (train_transform(image_size, mean, std) if train else eval_transform(image_size, resize, mean, std))
     dataset = ImageFolder(root, transform=tf)
@@ -336,6 +340,12 @@ def imagefolder_loader(root: str | Path, batch_size: int, *, train: bool, image_
         if prefetch_factor is not None:
             kw["prefetch_factor"] = prefetch_factor
     drop_last = train if drop_last is None else drop_last
+    per_rank = len(dataset) // world_size
+    if drop_last and per_rank < batch_size:
+        raise DatasetError(f"image folder {dataset.root} has {len(dataset)} images"
+                           + (f" ({per_rank} per process of {world_size})" if world_size > 1 else "")
+                           + f", fewer than one batch of {batch_size}: training drops incomplete batches, so an "
+                           "epoch would have no batch; lower batch_size or add images")
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
                                        num_workers=num_workers, drop_last=drop_last, generator=g,
                                        pin_memory=pin_memory, **kw)
