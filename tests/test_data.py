@@ -414,7 +414,7 @@ def test_imagefolder_errors(tree, tmp_path):
         ImageFolder(tmp_path)
     assert len(ImageFolder(tmp_path, allow_empty=True)) == 5
     # a training loader drops incomplete batches: fewer images than one batch would be an epoch without batches
-    small = tmp_path / "small"
+    small = tmp_path.with_name(tmp_path.name + "-small")  # outside the tree above
     shutil.copytree(tree[0] / "val" / "cat", small / "cat")
     with pytest.raises(DatasetError, match=r"has 5 images, fewer than one batch of 16: .*lower batch_size"):
         imagefolder_loader(small, 16, train=True, num_workers=0)
