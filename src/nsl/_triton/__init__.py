@@ -26,7 +26,9 @@ writes the ``P x C_in x L`` columns to memory; the backward needs only ``x``, ``
 * ``dx``: the transposed (gather) formulation over input positions, ``gout * M`` tiles times
   ``W_p`` (no atomics);
 * ``dW``: per (group, position) a ``[C_out-tile, C_in-tile]`` reduction over output positions,
-  split over positions for parallelism and atomically added into a float32 buffer;
+  split over positions for parallelism and atomically added into a float32 buffer (the order of
+  those additions varies, so dW is not bitwise reproducible run to run; a partial-sums buffer
+  would be, at SPLIT times the weight's memory);
 * ``dM``: ``h_p = W_p^T gout`` on chip (``tl.dot``), reduced against the input taps.
 
 float32 operands use TF32 exactly when ``torch.backends.cuda.matmul.allow_tf32`` is True at
