@@ -100,18 +100,21 @@ def test_matches_reference(geom, layout, dtype):
 @pytest.mark.parametrize("n", [1, 3])
 def test_small_tiles_split_rows(layout, padding, n):
     """Tiles shorter than an output row (and not dividing it) still give the same result; with
-    N=1 and 2 threads the tiles of one image are split across threads (per-thread dx)."""
+    N=1 and 2 threads the tiles of one image are split across threads (per-thread dx). Runs the
+    AVX-512 P x P loops (full layout) where the CPU has them."""
     geom = (n, 3, 4, 5, 45, (3, 3), (1, 1), padding, (1, 1), 1)
     tensors, geo = _inputs(geom, layout, torch.float64, seed=1)
     ref_out, ref_grads = _grads(reference, *tensors, geo)
     ext = _cpp._ext()
     old_threads = torch.get_num_threads()
     torch.set_num_threads(2)
-    old_bytes = ext.set_tile_bytes(1)  # tiles of about 32 locations, shorter than a row
+    old_bytes = ext.set_tile_bytes(1)  # with a minimum of 32 locations: tiles shorter than a row
+    old_min = ext.set_min_tile(32)
     try:
         out, grads = _grads(_cpp.dynamic_ns_conv2d, *tensors, geo)
     finally:
         ext.set_tile_bytes(old_bytes)
+        ext.set_min_tile(old_min)
         torch.set_num_threads(old_threads)
     torch.testing.assert_close(out, ref_out)
     for g, r in zip(grads, ref_grads, strict=True):

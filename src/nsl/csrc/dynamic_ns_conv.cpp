@@ -68,11 +68,11 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 // The element-wise loops are compiled for several instruction sets and picked at load time
 // (GCC function multiversioning), since the extension itself is built for the baseline ISA only:
 // NSL_MULTIVERSION on the per-tile entry points, NSL_INLINE on the loops they inline. (An
-// x86-64-v4 / AVX-512 clone was measured no faster than AVX2 + FMA here, and compiles longer.)
+// x86-64-v4 / AVX-512 clone serves the 512-bit P x P loops of the full layout, see g_avx512.)
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
     __GNUC__ >= 11
 #define NSL_MULTIVERSION \
-  __attribute__((target_clones("arch=x86-64-v3", "default")))
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define NSL_MULTIVERSION
 #endif
@@ -88,6 +88,8 @@ namespace {
 
 // Bytes targeted for one [K, T] tile buffer (tunable through set_tile_bytes for benchmarking).
 int64_t g_tile_bytes = 256 * 1024;
+// Fewest output locations per tile, whatever the byte budget (tunable through set_min_tile).
+int64_t g_min_tile = 128;
 // GEMM backend: 0 = best available (oneDNN brgemm for float where torch ships it, else BLAS);
 // 1 = BLAS only; 2 = the at::mm fallback only (testing switch, set_gemm_backend).
 int g_gemm_backend = 0;
@@ -211,11 +213,13 @@ Geom make_geom(const at::Tensor& x, const at::Tensor& w, std::vector<int64_t> st
               "kernel larger than the padded input");
   g.L = g.Ho * g.Wo;
   g.K = g.cin_g * g.P;
-  // Tile length: as many locations as fit the byte budget (at least 32), then evened out over
-  // the tiles an image needs (no short last tile: GEMMs on few columns are slow), rounded up to
-  // whole output rows when a row fits.
+  // Tile length: as many locations as fit the byte budget, but at least g_min_tile (the GEMMs'
+  // free dimension: H = W^T g and out = W B stream all of W once per tile, and dW^T += B g^T has
+  // the tile length as its inner dimension, so short tiles of wide layers are slow), then evened
+  // out over the tiles an image needs (no short last tile), rounded up to whole output rows when
+  // a row fits.
   int64_t t = std::max<int64_t>(1, g_tile_bytes / (g.K * elem_size));
-  t = std::min(g.L, std::max(t, std::min<int64_t>(g.L, 32)));
+  t = std::min(g.L, std::max(t, std::min<int64_t>(g.L, g_min_tile)));
   const int64_t nt = (g.L + t - 1) / t;
   t = (g.L + nt - 1) / nt;
   if (t >= g.Wo) t = std::min(g.L, (t + g.Wo - 1) / g.Wo * g.Wo);
@@ -437,7 +441,17 @@ constexpr int64_t kChunk = 64;
 #endif
 // 32-byte vectors of the GCC vector extension; loads and stores go through memcpy, so they
 // need no alignment and do not break strict aliasing (they compile to plain vector moves).
-template <typename scalar_t> constexpr int64_t kVecLen = 32 / sizeof(scalar_t);
+// Vector bytes of the register-blocked loops: 64 (AVX-512) where the CPU has it, else 32.
+// The full layout's P x P products are FMA-bound, so they gain from 512-bit vectors (unlike the
+// memory-bound element-wise loops).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+// (the x86-64-v4 features, so that the clone selected is the AVX-512 one)
+const bool g_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+                      __builtin_cpu_supports("avx512cd");
+#else
+const bool g_avx512 = false;
+#endif
 
 template <typename V, typename scalar_t>
 NSL_INLINE V vload(const scalar_t* p) {
@@ -492,12 +506,12 @@ NSL_INLINE void mix_generic(int64_t P, int64_t cin, const scalar_t* __restrict M
 // The vector of M values for each (a, b) is first packed contiguously (pack: P * P * VL), so
 // the unrolled loops address it with constant offsets (81 separately strided pointers would
 // not fit in registers).
-template <typename scalar_t, int P>
+template <typename scalar_t, int P, int VB>
 NSL_INLINE int64_t mix_fixed(int64_t cin, const scalar_t* Mt, int64_t sa, int64_t sb,
                              const scalar_t* src, scalar_t* dst, int64_t ld, int64_t len,
                              scalar_t* __restrict pack) {
-  typedef scalar_t V __attribute__((vector_size(32)));
-  constexpr int64_t VL = kVecLen<scalar_t>;
+  typedef scalar_t V __attribute__((vector_size(VB)));
+  constexpr int64_t VL = VB / sizeof(scalar_t);
   int64_t t = 0;
   for (; t + VL <= len; t += VL) {
     for (int a = 0; a < P; ++a)
@@ -532,9 +546,15 @@ NSL_INLINE void mix_positions(const Geom& g, const scalar_t* Mt, bool trans, int
   const int64_t sa = trans ? L : P * L, sb = trans ? P * L : L;
   int64_t done = 0;
 #if NSL_VECTOR_EXT
-  if (P == 9) done = mix_fixed<scalar_t, 9>(g.cin_g, Mt, sa, sb, src, dst, ld, len, pack);
-  else if (P == 4) done = mix_fixed<scalar_t, 4>(g.cin_g, Mt, sa, sb, src, dst, ld, len, pack);
-  else if (P == 25) done = mix_fixed<scalar_t, 25>(g.cin_g, Mt, sa, sb, src, dst, ld, len, pack);
+  if (P == 9 && g_avx512) {
+    done = mix_fixed<scalar_t, 9, 64>(g.cin_g, Mt, sa, sb, src, dst, ld, len, pack);
+  } else if (P == 9) {
+    done = mix_fixed<scalar_t, 9, 32>(g.cin_g, Mt, sa, sb, src, dst, ld, len, pack);
+  } else if (P == 4) {
+    done = mix_fixed<scalar_t, 4, 32>(g.cin_g, Mt, sa, sb, src, dst, ld, len, pack);
+  } else if (P == 25) {
+    done = mix_fixed<scalar_t, 25, 32>(g.cin_g, Mt, sa, sb, src, dst, ld, len, pack);
+  }
 #endif
   mix_generic(P, g.cin_g, Mt, sa, sb, src, dst, ld, done, len);
 }
@@ -571,12 +591,12 @@ NSL_INLINE void dM_generic(int64_t P, int64_t L, int64_t cin, scalar_t* __restri
 // Same with P fixed, on whole vectors: a row dM[p, :] of accumulators stays in registers while
 // c runs. The vectors of H and C are first packed contiguously (pack: 2 * cin * P * VL) so the
 // unrolled loops use constant offsets. Returns the first location not done.
-template <typename scalar_t, int P>
+template <typename scalar_t, int P, int VB>
 NSL_INLINE int64_t dM_fixed(int64_t L, int64_t cin, scalar_t* dMt, const scalar_t* Hb,
                             const scalar_t* Cb, int64_t ld, int64_t len,
                             scalar_t* __restrict pack) {
-  typedef scalar_t V __attribute__((vector_size(32)));
-  constexpr int64_t VL = kVecLen<scalar_t>;
+  typedef scalar_t V __attribute__((vector_size(VB)));
+  constexpr int64_t VL = VB / sizeof(scalar_t);
   const int64_t K = cin * P;
   scalar_t* __restrict hp = pack;
   scalar_t* __restrict cp = pack + K * VL;
@@ -611,9 +631,15 @@ NSL_INLINE void accumulate_dM(const Geom& g, scalar_t* dMt, int64_t len, const s
                               const scalar_t* Cb, int64_t ld, scalar_t* pack) {
   int64_t done = 0;
 #if NSL_VECTOR_EXT
-  if (g.P == 9) done = dM_fixed<scalar_t, 9>(g.L, g.cin_g, dMt, Hb, Cb, ld, len, pack);
-  else if (g.P == 4) done = dM_fixed<scalar_t, 4>(g.L, g.cin_g, dMt, Hb, Cb, ld, len, pack);
-  else if (g.P == 25) done = dM_fixed<scalar_t, 25>(g.L, g.cin_g, dMt, Hb, Cb, ld, len, pack);
+  if (g.P == 9 && g_avx512) {
+    done = dM_fixed<scalar_t, 9, 64>(g.L, g.cin_g, dMt, Hb, Cb, ld, len, pack);
+  } else if (g.P == 9) {
+    done = dM_fixed<scalar_t, 9, 32>(g.L, g.cin_g, dMt, Hb, Cb, ld, len, pack);
+  } else if (g.P == 4) {
+    done = dM_fixed<scalar_t, 4, 32>(g.L, g.cin_g, dMt, Hb, Cb, ld, len, pack);
+  } else if (g.P == 25) {
+    done = dM_fixed<scalar_t, 25, 32>(g.L, g.cin_g, dMt, Hb, Cb, ld, len, pack);
+  }
 #endif
   dM_generic(g.P, g.L, g.cin_g, dMt, Hb, Cb, ld, done, len);
 }
@@ -676,10 +702,10 @@ struct Args {
 };
 
 // Workspace of one thread: nbuf tiles of K * T elements, the packing area of the fixed-P loops
-// (2 * K * 8 + P * P * 8 elements: 8 is the longest vector, 8 floats), and a transposed tile
+// (2 * K * 16 + P * P * 16 elements: 16 is the longest vector, 16 floats), and a transposed tile
 // of grad_out (T * cout_g).
 int64_t workspace_size(const Geom& g, int64_t nbuf) {
-  return nbuf * g.K * g.T + 2 * g.K * 8 + g.P * g.P * 8 + g.T * g.cout_g;
+  return nbuf * g.K * g.T + 2 * g.K * 16 + g.P * g.P * 16 + g.T * g.cout_g;
 }
 
 // out[n, :, t0:t0+len] for all groups. ws: workspace_size(g, 2) elements.
@@ -723,7 +749,7 @@ NSL_MULTIVERSION void backward_tile(const Args<scalar_t>& a, const scalar_t* gou
   scalar_t* Hb = ws + g.K * g.T;
   scalar_t* X = ws + 2 * g.K * g.T;
   scalar_t* pack = ws + 3 * g.K * g.T;
-  scalar_t* gT = pack + 2 * g.K * 8 + g.P * g.P * 8;  // [len, cout_g]
+  scalar_t* gT = pack + 2 * g.K * 16 + g.P * g.P * 16;  // [len, cout_g]
   for (int64_t grp = 0; grp < g.groups; ++grp) {
     const scalar_t* xg = a.x + (n * g.C_in + grp * g.cin_g) * HW;
     const scalar_t* gg = gout + (n * g.C_out + grp * g.cout_g) * g.L + t0;
@@ -926,6 +952,14 @@ int64_t set_tile_bytes(int64_t bytes) {
   return old;
 }
 
+// Sets the fewest output locations per tile; returns the previous value.
+int64_t set_min_tile(int64_t locations) {
+  TORCH_CHECK(locations > 0, "the minimum tile length must be positive");
+  const int64_t old = g_min_tile;
+  g_min_tile = locations;
+  return old;
+}
+
 // The GEMM backends compiled in and found at load time.
 std::vector<std::string> gemm_backends() {
   std::vector<std::string> r;
@@ -963,6 +997,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("need_dsim"), release_gil());
   m.def("set_tile_bytes", &set_tile_bytes,
         "bytes targeted per column tile (tuning); returns the previous value");
+  m.def("set_min_tile", &set_min_tile,
+        "fewest output locations per column tile (tuning); returns the previous value");
   m.def("gemm_backends", &gemm_backends, "GEMM backends available, fastest first");
   m.def("set_gemm_backend", &set_gemm_backend,
         "testing: 0 best available, 1 BLAS only, 2 at::mm only; returns the previous value");
