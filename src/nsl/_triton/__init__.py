@@ -45,6 +45,7 @@ importing this package never imports or launches anything and works without Trit
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from dataclasses import dataclass
@@ -303,13 +304,7 @@ def _pairs(*values):
     return [(int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1])) for v in values]
 
 
-def forward(x, weight, sim, stride, padding, dilation, groups) -> torch.Tensor:
-    """Dynamic NSL forward ``[N, C_out, H_out, W_out]`` (module docstring), no bias.
-
-    ``x [N, C_in, H, W]``, ``weight [C_out, C_in/groups, kh, kw]``, ``sim [N, P, Ho, Wo]`` or
-    ``[N, P, P, Ho, Wo]``, one dtype (float32, bfloat16, float16) on one device; ``stride``,
-    ``padding`` (symmetric), ``dilation`` pairs; ``groups`` int. Not autograd-aware.
-    """
+def _forward(x, weight, sim, stride, padding, dilation, groups) -> torch.Tensor:
     _check((x, weight, sim), ("x", "weight", "sim"))
     stride, padding, dilation = _pairs(stride, padding, dilation)
     groups = int(groups)
@@ -341,10 +336,7 @@ def dw_split(rows: int, programs: int, block: int, interpret: bool) -> tuple[int
     return _cdiv(rows, per), per
 
 
-def backward(grad_out, x, weight, sim, stride, padding, dilation, groups, need_dx, need_dw, need_dsim):
-    """Gradients ``(dx | None, dw | None, dsim | None)`` of :func:`forward` for ``grad_out``
-    ``[N, C_out, H_out, W_out]``; each computed only when its ``need_*`` flag is true. Needs only
-    ``x``, ``weight`` and ``sim`` (no saved columns). Outputs in the input dtype."""
+def _backward(grad_out, x, weight, sim, stride, padding, dilation, groups, need_dx, need_dw, need_dsim):
     _check((x, weight, sim), ("x", "weight", "sim"))
     stride, padding, dilation = _pairs(stride, padding, dilation)
     groups = int(groups)
@@ -389,3 +381,29 @@ def backward(grad_out, x, weight, sim, stride, padding, dilation, groups, need_d
                                                 **cfg.constexprs(ieee), num_warps=cfg.num_warps,
                                                 num_stages=cfg.num_stages)
     return dx, dw, dsim
+
+
+def _on_device(t):
+    """Launch on ``t``'s GPU (Triton launches on the current CUDA device)."""
+    if isinstance(t, torch.Tensor) and t.is_cuda:
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def forward(x, weight, sim, stride, padding, dilation, groups) -> torch.Tensor:
+    """Dynamic NSL forward ``[N, C_out, H_out, W_out]`` (module docstring), no bias.
+
+    ``x [N, C_in, H, W]``, ``weight [C_out, C_in/groups, kh, kw]``, ``sim [N, P, Ho, Wo]`` or
+    ``[N, P, P, Ho, Wo]``, one dtype (float32, bfloat16, float16) on one device; ``stride``,
+    ``padding`` (symmetric), ``dilation`` pairs; ``groups`` int. Not autograd-aware.
+    """
+    with _on_device(x):
+        return _forward(x, weight, sim, stride, padding, dilation, groups)
+
+
+def backward(grad_out, x, weight, sim, stride, padding, dilation, groups, need_dx, need_dw, need_dsim):
+    """Gradients ``(dx | None, dw | None, dsim | None)`` of :func:`forward` for ``grad_out``
+    ``[N, C_out, H_out, W_out]``; each computed only when its ``need_*`` flag is true. Needs only
+    ``x``, ``weight`` and ``sim`` (no saved columns). Outputs in the input dtype."""
+    with _on_device(x):
+        return _backward(grad_out, x, weight, sim, stride, padding, dilation, groups, need_dx, need_dw, need_dsim)
