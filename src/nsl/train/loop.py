@@ -37,7 +37,16 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .config import ConfigError
-from .run import Process, RunDir, autocast_and_scaler, dist_env, resolve_device, rng_state, set_rng_state
+from .run import (
+    Process,
+    RunDir,
+    autocast_and_scaler,
+    dist_env,
+    nonfinite_tensors,
+    resolve_device,
+    rng_state,
+    set_rng_state,
+)
 
 __all__ = ["fit", "Task", "TrainingDiverged"]
 
@@ -161,10 +170,22 @@ class Task:
 
 
 class _Window:
-    """Sums over the steps since the last train record (host-side, filled at synchronisation points)."""
+    """Sums over the steps since the last train record (host-side, filled at synchronisation points).
+
+    Checkpoints hold it (:meth:`state_dict`), so that a resumed run writes the same train records as an
+    uninterrupted one (the throughput and times aside)."""
 
     def __init__(self):
         self.loss, self.steps, self.items, self.stats, self.train_time = 0.0, 0, 0, {}, 0.0
+
+    def state_dict(self) -> dict:
+        return {"loss": self.loss, "steps": self.steps, "items": self.items, "train_time": self.train_time,
+                "stats": {k: list(v) for k, v in self.stats.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loss, self.steps, self.items = float(state["loss"]), int(state["steps"]), int(state["items"])
+        self.train_time = float(state["train_time"])
+        self.stats = {k: [float(v[0]), int(v[1])] for k, v in state["stats"].items()}
 
     def record(self, unit: str, step: int, lr: float, throughput_key: str, world_size: int, time: float,
                extras: dict) -> dict:
@@ -215,6 +236,7 @@ def fit(task: Task, cfg, resume: bool = False, echo=print) -> dict:
     try:
         return _fit(task, cfg, resume, echo, run, process)
     finally:
+        run.close()
         if own_group:
             dist.destroy_process_group()
 
@@ -224,7 +246,7 @@ def _fit(task: Task, cfg, resume: bool, echo, run: RunDir, process: Process) -> 
     say = echo if main else (lambda *a, **k: None)
     unit = task.unit
 
-    ckpt = run.open(cfg, resume, task.structural, load=task.load_checkpoint)
+    ckpt = run.open(cfg, resume, task.structural, load=task.load_checkpoint, lock=main)
     if ckpt is not None and ckpt.get("world_size", 1) != world_size:
         raise ConfigError(f"the run was saved with {ckpt.get('world_size', 1)} processes; resume with the same "
                           f"number (now {world_size})")
@@ -261,12 +283,21 @@ def _fit(task: Task, cfg, resume: bool, echo, run: RunDir, process: Process) -> 
     if main:
         run.start(cfg, ckpt, step, unit)
 
+    def last_good() -> str:
+        kept_step = run.last_step(unit)
+        return f"{run.last} ({unit} {kept_step})" if kept_step is not None else "none (no checkpoint was written yet)"
+
     def save(which: str) -> None:
         loader_state = task.loader_state()
         if process.distributed and loader_state is not None:
             gathered = [None] * world_size
             dist.all_gather_object(gathered, loader_state)
             loader_state = gathered
+        bad = nonfinite_tensors(list(model.named_parameters()) + list(model.named_buffers()))
+        if bad:  # a loss can stay finite while weights or BN statistics overflow: never save that state
+            raise TrainingDiverged(
+                f"{len(bad)} parameter or buffer tensor(s) became NaN or inf by {unit} {step} (first {bad[0]}); "
+                f"stopped without saving. Last good checkpoint: {last_good()}. Try {task.divergence_hint}.")
         if not main:
             return
         state = {"format": task.checkpoint_format, "version": CHECKPOINT_VERSION, unit: step, task.total_key: total,
@@ -275,7 +306,7 @@ def _fit(task: Task, cfg, resume: bool, echo, run: RunDir, process: Process) -> 
         if loader_state is not None:
             state["loader"] = loader_state
         state.update({"rng": rng_state(), "best_acc": best_acc, task.best_key: best_step, "world_size": world_size,
-                      "params": params})
+                      "params": params, "window": window.state_dict(), "ema_loss": ema_loss})
         if scaler is not None:
             state["scaler"] = scaler.state_dict()
         run.save(state, which)
@@ -293,8 +324,11 @@ def _fit(task: Task, cfg, resume: bool, echo, run: RunDir, process: Process) -> 
     stream = task.batches(step)
     net.train()
     window = _Window()
-    pending: list[tuple[int, float, torch.Tensor, dict]] = []  # steps not yet synchronised with the host
     ema_loss = None
+    if ckpt is not None and "window" in ckpt:  # the logging window the checkpoint was taken in
+        window.load_state_dict(ckpt["window"])
+        ema_loss = ckpt.get("ema_loss")
+    pending: list[tuple[int, float, torch.Tensor, dict]] = []  # steps not yet synchronised with the host
     t_start, train_time, trained, last_eval = time.perf_counter(), 0.0, 0, None
     t_mark = t_start  # start of the training time not yet counted
     stopped = False
@@ -311,12 +345,9 @@ def _fit(task: Task, cfg, resume: bool, echo, run: RunDir, process: Process) -> 
                   .tolist() for k in names}
         for (k, f, _, _), lv in zip(pending, losses):
             if not math.isfinite(lv):
-                kept_step = run.last_step(unit)
-                kept = f"{run.last} ({unit} {kept_step})" if kept_step is not None \
-                    else "none (no checkpoint was written yet)"
                 raise TrainingDiverged(
                     f"loss became {lv} at {unit} {k + 1} (lr {base_lrs[0] * f:g}); stopped. Last good checkpoint: "
-                    f"{kept}. Try {task.divergence_hint}.")
+                    f"{last_good()}. Try {task.divergence_hint}.")
         counts = {k: [st[k][1] for *_, st in pending if k in st] for k in names}
         for lv in losses:
             window.loss += lv

@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError
+from .rundir import RunLock, atomic_write_text, clean_stale_temps, describe_os_error, ensure_dir, read_jsonl
 
-__all__ = ["CheckpointError", "RunDir", "Process", "atomic_save", "load_checkpoint", "rng_state", "set_rng_state",
-           "resolve_device", "dist_env", "autocast_and_scaler"]
+__all__ = ["CheckpointError", "RunDir", "Process", "atomic_save", "load_checkpoint", "nonfinite_tensors", "rng_state",
+           "set_rng_state", "resolve_device", "dist_env", "autocast_and_scaler"]
 
 
 class CheckpointError(ValueError):
@@ -41,17 +42,34 @@ def atomic_save(obj, path: Path) -> None:
     A reader never sees a half-written file; on any error the temporary file is removed and ``path``
     keeps its previous content."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write (a full disk) as RuntimeError
+        if isinstance(e, OSError):
+            reason = describe_os_error(e, path, "write checkpoint").split(": ", 1)[-1]
+        else:
+            reason = _torch_write_error(e)
+        kept = f"{path} keeps its previous content" if path.exists() else "nothing was written"
+        raise CheckpointError(f"cannot write checkpoint {path}: {reason} ({kept})") from None
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _torch_write_error(e: Exception) -> str:
+    """The reason in torch.save's RuntimeError (its text carries C++ source locations and a stack)."""
+    text = str(e)
+    for hint, reason in (("file write failed", "the write failed (no space left on the device?)"),
+                         ("No space left", "no space left on the device")):
+        if hint in text:
+            return reason
+    return text.strip().splitlines()[-1][:200] if text.strip() else type(e).__name__
 
 
 def load_checkpoint(path: str | Path, format: str = "nsl-train",
@@ -71,9 +89,27 @@ def load_checkpoint(path: str | Path, format: str = "nsl-train",
     except Exception as e:  # truncated, corrupt, or not a torch file
         raise CheckpointError(f"cannot read checkpoint {path}: it is corrupt, truncated or not a PyTorch "
                               f"checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != format or "model" not in ckpt:
+    if not isinstance(ckpt, dict) or ckpt.get("format") != format or not isinstance(ckpt.get("model"), dict):
         raise CheckpointError(f"{path} is not {what}")
+    missing = [k for k in ("config", "meta") if not isinstance(ckpt.get(k), dict)]
+    if missing:
+        raise CheckpointError(f"{path} is not {what}: it has no {' or '.join(missing)} entry (a checkpoint written "
+                              "by an nsl training run holds both)")
+    bad = nonfinite_tensors(ckpt["model"])
+    if bad:
+        raise CheckpointError(f"checkpoint {path} holds non-finite values (NaN or inf) in {len(bad)} tensor(s), "
+                              f"first {bad[0]}: the run diverged before it was saved; use an earlier checkpoint")
     return ckpt
+
+
+def nonfinite_tensors(tensors) -> list[str]:
+    """Names of the floating-point tensors holding NaN or inf, from a ``state_dict`` or ``named_*`` pairs."""
+    items = list(tensors.items() if isinstance(tensors, dict) else tensors)
+    floats = [(k, t) for k, t in items if torch.is_tensor(t) and (t.is_floating_point() or t.is_complex())]
+    if not floats:
+        return []
+    finite = torch.stack([torch.isfinite(t).all().to("cpu", non_blocking=True) for _, t in floats]).tolist()
+    return [k for (k, _), ok in zip(floats, finite) if not ok]
 
 
 # -- RNG -------------------------------------------------------------------------------------------
@@ -99,9 +135,15 @@ class RunDir:
     """A run directory: ``config.json``, ``metrics.jsonl`` and ``checkpoints/{last,best}.pt``.
 
     Every file of a run is opened, written or read through this class (only the main process
-    writes): :meth:`open` checks the directory for a new run or a resume, :meth:`start` writes the
-    config and prepares the metrics file, :meth:`log` appends one metrics record,
-    :meth:`save` writes a checkpoint atomically.
+    writes): :meth:`open` takes the directory's lock and checks it for a new run or a resume,
+    :meth:`start` writes the config and prepares the metrics file, :meth:`log` appends one metrics
+    record, :meth:`save` writes a checkpoint atomically, :meth:`close` releases the lock.
+
+    Rules: one writer at a time (an exclusive lock on ``RUN_DIR/.lock``, held from :meth:`open` to
+    :meth:`close`, released by the OS if the process dies: :class:`~nsl.train.rundir.RunLock`);
+    temporary files a killed writer left are removed once the lock is held; ``config.json`` and
+    checkpoints are written atomically; a torn last line of ``metrics.jsonl`` (a crash mid-write) is
+    dropped on resume.
     """
 
     def __init__(self, path: str | Path):
@@ -111,17 +153,33 @@ class RunDir:
         self.best = self.checkpoints / "best.pt"
         self.config = self.path / "config.json"
         self.metrics = self.path / "metrics.jsonl"
+        self.lock = RunLock(self.path)
+        self.torn_record = False  # start() dropped a torn last line of metrics.jsonl
 
     def __str__(self) -> str:
         return str(self.path)
 
-    def open(self, cfg, resume: bool, structural: tuple[str, ...], load=load_checkpoint) -> dict | None:
+    def open(self, cfg, resume: bool, structural: tuple[str, ...], load=load_checkpoint, lock: bool = True
+             ) -> dict | None:
         """The checkpoint to resume from (``None`` for a new run), after checking the run directory.
 
-        With ``resume``: ``last.pt`` must exist and the saved config must equal ``cfg`` on every field
-        in ``structural`` (``ConfigError`` listing the differences). Without: the directory must not
-        hold a run already. ``load`` reads the checkpoint (format-checked).
+        With ``lock`` (the main process) the directory is created and locked first (``RunDirBusy`` when
+        another process holds it; ``ConfigError`` naming ``out`` when it is a file or not writable), and stale
+        temporary files are removed. With ``resume``: ``last.pt`` must exist and the saved config must equal
+        ``cfg`` on every field in ``structural`` (``ConfigError`` listing the differences). Without: the
+        directory must not hold a run already. ``load`` reads the checkpoint (format-checked).
         """
+        if lock:
+            self.lock.acquire()
+            try:
+                clean_stale_temps(self.path)
+                return self._check(cfg, resume, structural, load)
+            except BaseException:
+                self.close()
+                raise
+        return self._check(cfg, resume, structural, load)
+
+    def _check(self, cfg, resume, structural, load) -> dict | None:
         if resume:
             if not self.last.exists():
                 raise CheckpointError(f"nothing to resume: {self.last} does not exist")
@@ -137,25 +195,33 @@ class RunDir:
                               "choose another {out}", "resume", "out")
         return None
 
+    def close(self) -> None:
+        """Release the directory's lock (nothing to do when it is not held)."""
+        self.lock.release()
+
     def start(self, cfg, ckpt: dict | None, done: int, key: str) -> None:
-        """Write ``config.json`` and prepare ``metrics.jsonl``.
+        """Write ``config.json`` (atomically) and prepare ``metrics.jsonl``.
 
         A new run (``ckpt`` None) starts an empty metrics file; a resumed one keeps only the records with
-        ``record[key] <= done`` (those written after the checkpoint are replayed by the continuation).
+        ``record[key] <= done`` (those written after the checkpoint are replayed by the continuation), and
+        drops a torn last line left by a crash in the middle of a write (:attr:`torn_record`).
         """
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.config.write_text(cfg.to_json() + "\n")
+        ensure_dir(self.path)
+        atomic_write_text(self.config, cfg.to_json() + "\n")
         if ckpt is not None and self.metrics.exists():
-            keep = [ln for ln in self.metrics.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get(key, 0) <= done]
-            self.metrics.write_text("".join(ln + "\n" for ln in keep))
+            records, self.torn_record = read_jsonl(self.metrics)
+            keep = [r for r in records if r.get(key, 0) <= done]
+            atomic_write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in keep))
         elif ckpt is None:
-            self.metrics.write_text("")
+            atomic_write_text(self.metrics, "")
 
     def log(self, record: dict) -> None:
         """Append ``record`` as one JSON line to ``metrics.jsonl``."""
-        with open(self.metrics, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.metrics, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise CheckpointError(describe_os_error(e, self.metrics, "append to")) from None
 
     def save(self, state: dict, which: str = "last") -> None:
         """Write checkpoint ``state`` to ``checkpoints/{which}.pt`` (``last`` or ``best``) atomically."""

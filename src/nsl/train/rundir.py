@@ -50,17 +50,18 @@ def describe_os_error(e: OSError, path: Path | str, doing: str) -> str:
     return f"cannot {doing} {path}: {reason}"
 
 
-def ensure_dir(path: Path, what: str = "run directory (out)") -> Path:
-    """Create folder ``path`` (and its parents); :class:`ConfigError` naming it when that is impossible."""
+def ensure_dir(path: Path, field: str = "out") -> Path:
+    """Create folder ``path`` (and its parents) for config field ``field``; :class:`ConfigError` naming the
+    field (``{field}`` in the message, see ConfigError) and the path when that is impossible."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise ConfigError(f"{what} {path} is a file, expected a folder")
+        raise ConfigError(f"{{{field}}} {path} is a file, expected a folder", field)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ConfigError(describe_os_error(e, path, f"create the {what}")) from None
+        raise ConfigError(describe_os_error(e, path, f"create {{{field}}}"), field) from None
     if not os.access(path, os.W_OK | os.X_OK):
-        raise ConfigError(f"{what} {path} is not writable")
+        raise ConfigError(f"{{{field}}} {path} is not writable", field)
     return path
 
 
@@ -96,7 +97,7 @@ class RunLock:
             owner = _read_owner(fd)
             os.close(fd)
             raise RunDirBusy(f"run directory {self.run_dir} is in use by another process ({owner}); wait for it "
-                             "to finish, stop it, or choose another out") from None
+                             "to finish, stop it, or choose another {out}", "out") from None
         info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                            "since": time.strftime("%Y-%m-%d %H:%M:%S")})
         os.ftruncate(fd, 0)
