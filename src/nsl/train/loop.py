@@ -42,6 +42,7 @@ from .run import (
     RunDir,
     autocast_and_scaler,
     dist_env,
+    load_model_state,
     nonfinite_tensors,
     resolve_device,
     rng_state,
@@ -262,7 +263,7 @@ def _fit(task: Task, cfg, resume: bool, echo, run: RunDir, process: Process) -> 
     autocast, scaler = autocast_and_scaler(cfg.amp, process.device)
     step, best_acc, best_step = 0, -1.0, -1
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+        load_model_state(model, ckpt["model"], run.last)
         opt.load_state_dict(ckpt["optimizer"])
         if "loader" in ckpt:
             states = ckpt["loader"]

@@ -27,7 +27,8 @@ import torch
 from .config import ConfigError
 from .rundir import RunLock, atomic_write_text, clean_stale_temps, describe_os_error, ensure_dir, read_jsonl
 
-__all__ = ["CheckpointError", "RunDir", "Process", "atomic_save", "load_checkpoint", "nonfinite_tensors", "rng_state",
+__all__ = ["CheckpointError", "RunDir", "Process", "atomic_save", "load_checkpoint", "load_model_state",
+           "nonfinite_tensors", "rng_state",
            "set_rng_state", "resolve_device", "dist_env", "autocast_and_scaler"]
 
 
@@ -100,6 +101,24 @@ def load_checkpoint(path: str | Path, format: str = "nsl-train",
         raise CheckpointError(f"checkpoint {path} holds non-finite values (NaN or inf) in {len(bad)} tensor(s), "
                               f"first {bad[0]}: the run diverged before it was saved; use an earlier checkpoint")
     return ckpt
+
+
+def load_model_state(model: torch.nn.Module, state: dict, path: str | Path) -> None:
+    """``model.load_state_dict(state)``, or :class:`CheckpointError` saying in one line why the checkpoint
+    at ``path`` does not fit ``model`` (another layer kind, width or model: missing, unexpected or resized
+    tensors), instead of PyTorch's multi-line report."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    resized = [f"{k} {list(state[k].shape)} vs {list(own[k].shape)}" for k in own
+               if k in state and torch.is_tensor(state[k]) and state[k].shape != own[k].shape]
+    if missing or unexpected or resized:
+        parts = [f"{len(v)} {what} (first {v[0]})" for what, v in
+                 (("missing tensor(s)", missing), ("unexpected tensor(s)", unexpected),
+                  ("tensor(s) of another shape, checkpoint vs model", resized)) if v]
+        raise CheckpointError(f"checkpoint {path} does not fit the model its config describes ({'; '.join(parts)}): "
+                              "it was written for another layer kind, width or model, or edited")
+    model.load_state_dict(state)
 
 
 def nonfinite_tensors(tensors) -> list[str]:
