@@ -231,3 +231,37 @@ def test_table_properties_are_what_the_layers_do(name):
         with pytest.raises(ValueError):
             attach_kernel_shape(model)
     assert kind.dynamic == isinstance(model[0], (nsl.DynamicNSConv2d, nsl.layers.DynamicFilterConv2d))
+
+
+def test_bias_false_drops_every_conv_bias():
+    """build_model(bias=False): the authors' models have no bias in any conv (conv CNN-9: 511,200 parameters)."""
+    assert count_parameters(build_model("cnn9", "conv")) - count_parameters(build_model("cnn9", "conv", bias=False)) \
+        == 10
+    assert count_parameters(build_model("cnn9", "conv", bias=False)) == 511_200
+    for name in PREDICTOR_KINDS:
+        for model in ("cnn9", "resnet20"):
+            kw = {"image_size": 8, "width": 4} if model == "cnn9" else {"width": 4}
+            with_bias, without = build_model(model, name, **kw), build_model(model, name, bias=False, **kw)
+            keys, fewer = set(with_bias.state_dict()), set(without.state_dict())
+            assert fewer <= keys and all(k.endswith("bias") for k in keys - fewer)
+            conv_biases = [k for k, m in without.named_modules() if isinstance(m, nn.Conv2d) and m.bias is not None]
+            assert conv_biases == [], (model, name, conv_biases)
+    with pytest.raises(ValueError, match="bias must be True or False, got 'no'"):
+        build_model("cnn9", "conv", bias="no")
+
+
+@pytest.mark.parametrize("name", ["static-diagonal", "static-full", "dynamic-diagonal", "dynamic-full"])
+def test_similarity_kind_speaks_the_table_vocabulary(name):
+    """functional.similarity_kind() names the layer kind whose M has the tensor's layout; the table maps it to the
+    layers' own similarity_kind ('diagonal' / 'full')."""
+    layer = make_conv(name, 3, 4, 3, padding=1)
+    if LAYER_KINDS[name].dynamic:
+        layer.record_similarity = True
+        layer(torch.randn(2, 3, 5, 5))
+        sim = layer.last_similarity
+    else:
+        sim = layer.similarity
+    got = nsl.functional.similarity_kind(sim, 9)
+    assert got == name
+    assert LAYER_KINDS[got].similarity == layer.similarity_kind
+    assert LAYER_KINDS[got].dynamic == isinstance(layer, nsl.DynamicNSConv2d)

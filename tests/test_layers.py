@@ -1,4 +1,4 @@
-"""NSConv2d, DynamicNSConv2d, SphereConv2d, fold and convert."""
+"""NSConv2d, DynamicNSConv2d, SphereConv2d, fold and convert; argument and input checks of every layer class."""
 
 from __future__ import annotations
 
@@ -382,3 +382,146 @@ def test_layer_bad_arguments():
         nsl.convert(nn.Conv2d(3, 4, 3), "lowrank", dynamic=True)
     with pytest.raises(TypeError, match="fold expects an nn.Module, got Tensor"):
         nsl.fold(torch.zeros(1))
+
+
+# ---------------------------------------------------------------------------------------------
+# One argument check and one input check for every layer class of nsl.layers (hostile inputs)
+# ---------------------------------------------------------------------------------------------
+def _conv_like(cls, **extra):
+    def build(**kw):
+        args = {"in_channels": 3, "out_channels": 4, "kernel_size": 3, "padding": 1, **extra, **kw}
+        return cls(**args)
+    return build
+
+
+def _predictor(cls, **extra):
+    def build(**kw):
+        kw.pop("out_channels", None)
+        kw.pop("groups", None)
+        args = {"in_channels": 3, "kernel_size": 3, "padding": 1, **extra, **kw}
+        return cls(**args)
+    return build
+
+
+#: every layer class: (factory(**overrides), channels of its input, geometry arguments it takes)
+LAYER_CLASSES = {
+    "NSConv2d": (_conv_like(nsl.NSConv2d, similarity="full"), 3, "conv"),
+    "DynamicNSConv2d": (_conv_like(nsl.DynamicNSConv2d), 3, "conv"),
+    "DynamicNSConv2d (light, full)": (_conv_like(nsl.DynamicNSConv2d, predictor="light", similarity="full"), 3, "conv"),
+    "DynamicFilterConv2d": (_conv_like(nsl.layers.DynamicFilterConv2d), 3, "conv"),
+    "SphereConv2d": (_conv_like(nsl.SphereConv2d), 3, "conv"),
+    "SimilarityPredictor": (_predictor(nsl.SimilarityPredictor), 3, "predictor"),
+    "LightPredictor": (_predictor(nsl.LightPredictor), 3, "predictor"),
+    "GlobalSimilarity2d": (lambda **kw: nsl.GlobalSimilarity2d(**{"channels": 3, **kw}), 3, "channels"),
+}
+CONV_ARGS = [("in_channels", 0, "a positive int"), ("in_channels", -2, "a positive int"),
+             ("in_channels", 2.5, "a positive int"), ("in_channels", True, "a positive int"),
+             ("out_channels", 0, "a positive int"), ("kernel_size", 0, "positive ints"),
+             ("kernel_size", (3, 0), "positive ints"), ("kernel_size", (3, 3, 3), "an int or a pair of ints"),
+             ("stride", 0, "positive ints"), ("dilation", 0, "positive ints"), ("padding", -1, "ints >= 0"),
+             ("padding", "full", "'same', 'valid' or ints >= 0"), ("groups", 0, "a positive int")]
+
+
+def _class_name(key: str) -> str:
+    return key.partition(" ")[0]
+
+
+def _argument_cases():
+    for key, (_, _, takes) in LAYER_CLASSES.items():
+        for arg, value, expected in CONV_ARGS:
+            if takes == "channels":  # GlobalSimilarity2d: channels only, no convolution geometry
+                if arg == "in_channels":
+                    yield key, "channels", value, expected
+            elif takes == "conv" or arg not in ("out_channels", "groups"):  # predictors: no out_channels, groups
+                yield key, arg, value, expected
+
+
+@pytest.mark.parametrize("key, arg, value, expected", list(_argument_cases()))
+def test_constructor_arguments_are_checked_by_name(key, arg, value, expected):
+    factory = LAYER_CLASSES[key][0]
+    with pytest.raises(ValueError, match=f"^{_class_name(key)}: {arg} must be {expected}.*got {value!r}".replace(
+            "(", r"\(").replace(")", r"\)")):
+        factory(**{arg: value})
+
+
+@pytest.mark.parametrize("key", ["NSConv2d", "DynamicNSConv2d", "SphereConv2d"])
+def test_groups_must_divide_channels(key):
+    with pytest.raises(ValueError, match=f"{key}: out_channels = 4 must be divisible by groups = 3"):
+        LAYER_CLASSES[key][0](in_channels=3, groups=3)
+
+
+@pytest.mark.parametrize("cls", [nsl.SimilarityPredictor, nsl.LightPredictor, nsl.DynamicNSConv2d])
+def test_hidden_channels_zero_is_refused_not_defaulted(cls):
+    args = (3, 4, 3) if cls is nsl.DynamicNSConv2d else (3, 3)
+    with pytest.raises(ValueError, match=f"{cls.__name__}: hidden_channels must be a positive int or None, got 0"):
+        cls(*args, hidden_channels=0)
+
+
+@pytest.mark.parametrize("key", list(LAYER_CLASSES))
+def test_input_checks_and_unbatched_input(key):
+    torch.manual_seed(0)
+    factory, c, _ = LAYER_CLASSES[key]
+    layer = factory()
+    name = _class_name(key)
+    x = torch.randn(2, c, 5, 6)
+    with use_backend("unfold"):
+        # dtype other than the parameters': one TypeError naming both
+        with pytest.raises(TypeError, match=f"{name}: input dtype float64 does not match the layer's parameters "
+                                            r"\(float32\)"):
+            layer(x.double())
+        for bad in (torch.int64, torch.uint8, torch.bool):
+            with pytest.raises(TypeError, match=f"{name}: expected a floating-point input .*got dtype "
+                                                f"{str(bad).replace('torch.', '')}"):
+                layer(x.to(bad))
+        with pytest.raises(TypeError, match=f"{name}: expected a torch.Tensor input, got ndarray"):
+            layer(x.numpy())
+        # wrong rank or channels: ValueError with the shape
+        for shape in ((5, 6), (1, 2, c, 5, 6), (c,)):
+            with pytest.raises(ValueError, match=f"{name}: expected input of shape \\[N, C, H, W\\] or unbatched "
+                                                 f"\\[C, H, W\\], got shape \\{list(shape)}".replace(", ", ", ")):
+                layer(torch.randn(*shape))
+        with pytest.raises(ValueError, match=f"{name}: expected {c} input channels, got input of shape "
+                                             r"\[2, 7, 5, 6\]"):
+            layer(torch.randn(2, c + 4, 5, 6))
+        with pytest.raises(ValueError, match=f"{name}: expected {c} input channels, got input of shape \\[7, 5, 6\\]"):
+            layer(torch.randn(c + 4, 5, 6))
+        # unbatched [C, H, W] is a batch of one, as in nn.Conv2d
+        layer.eval()
+        single = layer(x[0])
+        torch.testing.assert_close(single, layer(x[:1])[0])
+        assert single.dim() == 3
+        # the rule is "the parameters' dtype": a float64 layer takes float64 input
+        out64 = layer.double()(x.double())
+        assert out64.dtype == torch.float64
+        # under autocast any floating dtype is taken (the ops cast), as nn.Conv2d
+        layer.float()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.isfinite(layer(x.bfloat16()).float()).all()
+
+
+def _sphere_conv2d_formula(x, w, bias, stride, padding, dilation, groups, normalize_weight, eps=1e-4):
+    """The SphereConv formula written out: conv(x, w) / (||x_patch|| * ||w_o||^[normalize_weight]) + b."""
+    out = F.conv2d(x, w, None, stride, padding, dilation, groups)
+    ones = torch.ones(groups, w.shape[1], w.shape[2], w.shape[3], dtype=x.dtype)
+    norm = torch.sqrt(F.conv2d(x * x, ones, None, stride, padding, dilation, groups) + eps)
+    out = out / norm.repeat_interleave(w.shape[0] // groups, dim=1)
+    if normalize_weight:
+        out = out / torch.sqrt(w.pow(2).sum((1, 2, 3)) + eps).view(1, -1, 1, 1)
+    return out if bias is None else out + bias.view(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("normalize_weight", [False, True])
+@pytest.mark.parametrize("stride, padding, dilation, groups", [(1, 1, 1, 1), (2, 0, 1, 2), (1, "same", 2, 3)])
+def test_sphere_conv2d_matches_its_formula_in_float64(normalize_weight, stride, padding, dilation, groups):
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 9, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(12, 6 // groups, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(12, dtype=torch.float64, requires_grad=True)
+    got = nsl.sphere_conv2d(x, w, b, stride, padding, dilation, groups, normalize_weight=normalize_weight)
+    ref = _sphere_conv2d_formula(x, w, b, stride, padding, dilation, groups, normalize_weight)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(ref)
+    grads = torch.autograd.grad(got, (x, w, b), g)
+    refs = torch.autograd.grad(ref, (x, w, b), g)
+    for a, r in zip(grads, refs):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)

@@ -161,11 +161,14 @@ def conv_output_size(size: tuple[int, int], kernel_size, stride=1, padding=0, di
 
 
 def similarity_kind(similarity: Tensor, positions: int) -> str:
-    """Classify a similarity tensor by its shape.
+    """Classify a similarity tensor by its shape, in the vocabulary of the layer kinds.
 
     Returns ``'static-diagonal'`` for ``[P]``, ``'static-full'`` for ``[P, P]``,
     ``'dynamic-diagonal'`` for ``[N, P, H_out, W_out]`` and ``'dynamic-full'`` for
-    ``[N, P, P, H_out, W_out]``; raises :class:`ValueError` otherwise.
+    ``[N, P, P, H_out, W_out]``; raises :class:`ValueError` otherwise. Each value is the name of
+    the layer kind of :data:`nsl.layers.LAYER_KINDS` whose ``M`` has this layout: its
+    ``LAYER_KINDS[kind].similarity`` (``'diagonal'`` / ``'full'``) is what the layers call their
+    ``similarity_kind``, and ``LAYER_KINDS[kind].dynamic`` tells static from dynamic.
     """
     P = positions
     shape = tuple(similarity.shape)
@@ -632,6 +635,12 @@ def sphere_conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, str
     ``||w_o|| = sqrt(sum_{c, q} w[o, c, q]^2 + eps)``. With ``normalize_weight`` the response is the
     cosine of the angle between filter and patch, in ``[-1, 1]`` up to ``eps``.
 
+    Computed as ``conv(x, w / ||w||^[normalize_weight]) * rsqrt(box(sum_c x^2) + eps)``: the squared
+    input is summed over each group's channels first and then box-filtered with the kernel's
+    geometry (``C_in / groups`` times fewer multiply-adds than convolving ``x^2`` with ones), the
+    filter norm is applied to the weight rather than to the output, and the per-location factor
+    broadcasts over the group's output channels (no copy).
+
     Args:
         input: ``[N, C_in, H, W]``; weight: ``[C_out, C_in / groups, kh, kw]``; bias: ``[C_out]``.
     Returns:
@@ -642,14 +651,20 @@ def sphere_conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, str
     if input.dim() != 4 or weight.dim() != 4:
         raise ValueError(f"sphere_conv2d: expected 4-D input and weight, got input {list(input.shape)} "
                          f"and weight {list(weight.shape)}")
-    out = F.conv2d(input, weight, None, stride, padding, dilation, groups)
-    ones = weight.new_ones(groups, weight.shape[1], weight.shape[2], weight.shape[3])
-    sq = F.conv2d(input * input, ones, None, stride, padding, dilation, groups)  # [N, G, Ho, Wo]
-    norm = torch.sqrt(sq + eps)
-    out = out / norm.repeat_interleave(weight.shape[0] // groups, dim=1)
     if normalize_weight:
-        wnorm = torch.sqrt(weight.pow(2).sum((1, 2, 3)) + eps)
-        out = out / wnorm.view(1, -1, 1, 1)
+        weight = weight * torch.rsqrt(weight.pow(2).sum((1, 2, 3), keepdim=True) + eps)
+    out = F.conv2d(input, weight, None, stride, padding, dilation, groups)
+    n, c, h, w = input.shape
+    sq = input * input
+    sq = sq.sum(1, keepdim=True) if groups == 1 else sq.view(n, groups, c // groups, h, w).sum(2)  # [N, G, H, W]
+    box = F.conv2d(sq, weight.new_ones(groups, 1, weight.shape[2], weight.shape[3]), None, stride, padding,
+                   dilation, groups)  # [N, G, Ho, Wo]
+    inv = torch.rsqrt(box + eps)
+    if groups == 1:
+        out = out * inv
+    else:
+        o = out.shape[1]
+        out = (out.view(n, groups, o // groups, *out.shape[2:]) * inv.unsqueeze(2)).view(out.shape)
     if bias is not None:
         out = out + bias.view(1, -1, 1, 1)
     return out

@@ -68,13 +68,15 @@ class SimilarityPredictor(nn.Module):
     Init: ``'zero'`` makes ``g = 0`` exactly (the last batch norm's scale, or the last conv
     where there is no batch norm, starts at zero), so the layer starts as its plain convolution
     in train and eval mode; ``'authors'`` uses He x 0.1 and He x 0.001 for the two convs.
+    ``bias=False`` drops the convs' biases where there is no batch norm (the authors' code has
+    no bias in any conv); the default ``True`` keeps them.
 
     Shapes: ``x [N, C_in, H, W]`` -> ``g [N, P or P*P, H_out, W_out]``.
     """
 
     def __init__(self, in_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  similarity: str = "diagonal", kind: str = "sphere", hidden_channels: int | None = None,
-                 init: str = "zero", device=None, dtype=None):
+                 init: str = "zero", bias: bool = True, device=None, dtype=None):
         super().__init__()
         if kind not in ("sphere", "cosine"):
             raise ValueError(f"SimilarityPredictor: unknown predictor kind {kind!r}; expected 'sphere' or 'cosine'")
@@ -90,14 +92,15 @@ class SimilarityPredictor(nn.Module):
         use_bn = similarity == "diagonal" or kind == "cosine"
         self.in_channels, self.hidden_channels = in_channels, hidden
         self.kind, self.similarity, self.init = kind, similarity, init
-        self.conv1 = SphereConv2d(in_channels, hidden, 3, padding=1, bias=not use_bn, **factory)
+        conv_bias = bool(bias) and not use_bn
+        self.conv1 = SphereConv2d(in_channels, hidden, 3, padding=1, bias=conv_bias, **factory)
         self.bn1 = nn.BatchNorm2d(hidden, eps=_BN_EPS, **factory) if use_bn else nn.Identity()
         if kind == "cosine":
             self.conv1.normalize_weight = True
-            self.conv2 = SphereConv2d(hidden, out, (kh, kw), stride, padding, dilation, bias=not use_bn,
+            self.conv2 = SphereConv2d(hidden, out, (kh, kw), stride, padding, dilation, bias=conv_bias,
                                       normalize_weight=True, **factory)
         else:
-            self.conv2 = nn.Conv2d(hidden, out, (kh, kw), stride, padding, dilation, bias=not use_bn, **factory)
+            self.conv2 = nn.Conv2d(hidden, out, (kh, kw), stride, padding, dilation, bias=conv_bias, **factory)
         self.bn2 = nn.BatchNorm2d(out, eps=_BN_EPS, **factory) if use_bn else nn.Identity()
         self.reset_parameters()
 
@@ -119,7 +122,7 @@ class SimilarityPredictor(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x, unbatched = batched_input(type(self).__name__, x, self.in_channels, self.conv1.weight.dtype)
-        g = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        g = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)), inplace=True)))  # in place: nothing saves it
         return g.squeeze(0) if unbatched else g
 
 
@@ -131,7 +134,8 @@ class LightPredictor(nn.Module):
     and ``hidden_channels`` (default 16) between the 1x1 convs. Its cost per location,
     ``C_in * P + C_in * hidden + hidden * P`` multiply-adds (``hidden * P * P`` for full ``M``),
     is a small fraction of the convolution's ``C_in * C_out * P``.
-    Init ``'zero'``: the last conv starts at zero (``g = 0``).
+    Init ``'zero'``: the last conv starts at zero (``g = 0``). ``bias=False`` drops the last conv's
+    bias (the only one).
 
     Shapes: ``x [N, C_in, H, W]`` -> ``g [N, P or P*P, H_out, W_out]``.
     """
@@ -140,7 +144,7 @@ class LightPredictor(nn.Module):
 
     def __init__(self, in_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  similarity: str = "diagonal", hidden_channels: int | None = None, init: str = "zero",
-                 device=None, dtype=None):
+                 bias: bool = True, device=None, dtype=None):
         super().__init__()
         _check_predictor_args(type(self).__name__, in_channels, kernel_size, stride, padding, dilation, similarity,
                               hidden_channels, init)
@@ -156,7 +160,7 @@ class LightPredictor(nn.Module):
         self.bn0 = nn.BatchNorm2d(in_channels, eps=_BN_EPS, **factory)
         self.pw = nn.Conv2d(in_channels, hidden, 1, bias=False, **factory)
         self.bn1 = nn.BatchNorm2d(hidden, eps=_BN_EPS, **factory)
-        self.out = nn.Conv2d(hidden, out, 1, **factory)
+        self.out = nn.Conv2d(hidden, out, 1, bias=bool(bias), **factory)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -165,7 +169,8 @@ class LightPredictor(nn.Module):
         _he_normal_(self.pw.weight, 1.0)
         self.bn0.reset_parameters()
         self.bn1.reset_parameters()
-        self.out.bias.zero_()
+        if self.out.bias is not None:
+            self.out.bias.zero_()
         if self.init == "zero":
             self.out.weight.zero_()
         else:
@@ -173,7 +178,7 @@ class LightPredictor(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x, unbatched = batched_input(type(self).__name__, x, self.in_channels, self.dw.weight.dtype)
-        g = self.out(F.relu(self.bn1(self.pw(F.relu(self.bn0(self.dw(x)))))))
+        g = self.out(F.relu(self.bn1(self.pw(F.relu(self.bn0(self.dw(x)), inplace=True))), inplace=True))
         return g.squeeze(0) if unbatched else g
 
 
@@ -201,6 +206,8 @@ class DynamicNSConv2d(nn.Conv2d):
             ``M(y)`` only approximately ``I``; see the method notes on batch-norm eps).
         hidden_channels: width of the built-in predictors (default 64 diagonal / 128 full for
             ``'sphere'`` and ``'cosine'``, 16 for ``'light'``).
+        predictor_bias: ``False`` builds the built-in predictors without conv biases (the authors'
+            code has none); default ``True``.
 
     Attributes:
         kernel_gate: ``None`` or a module returning the kernel shape ``D`` (``[P]`` per layer, or
@@ -222,7 +229,7 @@ class DynamicNSConv2d(nn.Conv2d):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", similarity: str = "diagonal",
                  predictor: str | nn.Module = "sphere", predictor_init: str = "zero",
-                 hidden_channels: int | None = None, device=None, dtype=None):
+                 hidden_channels: int | None = None, predictor_bias: bool = True, device=None, dtype=None):
         name = type(self).__name__
         check_conv_args(name, in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
         if similarity not in DYNAMIC_SIMILARITIES:
@@ -252,7 +259,7 @@ class DynamicNSConv2d(nn.Conv2d):
         else:
             geometry = dict(kernel_size=self.kernel_size, stride=self.stride, dilation=self.dilation,
                             padding=self.padding, similarity=similarity, hidden_channels=hidden_channels,
-                            init=predictor_init, device=device, dtype=dtype)
+                            init=predictor_init, bias=predictor_bias, device=device, dtype=dtype)
             if predictor == "light":
                 self.predictor = LightPredictor(in_channels, **geometry)
             else:

@@ -49,7 +49,8 @@ class DynamicFilterConv2d(nn.Conv2d):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", predictor_init: str = "zero",
-                 hidden_channels: int | None = None, predictor: nn.Module | None = None, device=None, dtype=None):
+                 hidden_channels: int | None = None, predictor: nn.Module | None = None, predictor_bias: bool = True,
+                 device=None, dtype=None):
         name = type(self).__name__
         check_conv_args(name, in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
         if groups != 1:
@@ -69,6 +70,7 @@ class DynamicFilterConv2d(nn.Conv2d):
             self.predictor = SimilarityPredictor(in_channels, self.kernel_size, self.stride, self.padding,
                                                  self.dilation, similarity="diagonal", kind="sphere",
                                                  hidden_channels=hidden_channels, init=predictor_init,
+                                                 bias=predictor_bias,
                                                  device=device, dtype=dtype)
         self.mix = nn.Conv2d(in_channels, out_channels, 1, bias=False, device=device, dtype=dtype)
         nn.init.zeros_(self.mix.weight)

@@ -197,13 +197,14 @@ def predictor_scope(kind: str | LayerKind, share_predictor: bool) -> SharedPredi
 def _geometry_key(kind: LayerKind, in_channels, kernel_size, stride, padding, options: dict) -> tuple:
     pad = padding if isinstance(padding, str) else _pair(padding)
     return (kind.name, in_channels, _pair(kernel_size), _pair(stride), pad, _pair(options.get("dilation", 1)),
-            options.get("hidden_channels"), options.get("predictor_init", "zero"), options.get("padding_mode", "zeros"),
+            options.get("hidden_channels"), options.get("predictor_init", "zero"), options.get("predictor_bias", True),
+            options.get("padding_mode", "zeros"),
             str(options.get("device")), str(options.get("dtype")))
 
 
 def make_conv(kind: str | LayerKind, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
               bias: bool = True, paper: bool = False, predictor_width: int | None = None,
-              shared: SharedPredictors | None = None, **options) -> nn.Module:
+              shared: SharedPredictors | None = None, predictor_bias: bool = True, **options) -> nn.Module:
     """A convolution of layer kind ``kind`` (see :data:`LAYER_KINDS`) with ``nn.Conv2d``'s geometry.
 
     Args:
@@ -215,6 +216,8 @@ def make_conv(kind: str | LayerKind, in_channels: int, out_channels: int, kernel
             the predictor's default). The layers' own name for it, ``hidden_channels``, is accepted too.
         shared: a :class:`SharedPredictors` scope: layers of equal input channels and geometry built
             with the same scope share one predictor (kinds with a predictor only).
+        predictor_bias: ``False``: the predictor's convs have no bias (the authors' code has none);
+            nothing to do for kinds without a predictor.
         **options: passed to the layer (e.g. ``dilation``, ``groups``, ``rank``, ``similarity_groups``).
 
     Returns:
@@ -242,6 +245,8 @@ def make_conv(kind: str | LayerKind, in_channels: int, out_channels: int, kernel
         if name in options:
             raise ValueError(f"make_conv: layer kind {k.name!r} sets {name}={k.options[name]!r}; choose another "
                              f"kind instead of passing {name}={options[name]!r}")
+    if not predictor_bias and k.predictor is not None:
+        options["predictor_bias"] = False
     if paper:
         options = {**k.paper_options, **options}
     key = None

@@ -61,7 +61,8 @@ MODEL_LAYERS: dict[str, tuple[str, ...]] = {"sphere-attention": SPHERE_ATTENTION
 
 
 def build_model(name: str, layer: str = "conv", num_classes: int = 10, in_channels: int = 3, *,
-                predictor_width: int | None = None, share_predictor: bool = False, **kw) -> nn.Module:
+                predictor_width: int | None = None, share_predictor: bool = False, bias: bool = True,
+                **kw) -> nn.Module:
     """Build model ``name`` with its NSL convolutions of kind ``layer``.
 
     Args:
@@ -73,6 +74,9 @@ def build_model(name: str, layer: str = "conv", num_classes: int = 10, in_channe
             ``None``: the predictor's default, 64 / 128 for sphere and cosine, 16 for light).
         share_predictor: one predictor per stage of the model for the layers of equal input
             channels and geometry (the paper's shared parametrisation; kinds with a predictor).
+        bias: ``False``: no bias in any convolution, as the authors' code (cnn9's classifier, every
+            predictor conv; sphere-attention has none anyway). Default ``True`` keeps the models and
+            their state_dict keys as they were.
         **kw: ``paper`` (the authors' inits of ``M`` and predictors), ``bn_eps``, ``image_size``
             (cnn9, sphere-attention: input side, default 32), ``raw_input`` (sphere-attention: apply the
             authors' ``(x - 127.5) / 128``), ``width`` (cnn9, CIFAR ResNets), ``zero_init_residual``
@@ -92,6 +96,10 @@ def build_model(name: str, layer: str = "conv", num_classes: int = 10, in_channe
                              f"{', '.join(n for n, k in LAYER_KINDS.items() if k.predictor is not None)}), "
                              f"got {kind.name!r}")
         kw.update(predictor_width=predictor_width, share_predictor=share_predictor)
+    if not isinstance(bias, bool):
+        raise ValueError(f"bias must be True or False, got {bias!r}")
+    if not bias and name != "sphere-attention":  # its convs and classifier have no bias
+        kw["bias"] = False
     return MODELS[name](kind.name, num_classes, in_channels, **kw)
 
 

@@ -37,17 +37,22 @@ class CNN9(nn.Module):
         paper: the authors' initialisations of ``M`` and of the predictors.
         bn_eps: batch-norm epsilon of the network's BN layers (the authors' TensorFlow value is 1e-3).
         width: channels of stage 1 (32 in the paper; stages 2 and 3 have 2x and 4x).
+        bias: ``False``: no bias in any conv (the classifier's and the predictors'), as the authors' code;
+            the conv CNN-9 then has 511,200 parameters.
         share_predictor: the NSL layers of one stage with equal input channels share one predictor
             (kinds with a predictor; in stage 1 all three convs, in stages 2 and 3 the second and third).
         **kw: passed to every NSL layer through :func:`nsl.layers.make_conv` (e.g. ``predictor_width``).
     """
 
     def __init__(self, layer: str = "conv", num_classes: int = 10, in_channels: int = 3, image_size: int = 32,
-                 paper: bool = False, bn_eps: float = 1e-5, width: int = 32, share_predictor: bool = False, **kw):
+                 paper: bool = False, bn_eps: float = 1e-5, width: int = 32, share_predictor: bool = False,
+                 bias: bool = True, **kw):
         super().__init__()
         if image_size % 8 or image_size < 8:
             raise ValueError(f"cnn9 needs an input side that is a positive multiple of 8, got {image_size}")
         self.stem = ConvBNReLU("conv", in_channels, width, 3, bn_eps=bn_eps)
+        if not bias:
+            kw["predictor_bias"] = False
         chans = [width, width, 2 * width, 4 * width]
         for s in range(3):
             shared = predictor_scope(layer, share_predictor)
@@ -55,7 +60,7 @@ class CNN9(nn.Module):
             blocks = [ConvBNReLU(layer, chans[s] if i == 0 else chans[s + 1], chans[s + 1], 3, paper=paper,
                                  bn_eps=bn_eps, **extra, **kw) for i in range(3)]
             self.add_module(f"stage{s + 1}", nn.Sequential(*blocks, nn.MaxPool2d(2)))
-        self.classifier = nn.Conv2d(4 * width, num_classes, image_size // 8)
+        self.classifier = nn.Conv2d(4 * width, num_classes, image_size // 8, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.stage3(self.stage2(self.stage1(self.stem(x))))

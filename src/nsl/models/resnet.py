@@ -7,7 +7,8 @@ convolutions (bottleneck reductions/expansions and projection shortcuts) stay pl
 ``share_predictor=True`` (kinds with a predictor): within a stage (``layer1``, ``layer2``, ...), the
 3x3 NSL layers with equal input channels and geometry share one predictor (in a CIFAR ResNet stage
 with ``n`` blocks: every conv except the first, strided one of stages 2 and 3 and, there, the first
-block's second conv shares with the later blocks).
+block's second conv shares with the later blocks). ``bias=False``: the predictors' convs have no
+bias either (the residual convs never have one; ``fc`` keeps its bias).
 """
 
 from __future__ import annotations
@@ -100,8 +101,10 @@ class CifarResNet(nn.Module):
 
     def __init__(self, depth: int, layer: str = "conv", num_classes: int = 10, in_channels: int = 3,
                  paper: bool = False, bn_eps: float = 1e-5, width: int = 16, zero_init_residual: bool = False,
-                 share_predictor: bool = False, **kw):
+                 share_predictor: bool = False, bias: bool = True, **kw):
         super().__init__()
+        if not bias:  # the convs have no bias already; the predictors' convs
+            kw["predictor_bias"] = False
         if (depth - 2) % 6:
             raise ValueError(f"a CIFAR ResNet has depth 6n + 2, got {depth}")
         n = (depth - 2) // 6
@@ -137,8 +140,10 @@ class ResNet(nn.Module):
 
     def __init__(self, block: type, layers: list[int], layer: str = "conv", num_classes: int = 1000,
                  in_channels: int = 3, paper: bool = False, bn_eps: float = 1e-5, zero_init_residual: bool = False,
-                 share_predictor: bool = False, **kw):
+                 share_predictor: bool = False, bias: bool = True, **kw):
         super().__init__()
+        if not bias:  # the convs have no bias already; the predictors' convs
+            kw["predictor_bias"] = False
         self.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(64, eps=bn_eps)
         self.relu = nn.ReLU(inplace=True)
