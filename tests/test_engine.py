@@ -16,7 +16,7 @@ import nsl
 from cli_helpers import records, run
 from nsl._cli_utils import message_of
 from nsl.fewshot import FewShotConfig
-from nsl.models import LAYER_KINDS, make_conv
+from nsl.layers import LAYER_KINDS, make_conv
 from nsl.train import (
     ConfigBase,
     ConfigError,

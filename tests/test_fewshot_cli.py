@@ -133,6 +133,15 @@ def test_config_overrides_and_schedule():
         FewShotConfig.from_dict({"head": "knn"})
     with pytest.raises(ConfigError, match="rotations is an Omniglot option"):
         FewShotConfig.from_dict({"rotations": True})
+    from nsl.fewshot.train import build_fewshot_model
+
+    def params(**kw):
+        return sum(p.numel() for p in build_fewshot_model(FewShotConfig(**kw), 3, 32).parameters())
+
+    assert params(layer="dynamic-diagonal", predictor_width=8) < params(layer="dynamic-diagonal")
+    assert params(layer="dynamic-diagonal", share_predictor=True) < params(layer="dynamic-diagonal")
+    with pytest.raises(ConfigError, match="predictor_width and share_predictor apply to layer kinds with a predictor"):
+        FewShotConfig.from_dict({"layer": "conv", "predictor_width": 8})
 
 
 # -- bad inputs ------------------------------------------------------------------------------------

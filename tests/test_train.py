@@ -13,6 +13,7 @@ import torch
 
 import nsl
 from cli_helpers import records, run
+from nsl.layers import LAYER_KINDS
 from nsl.models import build_model
 from nsl.train import (
     ConfigError,
@@ -128,7 +129,7 @@ def test_cli_train_and_eval_fold_on_cifar10_subset(data_root, tmp_path, capsys, 
     assert code == 0, err
     res = json.loads(stdout)
     assert res["test_acc"] == res["unfolded_acc"] == pytest.approx(evals[-1]["test_acc"]) and res["fold_matches"]
-    assert res["folded_static_layers"] == (9 if layer.startswith("static") else 0)
+    assert res["folded_static_layers"] == (9 if LAYER_KINDS[layer].foldable else 0)
     assert res["max_abs_logit_diff"] < 1e-2 * max(1.0, abs(res["test_loss"]))
 
 
@@ -283,6 +284,23 @@ def test_imagefolder_stream_train_resume_and_eval(tmp_path, capsys):
     assert code == 0, err
     res = json.loads(stdout)
     assert res["test_samples"] == 6 and res["test_acc"] == res["unfolded_acc"]
+
+
+def test_predictor_width_and_share_predictor_reach_the_model():
+    meta = {"num_classes": 10, "in_channels": 3, "image_size": 32}
+
+    def params(**kw):
+        return sum(p.numel() for p in build_model_for(make_config("fast", **kw), meta).parameters())
+
+    default = params(layer="dynamic-diagonal")
+    assert params(layer="dynamic-diagonal", predictor_width=8) < default
+    assert params(layer="dynamic-diagonal", share_predictor=True) < default
+    for kw in ({"predictor_width": 8}, {"share_predictor": True}):
+        with pytest.raises(ConfigError, match="predictor_width and share_predictor apply to layer kinds with a "
+                                              "predictor .*, got layer 'static-full'"):
+            make_config("fast", layer="static-full", **kw)
+    with pytest.raises(ConfigError, match="predictor_width must be >= 0"):
+        make_config("fast", layer="dynamic-diagonal", predictor_width=-1)
 
 
 def test_bn_settings_applied_to_the_model():

@@ -106,7 +106,7 @@ DIAG_GEOMETRIES = {
     "stride2-groups2-batch1": (1, 4, 6, 7, 6, (3, 3), (2, 2), (1, 1), (1, 1), 2),
     "k5x5-dilation2": (1, 2, 3, 7, 6, (5, 5), (1, 1), (3, 2), (2, 1), 1),
     "k1x3-split": (3, 2, 3, 5, 7, (1, 3), (1, 2), (0, 1), (1, 2), 1),
-    "wide-channels": (1, 40, 36, 3, 4, (3, 3), (1, 1), (1, 1), (1, 1), 1),  # 64-wide tiles, channel blocks
+    "wide-channels": (1, 70, 68, 3, 3, (3, 3), (1, 1), (1, 1), (1, 1), 1),  # 2 channel tiles, 3-5 K blocks
 }
 FULL_GEOMETRIES = {
     "odd-3x2": (1, 3, 4, 5, 6, (3, 2), (1, 1), (1, 1), (1, 1), 1),
@@ -123,6 +123,13 @@ def test_diagonal_float32(name):
 @pytest.mark.parametrize("name", list(FULL_GEOMETRIES))
 def test_full_float32(name):
     x, w, m, g, geo = _inputs(FULL_GEOMETRIES[name], full=True)
+    _assert_close(_triton(x, w, m, g, geo, torch.float32), _reference(x, w, m, g, geo), torch.float32)
+
+
+@pytest.mark.slow
+def test_full_5x5_two_tap_blocks():
+    """P = 25 > BLOCK_Q = 16: dM is computed in two blocks of taps (about 30 s in the interpreter)."""
+    x, w, m, g, geo = _inputs((1, 2, 3, 6, 5, (5, 5), (1, 1), (2, 2), (1, 1), 1), full=True)
     _assert_close(_triton(x, w, m, g, geo, torch.float32), _reference(x, w, m, g, geo), torch.float32)
 
 

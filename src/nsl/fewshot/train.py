@@ -35,8 +35,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..models import LAYER_KINDS
-from ..train.config import ConfigBase, ConfigError, apply_overrides
+from ..layers import LAYER_KINDS
+from ..train.config import ConfigBase, ConfigError, apply_overrides, check_predictor_options
 from ..train.loop import Task, fit
 from ..train.run import Process, load_checkpoint
 from .data import FEWSHOT_DATASETS, FewShotDataset, get_fewshot_dataset
@@ -71,7 +71,8 @@ class FewShotConfig(ConfigBase):
     Normalisation: per-channel mean / std computed from the train split's pixels (scaled to [0, 1]),
     stored in the checkpoint and reused by evaluation.
 
-    Model: ``backbone`` (``conv4``, ``resnet12``), ``layer`` (any NSL layer kind), ``head``
+    Model: ``backbone`` (``conv4``, ``resnet12``), ``layer`` (any kind of :data:`nsl.layers.LAYER_KINDS`),
+    ``predictor_width`` / ``share_predictor`` (as :class:`~nsl.train.TrainConfig`), ``head``
     (:data:`FEWSHOT_HEADS`), ``bilinear_rank`` (``0``: full ``M``).
 
     Episodes: ``ways`` / ``shots`` / ``queries`` (validation and default evaluation shape);
@@ -94,6 +95,8 @@ class FewShotConfig(ConfigBase):
     rotations: bool = False
     backbone: str = "conv4"
     layer: str = "conv"
+    predictor_width: int = 0  # hidden channels of the layers' predictors (kinds with a predictor); 0: default
+    share_predictor: bool = False  # one predictor per stage (kinds with a predictor)
     head: str = "protonet"
     bilinear_rank: int = 0
     ways: int = 5
@@ -140,6 +143,7 @@ class FewShotConfig(ConfigBase):
             raise ConfigError(f"unknown backbone {self.backbone!r}; valid backbones: {', '.join(BACKBONES)}")
         if self.layer not in LAYER_KINDS:
             raise ConfigError(f"unknown layer kind {self.layer!r}; valid kinds: {', '.join(LAYER_KINDS)}")
+        check_predictor_options(self)
         if self.head not in FEWSHOT_HEADS:
             raise ConfigError(f"unknown head {self.head!r}; valid heads: {', '.join(FEWSHOT_HEADS)}")
         for name in ("ways", "shots", "queries", "episodes", "val_episodes", "lr_step"):
@@ -220,7 +224,12 @@ def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
 # -- model ---------------------------------------------------------------------------------------
 def build_fewshot_model(cfg: FewShotConfig, in_channels: int, image_size: int) -> FewShotClassifier:
     """Backbone ``cfg.backbone`` of layer kind ``cfg.layer`` and head ``cfg.head``."""
-    backbone = build_backbone(cfg.backbone, cfg.layer, in_channels)
+    kw = {}
+    if cfg.predictor_width:
+        kw["predictor_width"] = cfg.predictor_width
+    if cfg.share_predictor:
+        kw["share_predictor"] = True
+    backbone = build_backbone(cfg.backbone, cfg.layer, in_channels, **kw)
     if cfg.head == "protonet":
         head: nn.Module = PrototypicalHead("euclidean")
     elif cfg.head == "protonet-cosine":
@@ -246,9 +255,9 @@ def _model_from_checkpoint(ckpt: dict) -> tuple[FewShotClassifier, FewShotConfig
 
 
 # -- training ------------------------------------------------------------------------------------
-_STRUCTURAL = ("dataset", "rotations", "backbone", "layer", "head", "bilinear_rank", "ways", "shots", "queries",
-               "train_ways", "train_shots", "seed", "lr", "lr_step", "lr_gamma", "weight_decay", "val_seed",
-               "val_episodes")
+_STRUCTURAL = ("dataset", "rotations", "backbone", "layer", "predictor_width", "share_predictor", "head",
+               "bilinear_rank", "ways", "shots", "queries", "train_ways", "train_shots", "seed", "lr", "lr_step",
+               "lr_gamma", "weight_decay", "val_seed", "val_episodes")
 
 
 class FewShotTask(Task):

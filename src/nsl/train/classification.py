@@ -34,8 +34,9 @@ __all__ = ["ClassificationTask", "train", "evaluate", "evaluate_checkpoint", "lo
            "build_from_checkpoint", "STRUCTURAL"]
 
 #: TrainConfig fields a resumed run must keep
-STRUCTURAL = ("dataset", "model", "layer", "width", "paper_init", "train_subset", "batch_size", "seed", "bn_eps",
-              "input", "shape_active", "shape_method", "shape_per_filter")
+STRUCTURAL = ("dataset", "model", "layer", "width", "predictor_width", "share_predictor", "paper_init",
+              "train_subset", "batch_size", "seed", "bn_eps", "input", "shape_active", "shape_method",
+              "shape_per_filter")
 
 
 # -- evaluation ----------------------------------------------------------------------------------
@@ -192,6 +193,10 @@ def build_model_for(cfg: TrainConfig, meta: dict) -> nn.Module:
         kw["raw_input"] = cfg.input == "raw"  # the authors' (x - 127.5) / 128 on raw pixels
     if cfg.width:
         kw["width"] = cfg.width
+    if cfg.predictor_width:
+        kw["predictor_width"] = cfg.predictor_width
+    if cfg.share_predictor:
+        kw["share_predictor"] = True
     model = build_model(cfg.model, cfg.layer, meta["num_classes"], meta["in_channels"], **kw)
     KernelShapeSchedule.attach(cfg, model)
     set_bn_momentum(model, cfg.bn_momentum)

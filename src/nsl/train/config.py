@@ -134,6 +134,10 @@ class TrainConfig(ConfigBase):
     layer: str = "conv"
     width: int = 0  # channels of the first stage; 0: the model's own (cnn9: 32 as the authors, CIFAR ResNets: 16).
     # cnn9 and resnet20/32/56 only; stages 2 and 3 have 2x and 4x
+    predictor_width: int = 0  # hidden channels of the NSL layers' predictors (layer kinds with a predictor);
+    # 0: the predictor's default (sphere and cosine: 64 for a diagonal M, 128 for a full one; light: 16)
+    share_predictor: bool = False  # one predictor per stage for the layers of equal input channels and geometry
+    # (the paper's shared parametrisation; layer kinds with a predictor)
     out: str | None = None  # run directory
     paper_init: bool = True  # authors' inits: static diagonal M = eye(3) flattened; predictor He x 0.1 / He x 0.001
     train_subset: int = 0  # train on N samples of a fixed seeded subset, the same for every run seed (0: all)
@@ -211,7 +215,8 @@ class TrainConfig(ConfigBase):
             if v not in options:
                 raise ConfigError(f"{name} must be one of {', '.join(options)}, got {v!r}")
 
-        from ..models import LAYER_KINDS, MODEL_LAYERS, MODELS
+        from ..layers import LAYER_KINDS
+        from ..models import MODEL_LAYERS, MODELS
 
         if self.model not in MODELS:
             raise ConfigError(f"unknown model {self.model!r}; valid models: {', '.join(MODELS)}")
@@ -229,10 +234,13 @@ class TrainConfig(ConfigBase):
         choice("shape_method", ("learned", "magnitude"))
         if self.shape_active < 0:
             raise ConfigError(f"shape_active must be >= 0 (0: no kernel shape), got {self.shape_active}")
-        if self.shape_active and not self.layer.startswith(("static", "dynamic-diagonal", "dynamic-full")):
-            raise ConfigError(f"shape_active needs NSL layers (static-* or dynamic-* kinds), got layer {self.layer!r}")
-        if self.shape_active and self.shape_per_filter and self.layer == "dynamic-full":
-            raise ConfigError("shape_per_filter needs a diagonal M in dynamic layers; layer dynamic-full has a full M")
+        kind = LAYER_KINDS[self.layer]
+        if self.shape_active and not kind.kernel_shape:
+            raise ConfigError(f"shape_active needs NSL layers (static-* or dynamic-* kinds but dynamic-filter), got "
+                              f"layer {self.layer!r}")
+        if self.shape_active and self.shape_per_filter and not kind.per_filter_shape:
+            raise ConfigError(f"shape_per_filter needs a diagonal M in dynamic layers; layer {self.layer} has a full M")
+        check_predictor_options(self)
         if not (0 <= self.shape_start < 1 and 0 <= self.shape_warmup <= self.shape_freeze < 1):
             raise ConfigError("expected 0 <= shape_start < 1 and 0 <= shape_warmup <= shape_freeze < 1, got "
                               f"shape_start={self.shape_start}, shape_warmup={self.shape_warmup}, "
@@ -265,6 +273,18 @@ class TrainConfig(ConfigBase):
         if any(not 0 < m < 1 for m in self.lr_milestones):
             raise ConfigError(f"lr_milestones are fractions of the run in (0, 1), got {list(self.lr_milestones)}")
         self.validate_engine()
+
+
+def check_predictor_options(cfg) -> None:
+    """``cfg.predictor_width >= 0``; it and ``cfg.share_predictor`` only for layer kinds with a predictor."""
+    from ..layers import LAYER_KINDS
+
+    if cfg.predictor_width < 0:
+        raise ConfigError(f"predictor_width must be >= 0 (0: the predictor's default), got {cfg.predictor_width}")
+    if (cfg.predictor_width or cfg.share_predictor) and LAYER_KINDS[cfg.layer].predictor is None:
+        with_predictor = [k for k, v in LAYER_KINDS.items() if v.predictor is not None]
+        raise ConfigError(f"predictor_width and share_predictor apply to layer kinds with a predictor "
+                          f"({', '.join(with_predictor)}), got layer {cfg.layer!r}")
 
 
 #: models whose channel width ``TrainConfig.width`` sets
