@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -47,9 +48,30 @@ def message_of(e: Exception) -> str:
     return render(flag_of) if callable(render) else str(e)
 
 
+def one_line(message: str) -> str:
+    """The telling line of a possibly multi-line error message.
+
+    An error re-raised from a DataLoader worker carries the worker's whole traceback ("Caught X in
+    DataLoader worker process 0. Original Traceback ...") with the original message on its last line:
+    that line is kept, without its ``module.ExceptionName:`` prefix. Other multi-line messages keep their
+    first line and say how many were dropped."""
+    lines = [ln.strip() for ln in str(message).strip().splitlines() if ln.strip()]
+    if not lines:
+        return str(message)
+    if len(lines) == 1:
+        return lines[0]
+    if any("Original Traceback" in ln for ln in lines):
+        last = lines[-1]
+        head, sep, rest = last.partition(": ")
+        if sep and re.fullmatch(r"[\w.]*(Error|Exception|Warning|Interrupt)\w*", head):
+            last = rest
+        return last
+    return f"{lines[0]} (+{len(lines) - 1} more line(s))"
+
+
 def error(command: str, message: str, code: int = 2) -> int:
-    """Print ``nsl COMMAND: error: MESSAGE`` to stderr and return the exit code."""
-    print(f"nsl {command}: error: {message}", file=sys.stderr)
+    """Print ``nsl COMMAND: error: MESSAGE`` (one line: :func:`one_line`) to stderr and return the exit code."""
+    print(f"nsl {command}: error: {one_line(message)}", file=sys.stderr)
     return code
 
 
