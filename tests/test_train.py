@@ -46,7 +46,8 @@ def test_paper_protocol_values():
     assert (c.weight_decay, c.wd_static_diagonal, c.wd_static_full, c.decay_bn) == (5e-4, 0.0, 5e-3, True)
     assert (c.label_smoothing, c.input, c.augment, c.pad, c.flip) == (0.01, "raw", True, 4, True)
     assert (c.bn_momentum, c.bn_eps, c.bn_recalibrate, c.warmup_iters, c.paper_init) == (0.001, 1e-3, 0, 0, True)
-    assert c.bn_zero_init is False
+    assert c.bn_zero_init is False and c.bias is False  # the authors' convs have no bias
+    assert make_config("demo").bias is True and TrainConfig().bias is True  # old config.json files: biases kept
     # lr x 0.1 at 20k, 30k and 37.5k of 42.5k
     f = [lr_factor(c, s, 42_500) for s in (0, 19_999, 20_000, 29_999, 30_000, 37_499, 37_500, 42_499)]
     assert f == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
@@ -286,12 +287,14 @@ def test_imagefolder_stream_train_resume_and_eval(tmp_path, capsys):
     assert res["test_samples"] == 6 and res["test_acc"] == res["unfolded_acc"]
 
 
-def test_predictor_width_and_share_predictor_reach_the_model():
+def test_predictor_width_share_predictor_and_bias_reach_the_model():
     meta = {"num_classes": 10, "in_channels": 3, "image_size": 32}
 
     def params(**kw):
         return sum(p.numel() for p in build_model_for(make_config("fast", **kw), meta).parameters())
 
+    assert params(bias=False) == params() - 10  # cnn9 conv: only the classifier has a bias
+    assert sum(p.numel() for p in build_model_for(make_config("paper"), meta).parameters()) == 511_200
     default = params(layer="dynamic-diagonal")
     assert params(layer="dynamic-diagonal", predictor_width=8) < default
     assert params(layer="dynamic-diagonal", share_predictor=True) < default

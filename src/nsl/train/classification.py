@@ -34,7 +34,7 @@ __all__ = ["ClassificationTask", "train", "evaluate", "evaluate_checkpoint", "lo
            "build_from_checkpoint", "STRUCTURAL"]
 
 #: TrainConfig fields a resumed run must keep
-STRUCTURAL = ("dataset", "model", "layer", "width", "predictor_width", "share_predictor", "paper_init",
+STRUCTURAL = ("dataset", "model", "layer", "width", "predictor_width", "share_predictor", "bias", "paper_init",
               "train_subset", "batch_size", "seed", "bn_eps", "input", "shape_active", "shape_method",
               "shape_per_filter")
 
@@ -197,6 +197,8 @@ def build_model_for(cfg: TrainConfig, meta: dict) -> nn.Module:
         kw["predictor_width"] = cfg.predictor_width
     if cfg.share_predictor:
         kw["share_predictor"] = True
+    if not cfg.bias:
+        kw["bias"] = False
     model = build_model(cfg.model, cfg.layer, meta["num_classes"], meta["in_channels"], **kw)
     KernelShapeSchedule.attach(cfg, model)
     set_bn_momentum(model, cfg.bn_momentum)

@@ -138,6 +138,7 @@ class TrainConfig(ConfigBase):
     # 0: the predictor's default (sphere and cosine: 64 for a diagonal M, 128 for a full one; light: 16)
     share_predictor: bool = False  # one predictor per stage for the layers of equal input channels and geometry
     # (the paper's shared parametrisation; layer kinds with a predictor)
+    bias: bool = True  # authors: no bias in any conv (False: none in cnn9's classifier or any predictor conv)
     out: str | None = None  # run directory
     paper_init: bool = True  # authors' inits: static diagonal M = eye(3) flattened; predictor He x 0.1 / He x 0.001
     train_subset: int = 0  # train on N samples of a fixed seeded subset, the same for every run seed (0: all)
@@ -293,8 +294,9 @@ WIDTH_MODELS = ("cnn9", "resnet20", "resnet32", "resnet56")
 
 # Protocol defaults, each a set of TrainConfig values.
 PROTOCOLS: dict[str, dict] = {
-    # the authors' CIFAR protocol: the TrainConfig defaults
-    "paper": {},
+    # the authors' CIFAR protocol: the TrainConfig defaults, and no bias in any conv (the default keeps biases, so
+    # that a config.json written before the field existed builds the same model)
+    "paper": dict(bias=False),
     # a modern short schedule for CPU-budget runs and quick comparisons (not from the paper)
     "fast": dict(iters=None, epochs=15, lr=0.1, nesterov=True, weight_decay=5e-4, decay_bn=False,
                  wd_static_diagonal=0.0, wd_static_full=5e-4, schedule="onecycle", onecycle_pct=0.2,
