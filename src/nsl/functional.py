@@ -637,7 +637,8 @@ def sphere_conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, str
 
     Computed as ``conv(x, w / ||w||^[normalize_weight]) * rsqrt(box(sum_c x^2) + eps)``: the squared
     input is summed over each group's channels first and then box-filtered with the kernel's
-    geometry (``C_in / groups`` times fewer multiply-adds than convolving ``x^2`` with ones), the
+    geometry (a sum pooling where the geometry allows, ``C_in / groups`` times fewer operations than
+    convolving ``x^2`` with ones), the
     filter norm is applied to the weight rather than to the output, and the per-location factor
     broadcasts over the group's output channels (no copy).
 
@@ -657,9 +658,14 @@ def sphere_conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, str
     n, c, h, w = input.shape
     sq = input * input
     sq = sq.sum(1, keepdim=True) if groups == 1 else sq.view(n, groups, c // groups, h, w).sum(2)  # [N, G, H, W]
-    box = F.conv2d(sq, weight.new_ones(groups, 1, weight.shape[2], weight.shape[3]), None, stride, padding,
-                   dilation, groups)  # [N, G, Ho, Wo]
-    inv = torch.rsqrt(box + eps)
+    kh, kw = weight.shape[2], weight.shape[3]
+    pads = (0, 0) if padding == "valid" else padding if isinstance(padding, str) else _pair(padding, "padding")
+    if (not isinstance(pads, str) and _pair(dilation, "dilation") == (1, 1) and pads[0] <= kh // 2
+            and pads[1] <= kw // 2):  # a box sum is a pooling (much faster than a 1-channel convolution)
+        box = F.avg_pool2d(sq, (kh, kw), stride, pads, count_include_pad=True) * (kh * kw)  # (ONNX-exportable)
+    else:
+        box = F.conv2d(sq, weight.new_ones(groups, 1, kh, kw), None, stride, padding, dilation, groups)
+    inv = torch.rsqrt(box + eps)  # [N, G, Ho, Wo]
     if groups == 1:
         out = out * inv
     else:
