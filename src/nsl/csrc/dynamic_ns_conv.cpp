@@ -89,7 +89,7 @@ namespace {
 // Bytes targeted for one [K, T] tile buffer (tunable through set_tile_bytes for benchmarking).
 int64_t g_tile_bytes = 256 * 1024;
 // Fewest output locations per tile, whatever the byte budget (tunable through set_min_tile).
-int64_t g_min_tile = 128;
+int64_t g_min_tile = 100;
 // GEMM backend: 0 = best available (oneDNN brgemm for float where torch ships it, else BLAS);
 // 1 = BLAS only; 2 = the at::mm fallback only (testing switch, set_gemm_backend).
 int g_gemm_backend = 0;
