@@ -127,7 +127,7 @@ def test_compile_setting_is_checked():
     assert make_config("demo").compile == "none"
     assert make_config("demo", compile=True).compile == "default"
     assert make_config("demo", compile="reduce-overhead").compile == "reduce-overhead"
-    with pytest.raises(ConfigError, match="compile must be one of none, default, reduce-overhead, max-autotune"):
+    with pytest.raises(ConfigError, match="compile must be .*none.*default.*reduce-overhead.*max-autotune.*'fast'"):
         make_config("demo", compile="fast")
     with pytest.raises(ConfigError, match="compile_backend must be the name of a torch.compile backend"):
         make_config("demo", compile_backend="")
@@ -135,11 +135,11 @@ def test_compile_setting_is_checked():
 
 # -- throughput over training time -------------------------------------------------------------------
 def test_images_per_s_counts_training_time_only(tmp_path):
-    summary = fit(TinyTask(total=3, eval_every=1, eval_sleep=0.4), _cfg(tmp_path / "r"), echo=lambda *a: None)
-    assert summary["seconds"] >= 3 * 0.4 + summary["train_seconds"] - 1e-3
-    assert summary["images_per_s"] > 3 * 8 / (summary["seconds"] - 3 * 0.4 + 1e-3)
-    # the train records' windows leave the evaluations (0.4 s each, between the windows) out too
-    assert all(r["images_per_s"] > 8 / 0.4 for r in records(tmp_path / "r", "train"))
+    summary = fit(TinyTask(total=3, eval_every=1, eval_sleep=1.0), _cfg(tmp_path / "r"), echo=lambda *a: None)
+    assert summary["seconds"] >= 3 * 1.0 + summary["train_seconds"] - 1e-3
+    assert summary["images_per_s"] > 3 * 8 / (summary["seconds"] - 3 * 1.0 + 1e-3)
+    # the train records' windows leave the evaluations (1 s each, between the windows) out too
+    assert all(r["images_per_s"] > 8 / 1.0 for r in records(tmp_path / "r", "train"))
 
 
 # -- divergence ------------------------------------------------------------------------------------
