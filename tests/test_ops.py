@@ -325,3 +325,35 @@ def test_triton_backend_on_cpu_through_the_interpreter(layout, monkeypatch):
         results[backend] = [out.detach()] + [t.grad for t in leaves]
     for a, r in zip(results["triton"], results["reference"]):
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU): the operator's CUDA kernel is Triton's, auto picks it
+# ---------------------------------------------------------------------------------------------
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("layout", ["diagonal", "full"])
+def test_cuda_operator(layout):  # pragma: no cover - GPU machines
+    reason = NF._triton_reason(torch.device("cuda"))
+    if reason is not None:
+        pytest.skip(f"Triton kernels unavailable on this GPU: {reason}")
+    assert _ops.cuda_kernel(torch.device("cuda"), torch.float32) == "triton"
+    (x, weight, sim), geo = _inputs(GEOMETRIES[1], layout, torch.float32, requires_grad=True, seed=5)
+    xc, wc, sc = (t.detach().cuda().requires_grad_() for t in (x, weight, sim))
+    torch.library.opcheck(OP, (xc, wc, sc, *geo))
+    assert NF._choose("auto", xc, wc, sc) == "triton"
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # IEEE float32 dots
+    try:
+        out = OP(xc, wc, sc, *geo)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    torch.testing.assert_close(out.cpu().double(), _brute(x.detach(), weight.detach(), sim.detach(), geo),
+                               rtol=1e-3, atol=1e-3)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        low = OP(xc, wc, sc, *geo)
+    assert low.dtype == torch.bfloat16
+    low.float().sum().backward()
+    assert xc.grad.dtype == torch.float32 and torch.isfinite(sc.grad).all()
