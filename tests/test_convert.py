@@ -164,9 +164,13 @@ def test_unknown_subclass_skipped_with_one_warning_naming_each():
     assert type(out[0]) is Odd and type(out[2]) is nsl.NSConv2d
     # a look-alike outside timm's modules is not taken for timm's class
     mine = type("StdConv2d", (StdConv2d,), {"__module__": "mine"})
-    with pytest.warns(UserWarning, match="converted no layer: no convertible nn.Conv2d with a kernel larger than 1x1 "
-                                         r"\(1 nn.Conv2d layer\(s\) found\)"):
+    with pytest.warns(UserWarning) as record:
         nsl.convert(nn.Sequential(mine(3, 4, 3)))
+    assert [str(r.message) for r in record] == [
+        "nsl.convert skipped 1 layer(s): 0 (StdConv2d: an nn.Conv2d subclass convert does not know, its forward may "
+        "not be a plain convolution; teach it with register_conv_subclass from nsl.convert)",
+        "nsl.convert converted no layer: no convertible nn.Conv2d with a kernel larger than 1x1 (1 nn.Conv2d layer(s) "
+        "found)"]
     # registering teaches convert the class
     register_conv_subclass(mine, lambda conv: ConvAdaptation(weight_transform=StandardizedWeight(conv.eps)))
     x = torch.randn(1, 3, 6, 6)
@@ -174,6 +178,13 @@ def test_unknown_subclass_skipped_with_one_warning_naming_each():
     torch.testing.assert_close(nsl.convert(m, kind="static-full")(x), m(x), rtol=0, atol=0)
     with pytest.raises(TypeError, match="register_conv_subclass expects a subclass of nn.Conv2d"):
         register_conv_subclass(nn.Linear, lambda c: ConvAdaptation())
+
+
+def test_sphere_convs_are_not_plain_convs():
+    with pytest.warns(UserWarning, match=r"0 \(SphereConv2d: a SphereNet-normalised convolution \(divided by the input "
+                                         r"patch norm\), not w\^T x\)"):
+        out = nsl.convert(nn.Sequential(nsl.SphereConv2d(3, 4, 3), nn.Conv2d(4, 4, 3)))
+    assert type(out[0]) is nsl.SphereConv2d and type(out[1]) is nsl.NSConv2d
 
 
 def test_known_subclass_with_unsupported_settings_is_skipped_with_the_reason():

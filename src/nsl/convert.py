@@ -19,6 +19,7 @@ from .layers import (
     DynamicNSConv2d,
     LayerKind,
     NSConv2d,
+    SphereConv2d,
     layer_kind,
     make_conv,
 )
@@ -140,6 +141,9 @@ def _adapt_std_conv(conv: nn.Conv2d) -> ConvAdaptation | str:
         padding = _same_pad(conv)
     return ConvAdaptation(StandardizedWeight(eps, gain, float(scale)), padding)
 
+
+register_conv_subclass(SphereConv2d, lambda conv: "a SphereNet-normalised convolution (divided by the input patch "
+                                                  "norm), not w^T x")
 
 for _name, _adapter in (("conv2d_same.Conv2dSame", _adapt_conv2d_same), ("std_conv.StdConv2d", _adapt_std_conv),
                         ("std_conv.StdConv2dSame", _adapt_std_conv), ("std_conv.ScaledStdConv2d", _adapt_std_conv),
