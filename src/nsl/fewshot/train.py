@@ -40,6 +40,7 @@ from ..train.config import ConfigBase, ConfigError, apply_overrides, check_predi
 from ..train.loop import Task, fit
 from ..train.run import Process, load_checkpoint
 from .data import FEWSHOT_DATASETS, FewShotDataset, get_fewshot_dataset
+from .domains import FEWSHOT_DOMAINS
 from .models import BACKBONES, build_backbone
 from .protonet import (
     BilinearSimilarityHead,
@@ -89,6 +90,8 @@ class FewShotConfig(ConfigBase):
     Engine (as :class:`~nsl.train.TrainConfig`): ``amp``, ``stop_at`` (stop after this many episodes
     with a checkpoint, as if interrupted), ``compile`` / ``compile_backend`` (``torch.compile`` of the model).
     """
+
+    DOMAINS = FEWSHOT_DOMAINS
 
     dataset: str = "cifar-fs"
     data_dir: str | None = None

@@ -16,6 +16,8 @@ import math
 import re
 from dataclasses import dataclass, field, fields
 
+from .domains import TRAIN_DOMAINS, check_domains
+
 __all__ = ["TrainConfig", "ConfigBase", "PROTOCOLS", "make_config", "apply_overrides", "parse_value",
            "ConfigError", "check_keys", "AMP_MODES", "COMPILE_MODES"]
 
@@ -74,6 +76,14 @@ class ConfigBase:
     :meth:`validate_engine`).
     """
 
+    #: the checked domain of every field (:mod:`nsl.train.domains`); each subclass names its table
+    DOMAINS: dict = {}
+
+    def __post_init__(self) -> None:
+        # every config that exists has each field in its domain, whatever built it (flags, --set, a protocol,
+        # a config.json, Python); the rules between fields are checked by validate()
+        check_domains(self)
+
     def to_dict(self) -> dict:
         """The fields as plain JSON values (tuples as lists)."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -125,6 +135,8 @@ class TrainConfig(ConfigBase):
     of the training loader); ``iters`` wins when both are set. ``stop_at``: stop after this many
     steps with a checkpoint, exactly as if interrupted (resume continues the same run).
     """
+
+    DOMAINS = TRAIN_DOMAINS
 
     protocol: str = "paper"
     # data and model
