@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import fields
 
 from ._cli_utils import error as _cli_error
-from ._cli_utils import message_of, positive_int, run_training
+from ._cli_utils import message_of, one_line, positive_int, run_training
 
 __all__ = ["main"]
 
@@ -319,12 +320,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``nsl ARGV``: parse, run the command, return its exit code.
+
+    Commands turn the errors they expect into one ``nsl COMMAND: error: ...`` line. Anything else is caught
+    here as a last resort, so that no input prints a traceback: one line naming the exception, exit 1
+    (``NSL_TRACEBACK=1`` re-raises it, for bug reports)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return args.func(args)
+    words = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")][:2]
+    command = " ".join(words[:2] if words[:1] == ["fewshot"] else words[:1]) or "nsl"
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return _cli_error(command, "interrupted", 130)
+    except Exception as e:  # noqa: BLE001 - the last line of defence against a traceback
+        if os.environ.get("NSL_TRACEBACK") == "1":
+            raise
+        hint = f"unexpected {type(e).__name__}; set NSL_TRACEBACK=1 to see where"
+        return _cli_error(command, f"{one_line(message_of(e))} ({hint})", 1)
 
 
 if __name__ == "__main__":
