@@ -297,10 +297,8 @@ def download(name: str, root: str | Path, *, source: Source | None = None, force
     dest = root / source.target
     if not force and _present(source, dest):
         return dest
-    created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".nsl-download-", dir=root))
-    ok = False
     try:
         fetched = []
         for res in source.resources:
@@ -356,12 +354,9 @@ def download(name: str, root: str | Path, *, source: Source | None = None, force
             dest.mkdir(parents=True, exist_ok=True)
             for path in fetched:
                 os.replace(path, dest / path.name)
-        ok = True
         return dest
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        if created and not ok and root.is_dir() and not any(root.iterdir()):
-            root.rmdir()  # a failed download leaves no empty data folder behind
 
 
 def ensure_dataset(dataset: str, root: str | Path, *, progress: bool = False, echo: Callable[[str], None] = print,
