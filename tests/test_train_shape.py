@@ -21,7 +21,7 @@ def test_width_sets_the_channels_and_is_checked():
     assert model.stem.conv.out_channels == 8
     with pytest.raises(ConfigError, match="width applies to cnn9, resnet20, resnet32, resnet56 only"):
         make_config("fast", model="resnet18", width=8)
-    with pytest.raises(ConfigError, match="width must be >= 0"):
+    with pytest.raises(ConfigError, match="width must be (an integer )?>= 0"):
         make_config("fast", width=-1)
 
 
@@ -83,9 +83,9 @@ def test_shape_config_errors(tmp_path, capsys):
     code, _, err = run([*base, "--set", "shape_active=10"], capsys)
     assert code == 2 and "shape_active=10" in err and "1 <= k <= 9" in err
     code, _, err = run([*base, "--set", "shape_method=random"], capsys)
-    assert code == 2 and "shape_method must be one of learned, magnitude" in err
+    assert code == 2 and "shape_method" in err and "must be one of learned, magnitude" in err
     code, _, err = run([*base, "--set", "shape_freeze=1.0"], capsys)
-    assert code == 2 and "shape_freeze < 1" in err
+    assert code == 2 and "shape_freeze" in err and "< 1" in err
     code, _, err = run([*base, "--layer", "dynamic-full", "--set", "shape_active=3", "--set",
                         "shape_per_filter=true"], capsys)
     assert code == 2 and "shape_per_filter needs a diagonal M" in err
