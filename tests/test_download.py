@@ -79,6 +79,9 @@ def test_download_list_and_bad_names(capsys, tmp_path):
     assert "unknown dataset 'svhn' to download; available: cifar10, cifar100" in err and "omniglot" in err
     code, _, err = run(["download", "cifar10"], capsys)
     assert code == 2 and "expected DIR, the folder to download cifar10 into" in err
+    with pytest.raises(SystemExit):
+        run(["download", "cifar10", str(tmp_path), "--timeout", "-1"], capsys)
+    assert "argument --timeout: expected a positive number of seconds, got -1" in capsys.readouterr().err
     (tmp_path / "file").write_text("x")
     code, _, err = run(["download", "mnist", str(tmp_path / "file")], capsys)
     assert code == 2 and f"DIR {tmp_path / 'file'} is a file; expected a folder" in err

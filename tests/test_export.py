@@ -108,6 +108,9 @@ def test_export_bad_inputs_are_one_line(checkpoints, tmp_path, capsys):
     text.write_text("not a checkpoint")
     other = tmp_path / "other.pt"
     torch.save({"weights": torch.zeros(2)}, other)
+    ck = torch.load(ckpt, weights_only=True)
+    mismatch = tmp_path / "mismatch.pt"  # a config of another layer kind than its weights
+    torch.save({**ck, "config": {**ck["config"], "layer": "static-full"}}, mismatch)
     cases = [
         (["--checkpoint", str(tmp_path / "none.pt"), "--out", str(tmp_path / "m.onnx")],
          f"checkpoint {tmp_path / 'none.pt'} does not exist"),
@@ -118,6 +121,8 @@ def test_export_bad_inputs_are_one_line(checkpoints, tmp_path, capsys):
         (["--checkpoint", str(text), "--out", str(tmp_path / "m.onnx")], f"cannot read checkpoint {text}"),
         (["--checkpoint", str(other), "--out", str(tmp_path / "m.onnx")],
          f"{other} is neither an nsl training checkpoint"),
+        (["--checkpoint", str(mismatch), "--out", str(tmp_path / "m.onnx")],
+         f"cannot build the model of {mismatch}: RuntimeError: its weights do not fit the model its config describes"),
         (["--checkpoint", ckpt, "--out", str(tmp_path / "m.onnx"), "--input-size", "16", "16"],
          "maps 16x16 inputs to outputs of shape [N, 40], not [N, 10] logits; it was built for 8x8 inputs"),
     ]
@@ -125,6 +130,6 @@ def test_export_bad_inputs_are_one_line(checkpoints, tmp_path, capsys):
         code, out, err = run(["export", *argv], capsys)
         assert code == 2 and out == "" and len(err.splitlines()) == 1, (argv, err)
         assert err.startswith("nsl export: error: ") and message in err, (argv, err)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "other.pt"]  # nothing written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mismatch.pt", "notes.txt", "other.pt"]  # nothing written
     with pytest.raises(ExportError, match="batch must be a positive integer, got 0"):
         export_onnx(ckpt, tmp_path / "m.onnx", batch=0)

@@ -74,6 +74,16 @@ def with_download(train):
     return run
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text}")
+    return value
+
+
 def _download_list() -> None:
     from .data.download import NO_FILES, PROVIDERS, SOURCES
 
@@ -170,7 +180,7 @@ def _add_download_export_parsers(sub) -> None:
     d.add_argument("dir", nargs="?", metavar="DIR", help="data folder (created if needed), later --data-dir")
     d.add_argument("--list", action="store_true", help="list the datasets that can be downloaded")
     d.add_argument("--force", action="store_true", help="download again even if the dataset is present")
-    d.add_argument("--timeout", type=float, default=60.0, help="network timeout in seconds (default 60)")
+    d.add_argument("--timeout", type=_positive_seconds, default=60.0, help="network timeout in seconds (default 60)")
     d.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     d.set_defaults(func=_download)
 

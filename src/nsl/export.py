@@ -109,7 +109,12 @@ def load_for_export(checkpoint: str | Path) -> ExportedModel:
     except CheckpointError:
         raise
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        first = lines[0] if lines else type(e).__name__
+        if "state_dict" in first:  # weights of another layer kind, width or model than the config says
+            detail = lines[1] if len(lines) > 1 else ""
+            first = ("its weights do not fit the model its config describes"
+                     + (f" ({detail[:160]}{'...' if len(detail) > 160 else ''})" if detail else ""))
         raise CheckpointError(f"cannot build the model of {Path(checkpoint).expanduser()}: {type(e).__name__}: "
                               f"{first}") from None
     return ExportedModel(model.eval(), chw, what, {k: str(v) for k, v in info.items()})
