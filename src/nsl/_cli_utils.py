@@ -75,6 +75,22 @@ def error(command: str, message: str, code: int = 2) -> int:
     return code
 
 
+def read_config_json(path: Path) -> dict:
+    """The JSON object in a run's ``config.json``; :class:`~nsl.train.ConfigError` naming the file when it is
+    unreadable, not JSON or not an object."""
+    from .train import ConfigError
+
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a JSON object of config fields, got a JSON {type(d).__name__}")
+    return d
+
+
 def run_training(command: str, args: argparse.Namespace, given: dict, config_cls, new_config: Callable[[], object],
                  apply_overrides: Callable, train: Callable, on_resume: dict | None = None,
                  check_data_dir: bool = True) -> int:
@@ -98,12 +114,17 @@ def run_training(command: str, args: argparse.Namespace, given: dict, config_cls
             raise ConfigError("--out RUN_DIR is required")
         saved = Path(args.out).expanduser() / "config.json"
         if args.resume and saved.exists():
-            d = json.loads(saved.read_text())
+            d = read_config_json(saved)
             if "stop_at" in d:  # an earlier --stop-at does not carry over to the continuation
                 d["stop_at"] = 0
             d.update(on_resume or {})
             d.update(given)
-            cfg = config_cls.from_dict(d)
+            try:
+                cfg = config_cls.from_dict(d)
+            except ConfigError as e:
+                if not any(k in given or k in (on_resume or {}) for k in e.fields):
+                    raise ConfigError(f"{saved}: {e.render()}") from None  # the file's value, not a flag
+                raise
         else:
             cfg = new_config()
         cfg = apply_overrides(cfg, args.set or [])

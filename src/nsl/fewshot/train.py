@@ -30,6 +30,7 @@ import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ import torch.nn as nn
 from ..layers import LAYER_KINDS
 from ..train.config import ConfigBase, ConfigError, apply_overrides, check_predictor_options
 from ..train.loop import Task, fit
-from ..train.run import Process, load_checkpoint
+from ..train.run import CheckpointError, Process, load_checkpoint, load_model_state, resolve_device
 from .data import FEWSHOT_DATASETS, FewShotDataset, get_fewshot_dataset
 from .domains import FEWSHOT_DOMAINS
 from .models import BACKBONES, build_backbone
@@ -249,11 +250,19 @@ def load_fewshot_checkpoint(path: str | Path) -> dict:
     return load_checkpoint(path, CHECKPOINT_FORMAT, "a few-shot checkpoint (written by `nsl fewshot train`)")
 
 
-def _model_from_checkpoint(ckpt: dict) -> tuple[FewShotClassifier, FewShotConfig]:
-    cfg = FewShotConfig.from_dict(ckpt["config"])
+def _model_from_checkpoint(ckpt: dict, path) -> tuple[FewShotClassifier, FewShotConfig]:
+    """The model of a few-shot checkpoint read from ``path`` (eval mode) and its config; CheckpointError naming
+    the file when the saved config is invalid or the weights do not fit the model it describes."""
+    try:
+        cfg = FewShotConfig.from_dict(ckpt["config"])
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: its saved config is invalid: {e.render()}") from None
     meta = ckpt["meta"]
-    model = build_fewshot_model(cfg, meta["in_channels"], meta["image_size"])
-    model.load_state_dict(ckpt["model"])
+    try:
+        model = build_fewshot_model(cfg, meta["in_channels"], meta["image_size"])
+    except KeyError as e:
+        raise CheckpointError(f"{path}: its meta entry lacks {e}") from None
+    load_model_state(model, ckpt["model"], path)
     return model.eval(), cfg
 
 
@@ -387,11 +396,13 @@ def evaluate_fewshot_checkpoint(path: str | Path, n_way: int | None = None, k_sh
         (fractions), episode ``i`` being episode ``i`` of the seed, for paired comparisons.
     """
     ckpt = load_fewshot_checkpoint(path)
-    model, cfg = _model_from_checkpoint(ckpt)
+    model, cfg = _model_from_checkpoint(ckpt, path)
     n_way = cfg.ways if n_way is None else n_way
+    if n_way < 2:
+        raise ValueError(f"ways must be >= 2 (a 1-way episode has nothing to classify), got {n_way}")
     k_shot = cfg.shots if k_shot is None else k_shot
     n_query = cfg.queries if n_query is None else n_query
-    dev = torch.device(device)
+    dev = resolve_device(SimpleNamespace(device=str(device)))  # ConfigError naming device: cuda without CUDA
     if dataset is None:
         dataset = load_fewshot_split(cfg.dataset, data_dir if data_dir is not None else cfg.data_dir, split)
         dataset = dataset.to(dev)

@@ -12,22 +12,24 @@ to an uninterrupted one. With DDP, ``batch_size`` is per rank and each rank trai
 from __future__ import annotations
 
 import math
+import os
 from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data import GPULoader, TensorImageDataset, dataset_info, get_dataset, imagefolder_loader
+from ..data import DatasetError, GPULoader, TensorImageDataset, dataset_info, get_dataset, imagefolder_loader
 from ..layers import NSConv2d
 from ..models import build_model
 from ..regularizers import orthogonality_penalty
 from .config import ConfigError, TrainConfig
 from .loop import Task, fit
 from .optim import batch_norms, build_optimizer, lr_factor, orthogonality_filters, recalibrate_bn, set_bn_momentum
-from .run import Process, load_checkpoint
+from .run import CheckpointError, Process, load_checkpoint, load_model_state, resolve_device
 from .shaping import KernelShapeSchedule
 
 __all__ = ["ClassificationTask", "train", "evaluate", "evaluate_checkpoint", "load_data", "build_model_for",
@@ -130,13 +132,47 @@ class _ToDevice:
         self.loader.load_state_dict(state)
 
 
-def _subset(ds: TensorImageDataset, n: int, seed: int | None) -> TensorImageDataset:
-    if not n or n >= len(ds):
+def _subset(ds: TensorImageDataset, n: int, seed: int | None, field: str) -> TensorImageDataset:
+    """``n`` samples of ``ds`` (``0``: all): a seeded random subset (``seed``) or the first ``n``. A subset
+    larger than the data is a ConfigError naming config field ``field`` (it would be recorded as asked)."""
+    if n > len(ds):
+        raise ConfigError(f"{{{field}}} {n} is larger than the {len(ds)} samples of the {ds.name or 'dataset'} "
+                          f"{'training' if field == 'train_subset' else 'test'} split; use at most {len(ds)} "
+                          "(0: all)", field)
+    if not n or n == len(ds):
         return ds
     if seed is None:
         return ds.subset(torch.arange(n))
     g = torch.Generator().manual_seed(seed)
     return ds.subset(torch.randperm(len(ds), generator=g)[:n])
+
+
+def _check_classes(n: int, what: str) -> None:
+    if n < 2:
+        raise DatasetError(f"{what} has {n} class{'' if n == 1 else 'es'}; classification needs at least 2 "
+                           "(a one-class set would score 100% while learning nothing)")
+
+
+def _class_folders(root: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+
+
+def _check_folder_classes(train_dir: Path, test_dir: Path) -> None:
+    """The training and evaluation image folders must name the same classes (labels are positions in the
+    sorted class list, so another set would silently mislabel every evaluation image)."""
+    if not (train_dir.is_dir() and test_dir.is_dir()) or train_dir == test_dir:
+        return  # the data layer names a missing folder
+    train, test = _class_folders(train_dir), _class_folders(test_dir)
+    _check_classes(len(train), f"image folder {train_dir}")
+    if train != test:
+        missing, extra = sorted(set(train) - set(test)), sorted(set(test) - set(train))
+
+        def show(names):
+            return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        parts = ([f"{len(missing)} missing there ({show(missing)})"] if missing else []) + \
+                ([f"{len(extra)} not in the training folder ({show(extra)})"] if extra else [])
+        raise DatasetError(f"image folder {test_dir} does not have the classes of {train_dir}: "
+                           f"{'; '.join(parts)}; both need the same class subfolders")
 
 
 def load_data(cfg: TrainConfig, device, rank: int = 0, world_size: int = 1, train_split: bool = True):
@@ -146,6 +182,8 @@ def load_data(cfg: TrainConfig, device, rank: int = 0, world_size: int = 1, trai
     if info.name == "imagefolder":
         if cfg.data_dir is None:
             raise ConfigError("imagefolder needs {data_dir}, the folder with train/ and val/ class folders", "data_dir")
+        if train_split:
+            _check_folder_classes(_split_dir(cfg.data_dir, "train"), _split_dir(cfg.data_dir, "test"))
         train_loader = _StreamLoader(cfg.data_dir, cfg, rank, world_size) if train_split else None
         test = imagefolder_loader(_split_dir(cfg.data_dir, "test"), cfg.eval_batch_size, train=False,
                                   image_size=cfg.image_size,
@@ -161,10 +199,11 @@ def load_data(cfg: TrainConfig, device, rank: int = 0, world_size: int = 1, trai
                   rank=rank, world_size=world_size)
     train_loader = None
     if train_split:
-        train = _subset(get_dataset(info.name, cfg.data_dir, "train"), cfg.train_subset, 0)
+        train = _subset(get_dataset(info.name, cfg.data_dir, "train"), cfg.train_subset, 0, "train_subset")
+        _check_classes(int(torch.unique(train.labels).numel()), f"the training set of {info.name}")
         train_loader = GPULoader(train, cfg.batch_size, shuffle=True, drop_last=True, augment=cfg.augment,
                                  padding=cfg.pad, flip=cfg.flip, seed=cfg.seed, **common)
-    test = _subset(get_dataset(info.name, cfg.data_dir, "test"), cfg.test_subset, 1)
+    test = _subset(get_dataset(info.name, cfg.data_dir, "test"), cfg.test_subset, 1, "test_subset")
     test_loader = GPULoader(test, cfg.eval_batch_size, shuffle=False, augment=False, even_shards=False, **common)
     c, h, _ = test.image_shape
     meta = dict(num_classes=len(test.classes) if test.classes else info.num_classes, in_channels=c, image_size=h,
@@ -174,12 +213,22 @@ def load_data(cfg: TrainConfig, device, rank: int = 0, world_size: int = 1, trai
 
 
 # -- model ---------------------------------------------------------------------------------------
-def build_from_checkpoint(ckpt: dict) -> tuple[nn.Module, TrainConfig]:
-    """The model of a checkpoint with its weights loaded (on the CPU, eval mode), and its config."""
-    cfg = TrainConfig.from_dict(ckpt["config"])
+def build_from_checkpoint(ckpt: dict, path: str | Path | None = None) -> tuple[nn.Module, TrainConfig]:
+    """The model of a checkpoint with its weights loaded (on the CPU, eval mode), and its config.
+
+    :class:`CheckpointError` naming ``path`` (the file ``ckpt`` was read from) when its saved config is
+    invalid or its weights do not fit the model that config describes."""
+    where = path if path is not None else "the checkpoint"
+    try:
+        cfg = TrainConfig.from_dict(ckpt["config"])
+    except ConfigError as e:
+        raise CheckpointError(f"{where}: its saved config is invalid: {e}") from None
     meta = ckpt["meta"]
-    model = build_model_for(cfg, meta)
-    model.load_state_dict(ckpt["model"])
+    try:
+        model = build_model_for(cfg, meta)
+    except KeyError as e:
+        raise CheckpointError(f"{where}: its meta entry lacks {e}") from None
+    load_model_state(model, ckpt["model"], where)
     return model.eval(), cfg
 
 
@@ -363,14 +412,14 @@ def evaluate_checkpoint(path: str | Path, data_dir: str | None = None, fold: boo
     """
     from ..convert import fold as fold_model
 
+    dev = resolve_device(SimpleNamespace(device=str(device)))  # ConfigError naming device: cuda without CUDA
     ckpt = load_checkpoint(path)
-    model, cfg = build_from_checkpoint(ckpt)
+    model, cfg = build_from_checkpoint(ckpt, path)
     if data_dir is not None:
         cfg.data_dir = str(data_dir)
     if batch_size:
         cfg.eval_batch_size = batch_size
     cfg.channels_last = False
-    dev = torch.device(device)
     _, test_loader, _ = load_data(cfg, dev, train_split=False)
     model = model.to(dev)
     result = {"step": ckpt["step"], "model": cfg.model, "layer": cfg.layer, "dataset": cfg.dataset}

@@ -203,7 +203,10 @@ class RunDir:
             if not self.last.exists():
                 raise CheckpointError(f"nothing to resume: {self.last} does not exist")
             ckpt = load(self.last)
-            saved = type(cfg).from_dict(ckpt["config"])
+            try:
+                saved = type(cfg).from_dict(ckpt["config"])
+            except ConfigError as e:
+                raise CheckpointError(f"{self.last}: its saved config is invalid: {e.render()}") from None
             diff = [k for k in structural if getattr(saved, k) != getattr(cfg, k)]
             if diff:
                 raise ConfigError("cannot resume with different " + ", ".join(
