@@ -197,6 +197,16 @@ def test_cifar_truncated_and_corrupt_pickles(data_root, tmp_path):
     with pytest.raises(DatasetError, match=r"'data' must be a uint8 array of shape \[N, 3072\]"):
         load_cifar(tmp_path, "cifar10", "test")
     d = pickle.loads(src)
+    d["labels"] = [y + 0.5 for y in d["labels"]]  # fractional labels: refused, not truncated
+    f.write_bytes(pickle.dumps(d))
+    first = d["labels"][0]
+    with pytest.raises(DatasetError, match=r"'labels' must hold integer class indices, found float64 values such as "
+                                           rf"{first}"):
+        load_cifar(tmp_path, "cifar10", "test")
+    d["labels"] = [float(int(y)) for y in d["labels"]]  # integral floats lose nothing
+    f.write_bytes(pickle.dumps(d))
+    assert load_cifar(tmp_path, "cifar10", "test")[1].tolist() == [int(y) for y in d["labels"]]
+    d = pickle.loads(src)
     del d["labels"]
     f.write_bytes(pickle.dumps(d))
     with pytest.raises(DatasetError, match="lacks the entries 'data' and 'labels'"):

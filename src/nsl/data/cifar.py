@@ -228,9 +228,15 @@ def _read_python_file(spec: _Spec, folder: Path, fname: str, label: str):
         raise _fail(spec, folder.parent, f"{path} (python layout): 'data' must be a uint8 array of shape "
                     f"[N, {_PIXELS}], found {dtype} {shape}")
     try:
-        labels = np.asarray(d[key], dtype=np.int64).reshape(-1)
-    except (TypeError, ValueError) as e:
+        raw = np.asarray(d[key]).reshape(-1)
+        labels = raw.astype(np.int64)
+    except (TypeError, ValueError, OverflowError) as e:
         raise _fail(spec, folder.parent, f"{path} (python layout): {key!r} is not a list of integers") from e
+    if raw.dtype.kind not in "iub":  # floats (or objects) would be truncated to integers silently
+        bad = raw[labels != raw] if raw.dtype.kind in "fc" else raw[:1]
+        if raw.dtype.kind not in "fc" or len(bad):
+            raise _fail(spec, folder.parent, f"{path} (python layout): {key!r} must hold integer class indices, "
+                        f"found {raw.dtype} values such as {bad[0].item()!r}")
     return data, labels, path
 
 
