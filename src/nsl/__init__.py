@@ -8,9 +8,11 @@ Convolution generalised from the inner product ``w^T x`` to a learnable bilinear
 """
 
 from . import functional, regularizers, shape
-from .convert import convert, fold
+from .convert import convert, fold, register_conv_subclass
 from .functional import ns_conv2d, sphere_conv2d
 from .layers import (
+    LAYER_KINDS,
+    DynamicFilterConv2d,
     DynamicNSConv2d,
     GlobalSimilarity2d,
     LightPredictor,
@@ -35,4 +37,7 @@ __all__ = [
     "LightPredictor",
     "fold",
     "convert",
+    "register_conv_subclass",
+    "LAYER_KINDS",
+    "DynamicFilterConv2d",
 ]
