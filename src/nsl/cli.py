@@ -306,9 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Train CNN-9 (width 8) with conv, static-full and dynamic-diagonal layers on "
                                       "scikit-learn's digits with nsl.train (protocol demo), print each variant's "
                                       "test accuracy as soon as it is trained, then check nsl.convert and nsl.fold "
-                                      "on the trained models. By default one seed of 3 epochs per variant (about a "
+                                      "on the trained models. By default one seed of 3 epochs per variant (under a "
                                       "minute on 2 CPU cores); --full: 3 seeds of 12 epochs with 95% confidence "
-                                      "intervals (about 10 minutes).")
+                                      "intervals (a few minutes).")
     demo.add_argument("--full", action="store_true", help="the comparison over 3 seeds of 12 epochs with 95%% "
                       "confidence intervals")
     demo.add_argument("--epochs", type=positive_int, help="training epochs per run (default 3; --full: 12)")

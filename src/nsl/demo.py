@@ -152,5 +152,5 @@ def _run(cfg: DemoConfig, root: Path, echo) -> dict:
     echo(f"\ndone in {results['seconds']:.0f} s.")
     if (cfg.epochs, cfg.seeds) != (FULL["epochs"], FULL["seeds"]):
         echo(f"The comparison over {FULL['seeds']} seeds of {FULL['epochs']} epochs with 95% confidence intervals: "
-             "nsl demo --full (about 10 minutes on 2 CPU cores).")
+             "nsl demo --full (a few minutes on 2 CPU cores).")
     return results
