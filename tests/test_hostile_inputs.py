@@ -102,3 +102,17 @@ def test_image_folders_with_one_class_or_other_val_classes(tmp_path, capsys, tra
                           "--batch-size", "2", "--out", str(tmp_path / "run"), "--no-progress",
                           "--set", "num_workers=0", "--set", "image_size=16", "--set", "width=4"], capsys)[::2])
     assert __import__("re").search(expected, err), err
+
+
+def test_a_training_stream_without_batches_is_an_error_not_a_hang():
+    from nsl.data import DatasetError
+    from nsl.train import make_config
+    from nsl.train.classification import ClassificationTask
+
+    task = ClassificationTask(make_config("demo"))
+    task.train_loader = []  # any loader whose epochs yield nothing (the ImageFolder case of issue 11)
+    with pytest.raises(DatasetError, match="yields no batch of 64 in an epoch"):
+        next(task.batches(0))
+    task.train_loader = [("x", "y")]
+    stream = task.batches(0)
+    assert [next(stream) for _ in range(3)] == [("x", "y")] * 3  # a one-batch epoch is fine

@@ -303,8 +303,15 @@ class ClassificationTask(Task):
         return lr_factor(self.cfg, step, self.total)
 
     def batches(self, step: int):
+        empty = 0  # passes in a row that yielded nothing (a resumed epoch may end at once: allow one)
         while True:
-            yield from self.train_loader
+            empty += 1
+            for batch in self.train_loader:
+                empty = 0
+                yield batch
+            if empty >= 2:  # whatever the loader, an epoch without a batch would make the loop spin forever
+                raise DatasetError(f"the training data of {self.cfg.dataset} yields no batch of {self.cfg.batch_size} "
+                                   "in an epoch (fewer samples than one batch, per process); lower batch_size")
 
     def before_step(self, step: int) -> None:
         self._step = step
