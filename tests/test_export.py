@@ -121,8 +121,8 @@ def test_export_bad_inputs_are_one_line(checkpoints, tmp_path, capsys):
         (["--checkpoint", str(text), "--out", str(tmp_path / "m.onnx")], f"cannot read checkpoint {text}"),
         (["--checkpoint", str(other), "--out", str(tmp_path / "m.onnx")],
          f"{other} is neither an nsl training checkpoint"),
-        (["--checkpoint", str(mismatch), "--out", str(tmp_path / "m.onnx")],
-         f"cannot build the model of {mismatch}: RuntimeError: its weights do not fit the model its config describes"),
+        (["--checkpoint", str(mismatch), "--out", str(tmp_path / "m.onnx")], f"{mismatch}"),
+        (["--checkpoint", str(mismatch), "--out", str(tmp_path / "m.onnx")], "stage1.0.conv.similarity"),
         (["--checkpoint", ckpt, "--out", str(tmp_path / "m.onnx"), "--input-size", "16", "16"],
          "maps 16x16 inputs to outputs of shape [N, 40], not [N, 10] logits; it was built for 8x8 inputs"),
     ]

@@ -87,7 +87,7 @@ def load_for_export(checkpoint: str | Path) -> ExportedModel:
         if kind == "classification":
             from .train import build_from_checkpoint
 
-            model, cfg = build_from_checkpoint(ckpt)
+            model, cfg = build_from_checkpoint(ckpt, Path(checkpoint).expanduser())
             chw = (int(meta["in_channels"]), int(meta["image_size"]), int(meta["image_size"]))
             info = {"task": "classification", "model": cfg.model, "layer": cfg.layer, "dataset": cfg.dataset,
                     "output": "logits [N, classes]", "mean": json.dumps(meta.get("mean")),
@@ -99,7 +99,9 @@ def load_for_export(checkpoint: str | Path) -> ExportedModel:
 
             cfg = FewShotConfig.from_dict(ckpt["config"])
             model = build_fewshot_model(cfg, int(meta["in_channels"]), int(meta["image_size"]))
-            model.load_state_dict(ckpt["model"])
+            from .train.run import load_model_state
+
+            load_model_state(model, ckpt["model"], checkpoint)
             model = model.backbone.eval()
             chw = (int(meta["in_channels"]), int(meta["image_size"]), int(meta["image_size"]))
             info = {"task": "fewshot-embedding", "model": cfg.backbone, "layer": cfg.layer, "dataset": cfg.dataset,
