@@ -61,3 +61,15 @@ def _backend_not_leaked(request):
         NF.set_backend("auto")
         pytest.fail(f"{request.node.nodeid} left the dynamic backend set to {leaked!r}; use "
                     "nsl.functional.use_backend(...) or restore it")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Start every test with empty torch.compile caches: tests compile the same layer code objects many times,
+    and past torch._dynamo's recompile limit a later ``fullgraph=True`` compile would silently fall back."""
+    import sys
+
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is not None:
+        dynamo.reset()
+    yield
