@@ -42,29 +42,7 @@ def _skip_unless_backend(backend: str) -> None:
             pytest.skip(f"triton kernels unavailable on this GPU: {reason}")
 
 
-class _TritonFn(torch.autograd.Function):
-    """Direct autograd glue for nsl._triton, used only when functional has no 'triton' backend."""
-
-    @staticmethod
-    def forward(ctx, x, weight, sim, stride, padding, dilation, groups):
-        from nsl import _triton
-
-        ctx.save_for_backward(x, weight, sim)
-        ctx.geo = (stride, padding, dilation, groups)
-        return _triton.forward(x, weight, sim, stride, padding, dilation, groups)
-
-    @staticmethod
-    def backward(ctx, grad):
-        from nsl import _triton
-
-        x, weight, sim = ctx.saved_tensors
-        dx, dw, dsim = _triton.backward(grad, x, weight, sim, *ctx.geo, *ctx.needs_input_grad[:3])
-        return dx, dw, dsim, None, None, None, None
-
-
 def run(backend, x, weight, sim, stride, padding, dilation, groups):
-    if backend == "triton" and "triton" not in NF.BACKENDS:
-        return _TritonFn.apply(x, weight, sim, stride, padding, dilation, groups)
     with NF.use_backend(backend):
         return NF.ns_conv2d(x, weight, sim, None, stride, padding, dilation, groups)
 

@@ -28,6 +28,7 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed (CI installs triton==3.8.0)")
 
 from nsl import _triton as NT  # noqa: E402
+from nsl._ops import _TritonFn  # noqa: E402  (the triton backend's autograd glue on CPU tensors)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference import brute_ns_conv2d  # noqa: E402
@@ -36,22 +37,6 @@ from reference import brute_ns_conv2d  # noqa: E402
 @pytest.fixture(autouse=True)
 def interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-class _TritonFn(torch.autograd.Function):
-    """Local autograd glue around nsl._triton.forward/backward (the op registration lives elsewhere)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, sim, stride, padding, dilation, groups):
-        ctx.save_for_backward(x, weight, sim)
-        ctx.geo = (stride, padding, dilation, groups)
-        return NT.forward(x, weight, sim, stride, padding, dilation, groups)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, sim = ctx.saved_tensors
-        dx, dw, dsim = NT.backward(grad, x, weight, sim, *ctx.geo, *ctx.needs_input_grad[:3])
-        return dx, dw, dsim, None, None, None, None
 
 
 def _out_size(h, w, k, stride, padding, dilation):
