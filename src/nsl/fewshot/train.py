@@ -39,7 +39,7 @@ import torch.nn as nn
 from ..layers import LAYER_KINDS
 from ..train.config import ConfigBase, ConfigError, apply_overrides, check_predictor_options
 from ..train.loop import Task, fit
-from ..train.run import CheckpointError, Process, load_checkpoint, load_model_state, resolve_device
+from ..train.run import Process, load_checkpoint, model_from_checkpoint, resolve_device
 from .data import FEWSHOT_DATASETS, FewShotDataset, get_fewshot_dataset
 from .domains import FEWSHOT_DOMAINS
 from .models import BACKBONES, build_backbone
@@ -253,17 +253,8 @@ def load_fewshot_checkpoint(path: str | Path) -> dict:
 def _model_from_checkpoint(ckpt: dict, path) -> tuple[FewShotClassifier, FewShotConfig]:
     """The model of a few-shot checkpoint read from ``path`` (eval mode) and its config; CheckpointError naming
     the file when the saved config is invalid or the weights do not fit the model it describes."""
-    try:
-        cfg = FewShotConfig.from_dict(ckpt["config"])
-    except ConfigError as e:
-        raise CheckpointError(f"{path}: its saved config is invalid: {e.render()}") from None
-    meta = ckpt["meta"]
-    try:
-        model = build_fewshot_model(cfg, meta["in_channels"], meta["image_size"])
-    except KeyError as e:
-        raise CheckpointError(f"{path}: its meta entry lacks {e}") from None
-    load_model_state(model, ckpt["model"], path)
-    return model.eval(), cfg
+    return model_from_checkpoint(ckpt, path, FewShotConfig,
+                                 lambda cfg, meta: build_fewshot_model(cfg, meta["in_channels"], meta["image_size"]))
 
 
 # -- training ------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from ..regularizers import orthogonality_penalty
 from .config import ConfigError, TrainConfig
 from .loop import Task, fit
 from .optim import batch_norms, build_optimizer, lr_factor, orthogonality_filters, recalibrate_bn, set_bn_momentum
-from .run import CheckpointError, Process, load_checkpoint, load_model_state, resolve_device
+from .run import Process, load_checkpoint, model_from_checkpoint, resolve_device
 from .shaping import KernelShapeSchedule
 
 __all__ = ["ClassificationTask", "train", "evaluate", "evaluate_checkpoint", "load_data", "build_model_for",
@@ -218,18 +218,7 @@ def build_from_checkpoint(ckpt: dict, path: str | Path | None = None) -> tuple[n
 
     :class:`CheckpointError` naming ``path`` (the file ``ckpt`` was read from) when its saved config is
     invalid or its weights do not fit the model that config describes."""
-    where = path if path is not None else "the checkpoint"
-    try:
-        cfg = TrainConfig.from_dict(ckpt["config"])
-    except ConfigError as e:
-        raise CheckpointError(f"{where}: its saved config is invalid: {e}") from None
-    meta = ckpt["meta"]
-    try:
-        model = build_model_for(cfg, meta)
-    except KeyError as e:
-        raise CheckpointError(f"{where}: its meta entry lacks {e}") from None
-    load_model_state(model, ckpt["model"], where)
-    return model.eval(), cfg
+    return model_from_checkpoint(ckpt, path if path is not None else "the checkpoint", TrainConfig, build_model_for)
 
 
 def build_model_for(cfg: TrainConfig, meta: dict) -> nn.Module:

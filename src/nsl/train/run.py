@@ -28,6 +28,7 @@ from .config import ConfigError
 from .rundir import RunLock, atomic_write_text, clean_stale_temps, describe_os_error, ensure_dir, read_jsonl
 
 __all__ = ["CheckpointError", "RunDir", "Process", "atomic_save", "load_checkpoint", "load_model_state",
+           "model_from_checkpoint",
            "nonfinite_tensors", "rng_state",
            "set_rng_state", "resolve_device", "dist_env", "autocast_and_scaler"]
 
@@ -101,6 +102,23 @@ def load_checkpoint(path: str | Path, format: str = "nsl-train",
         raise CheckpointError(f"checkpoint {path} holds non-finite values (NaN or inf) in {len(bad)} tensor(s), "
                               f"first {bad[0]}: the run diverged before it was saved; use an earlier checkpoint")
     return ckpt
+
+
+def model_from_checkpoint(ckpt: dict, path, config_cls, build):
+    """``(model, cfg)`` of checkpoint ``ckpt`` read from ``path``: ``cfg = config_cls.from_dict(ckpt["config"])``,
+    ``model = build(cfg, ckpt["meta"])`` with the weights loaded, in eval mode. :class:`CheckpointError`
+    naming ``path`` when the saved config is invalid, the meta entry lacks what the model needs, or the
+    weights do not fit the model (:func:`load_model_state`)."""
+    try:
+        cfg = config_cls.from_dict(ckpt["config"])
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: its saved config is invalid: {e.render()}") from None
+    try:
+        model = build(cfg, ckpt["meta"])
+    except KeyError as e:
+        raise CheckpointError(f"{path}: its meta entry lacks {e}") from None
+    load_model_state(model, ckpt["model"], path)
+    return model.eval(), cfg
 
 
 def load_model_state(model: torch.nn.Module, state: dict, path: str | Path) -> None:
