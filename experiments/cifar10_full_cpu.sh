@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Full-data CIFAR-10 study on a 2-core CPU (issue 12, part 2): all 50,000 training images, CNN-9 at width 16,
+# protocol `fast` (SGD nesterov, one-cycle lr 0.1, label smoothing 0.1, BN momentum 0.1) for 5 epochs of
+# batch 128 (1,950 steps), tested on all 10,000 test images; kinds conv, static-full, dynamic-diagonal and
+# dynamic-diagonal-light, seeds 0-2 (a seed fixes the data order and augmentation: kinds are paired by seed).
+# Usage: bash experiments/cifar10_full_cpu.sh DATA_DIR [OUT_DIR]     (DATA_DIR holds cifar-10-batches-py/)
+# Budget (measured at width 16, batch 128, one step): conv 0.15 s, static-full 0.15 s, dynamic-diagonal 1.1 s,
+# so about 5 min per conv or static-full run and 36 min per dynamic-diagonal run on one core: the cheap kinds
+# run first, then the dynamic ones, seed by seed. Finished runs are skipped and interrupted ones resumed,
+# so the script can be re-run to completion; KINDS="..." and SEEDS="..." select a part of the grid (e.g. two
+# parts side by side, one per core). Then: nsl report OUT/*-s? --baseline layer=conv --out OUT/report
+set -euo pipefail
+DATA=${1:?usage: cifar10_full_cpu.sh DATA_DIR [OUT_DIR]}
+OUT=${2:-runs/cifar10-full-cpu}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+mkdir -p "$OUT"
+KINDS=${KINDS:-conv static-full dynamic-diagonal-light dynamic-diagonal}
+SEEDS=${SEEDS:-0 1 2}
+for kind in $KINDS; do
+  for seed in $SEEDS; do
+    dir="$OUT/$kind-s$seed"
+    if [ -f "$dir/done" ]; then continue; fi
+    resume=()
+    if [ -f "$dir/checkpoints/last.pt" ]; then resume=(--resume); fi
+    nsl train --dataset cifar10 --data-dir "$DATA" --model cnn9 --set width=16 --layer "$kind" --protocol fast \
+      --epochs 5 --batch-size 128 --seed "$seed" --out "$dir" --no-progress --set checkpoint_every=100 \
+      "${resume[@]}"
+    touch "$dir/done"
+  done
+done
+nsl report "$OUT"/*-s? --baseline layer=conv --out "$OUT/report"
