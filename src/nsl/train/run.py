@@ -25,7 +25,16 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError
-from .rundir import RunLock, atomic_write_text, clean_stale_temps, describe_os_error, ensure_dir, read_jsonl
+from .rundir import (
+    RunLock,
+    atomic_write_text,
+    clean_stale_temps,
+    describe_os_error,
+    ensure_dir,
+    os_error_reason,
+    read_jsonl,
+    write_atomically,
+)
 
 __all__ = ["CheckpointError", "RunDir", "Process", "atomic_save", "load_checkpoint", "load_model_state",
            "model_from_checkpoint",
@@ -44,24 +53,13 @@ def atomic_save(obj, path: Path) -> None:
     A reader never sees a half-written file; on any error the temporary file is removed and ``path``
     keeps its previous content."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomically(path, lambda f: torch.save(obj, f), binary=True)
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write (a full disk) as RuntimeError
-        if isinstance(e, OSError):
-            reason = describe_os_error(e, path, "write checkpoint").split(": ", 1)[-1]
-        else:
-            reason = _torch_write_error(e)
+        reason = os_error_reason(e) if isinstance(e, OSError) else _torch_write_error(e)
         kept = f"{path} keeps its previous content" if path.exists() else "nothing was written"
         raise CheckpointError(f"cannot write checkpoint {path}: {reason} ({kept})") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _torch_write_error(e: Exception) -> str:

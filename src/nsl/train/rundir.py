@@ -30,8 +30,8 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None
     import msvcrt
 
-__all__ = ["RunLock", "RunDirBusy", "clean_stale_temps", "atomic_write_text", "read_jsonl", "ensure_dir",
-           "describe_os_error"]
+__all__ = ["RunLock", "RunDirBusy", "clean_stale_temps", "write_atomically", "atomic_write_text", "read_jsonl",
+           "ensure_dir", "describe_os_error", "os_error_reason"]
 
 LOCK_NAME = ".lock"
 
@@ -40,14 +40,18 @@ class RunDirBusy(ConfigError):
     """Another live process holds the run directory's lock."""
 
 
+def os_error_reason(e: OSError) -> str:
+    """A few words for an ``OSError`` (no space, permission denied, ...), without the path."""
+    return {errno.ENOSPC: "no space left on the device", errno.EACCES: "permission denied",
+            errno.EPERM: "operation not permitted", errno.EROFS: "read-only file system",
+            errno.ENOTDIR: "a part of the path is a file, not a folder",
+            errno.EEXIST: "it exists and is not a folder", errno.EDQUOT: "disk quota exceeded"}.get(
+        e.errno, e.strerror or type(e).__name__)
+
+
 def describe_os_error(e: OSError, path: Path | str, doing: str) -> str:
     """One line for an ``OSError`` met while ``doing`` something with ``path`` (no traceback text)."""
-    reason = {errno.ENOSPC: "no space left on the device", errno.EACCES: "permission denied",
-              errno.EPERM: "operation not permitted", errno.EROFS: "read-only file system",
-              errno.ENOTDIR: "a part of the path is a file, not a folder",
-              errno.EEXIST: "it exists and is not a folder", errno.EDQUOT: "disk quota exceeded"}.get(
-        e.errno, e.strerror or type(e).__name__)
-    return f"cannot {doing} {path}: {reason}"
+    return f"cannot {doing} {path}: {os_error_reason(e)}"
 
 
 def ensure_dir(path: Path, field: str = "out") -> Path:
@@ -164,22 +168,32 @@ def clean_stale_temps(run_dir: str | Path) -> list[Path]:
     return removed
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temporary sibling, fsync, rename); ``path`` keeps its old
-    content on any error. OSError is re-raised as :class:`ConfigError` naming the file."""
+def write_atomically(path: str | Path, write, binary: bool = False) -> None:
+    """``write(f)`` into a temporary sibling of ``path``, fsync, rename over ``path``: a reader sees the old or
+    the new content, never a torn one. On any error the temporary file is removed, ``path`` keeps its
+    previous content, and the error propagates (callers name it their way)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        with open(tmp, "wb" if binary else "w") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (:func:`write_atomically`); OSError is re-raised as
+    :class:`ConfigError` naming the file."""
+    try:
+        write_atomically(path, lambda f: f.write(text))
     except OSError as e:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
         raise ConfigError(describe_os_error(e, path, "write")) from None
 
 
