@@ -19,6 +19,7 @@ if not torch.cuda.is_available():
     pytest.skip("no CUDA device: the CUDA tests run only on a GPU machine", allow_module_level=True)
 
 from nsl import functional as NF  # noqa: E402
+from nsl.functional import conv_output_size  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference import brute_ns_conv2d  # noqa: E402
@@ -47,11 +48,6 @@ def run(backend, x, weight, sim, stride, padding, dilation, groups):
         return NF.ns_conv2d(x, weight, sim, None, stride, padding, dilation, groups)
 
 
-def _out_size(h, w, k, stride, padding, dilation):
-    return ((h + 2 * padding[0] - dilation[0] * (k[0] - 1) - 1) // stride[0] + 1,
-            (w + 2 * padding[1] - dilation[1] * (k[1] - 1) - 1) // stride[1] + 1)
-
-
 # (N, C_in, C_out, H, W, (kh, kw), stride, padding, dilation, groups)
 GEOMETRIES = {
     "narrow-3x3": (3, 5, 7, 9, 11, (3, 3), (1, 1), (1, 1), (1, 1), 1),
@@ -67,7 +63,7 @@ TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2}  # relati
 def _inputs(geom, full, seed=0):
     n, c_in, c_out, h, w, k, stride, padding, dilation, groups = geom
     gen = torch.Generator().manual_seed(seed)
-    ho, wo = _out_size(h, w, k, stride, padding, dilation)
+    ho, wo = conv_output_size((h, w), k, stride, padding, dilation)
     p = k[0] * k[1]
     x = torch.randn(n, c_in, h, w, generator=gen, dtype=torch.float64)
     weight = torch.randn(c_out, c_in // groups, *k, generator=gen, dtype=torch.float64) / (c_in * p / groups) ** 0.5

@@ -29,6 +29,7 @@ pytest.importorskip("triton", reason="triton is not installed (CI installs trito
 
 from nsl import _triton as NT  # noqa: E402
 from nsl._ops import _TritonFn  # noqa: E402  (the triton backend's autograd glue on CPU tensors)
+from nsl.functional import conv_output_size  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference import brute_ns_conv2d  # noqa: E402
@@ -39,15 +40,10 @@ def interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
-def _out_size(h, w, k, stride, padding, dilation):
-    return ((h + 2 * padding[0] - dilation[0] * (k[0] - 1) - 1) // stride[0] + 1,
-            (w + 2 * padding[1] - dilation[1] * (k[1] - 1) - 1) // stride[1] + 1)
-
-
 def _inputs(geom, full, seed=0):
     n, c_in, c_out, h, w, k, stride, padding, dilation, groups = geom
     gen = torch.Generator().manual_seed(seed)
-    ho, wo = _out_size(h, w, k, stride, padding, dilation)
+    ho, wo = conv_output_size((h, w), k, stride, padding, dilation)
     p = k[0] * k[1]
     x = torch.randn(n, c_in, h, w, generator=gen, dtype=torch.float64)
     weight = torch.randn(c_out, c_in // groups, *k, generator=gen, dtype=torch.float64)
@@ -131,7 +127,7 @@ def test_half_precision(dtype, full):
 def test_dw_reduction_is_split():
     """The k1x3 case splits the dW reduction over positions (atomic adds of partial tiles)."""
     n, _, c_out, h, w, k, stride, padding, dilation, groups = DIAG_GEOMETRIES["k1x3-split"]
-    ho, wo = _out_size(h, w, k, stride, padding, dilation)
+    ho, wo = conv_output_size((h, w), k, stride, padding, dilation)
     cfg = NT.pick_config("dw", c_out)
     block = cfg.constexprs(fp32_ieee=True)["BLOCK_K"]  # float32 on CPU: IEEE dots
     split, per = NT.dw_split(n * ho * wo, 1 * 1 * groups * k[0] * k[1], block, interpret=True)

@@ -226,6 +226,12 @@ def eval_transform(size: int = 224, resize: int | None = None, mean: Sequence[fl
     return Compose(ts)
 
 
+def class_folders(root: str | Path) -> list[str]:
+    """The class names of an image folder tree: its subfolders in sorted order, hidden ones skipped
+    (label ``i`` is ``class_folders(root)[i]``)."""
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+
+
 class ImageFolder(torch.utils.data.Dataset):
     """A folder of class subfolders of images: ``root/<class name>/**/<image>``.
 
@@ -252,8 +258,7 @@ class ImageFolder(torch.utils.data.Dataset):
                   f"{','.join(extensions)}}}, one subfolder per class (ImageNet's train/ and val/ layout)")
         if not self.root.is_dir():
             raise DatasetError(f"image folder {self.root} does not exist or is not a folder: {layout}")
-        self.classes = sorted(e.name for e in os.scandir(self.root)
-                              if e.is_dir() and not e.name.startswith("."))
+        self.classes = class_folders(self.root)
         if not self.classes:
             raise DatasetError(f"image folder {self.root} holds no class subfolders: {layout}")
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}

@@ -12,7 +12,6 @@ to an uninterrupted one. With DDP, ``batch_size`` is per rank and each rank trai
 from __future__ import annotations
 
 import math
-import os
 from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data import DatasetError, GPULoader, TensorImageDataset, dataset_info, get_dataset, imagefolder_loader
+from ..data.imagefolder import class_folders
 from ..layers import NSConv2d
 from ..models import build_model
 from ..regularizers import orthogonality_penalty
@@ -153,16 +153,12 @@ def _check_classes(n: int, what: str) -> None:
                            "(a one-class set would score 100% while learning nothing)")
 
 
-def _class_folders(root: Path) -> list[str]:
-    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-
-
 def _check_folder_classes(train_dir: Path, test_dir: Path) -> None:
     """The training and evaluation image folders must name the same classes (labels are positions in the
     sorted class list, so another set would silently mislabel every evaluation image)."""
     if not (train_dir.is_dir() and test_dir.is_dir()) or train_dir == test_dir:
         return  # the data layer names a missing folder
-    train, test = _class_folders(train_dir), _class_folders(test_dir)
+    train, test = class_folders(train_dir), class_folders(test_dir)
     _check_classes(len(train), f"image folder {train_dir}")
     if train != test:
         missing, extra = sorted(set(train) - set(test)), sorted(set(test) - set(train))
