@@ -56,6 +56,8 @@ def test_report_table_rows_seed_groups_and_curves(runs, tmp_path, capsys):
     first = rows[0].split("|")
     assert first[2].strip() == "cnn9" and first[3].strip() == "static-full" and first[4].strip() == "digits"
     assert first[11].strip() == "2"  # iterations
+    seconds = float(first[10].strip().removesuffix(" s"))
+    assert float(first[12].strip()) == pytest.approx(seconds / 2, abs=0.03)  # s / step (wall time shown to 0.1 s)
     assert rows[0].count("%") == 2 and "n/a" not in rows[0]
     # the two static-full seeds form one group with mean +- CI; the dynamic run is alone
     assert "## Runs that differ only by seed" in md and len(rows) == 4
@@ -64,6 +66,28 @@ def test_report_table_rows_seed_groups_and_curves(runs, tmp_path, capsys):
     macs = {names[i]: rows[i].split("|")[7].strip() for i in range(3)}
     assert macs["sf-seed0"] == macs["sf-seed1"] != macs["dd"]
     assert_png(out / "curves.png")
+    # one point per seed of each variant
+    assert str(out / "accuracy.png") in stdout and "![final test accuracy per variant" in md
+    assert_png(out / "accuracy.png")
+
+
+def test_accuracy_figure_draws_every_seed(runs, tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from nsl.report import load_run, plot_accuracy_by_variant
+
+    recs = [load_run(runs[k]) for k in ("sf0", "sf1", "dd")]
+    drawn, scatter = [], matplotlib.axes.Axes.scatter
+
+    def spy(self, x, y, *a, **k):
+        drawn.append(list(y))
+        return scatter(self, x, y, *a, **k)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "scatter", spy)
+    path = plot_accuracy_by_variant(recs, [[0, 1], [2]], ["static-full", "dynamic-diagonal"], tmp_path / "acc.png")
+    assert_png(path)
+    assert drawn == [[100 * recs[0].final_acc, 100 * recs[1].final_acc], [100 * recs[2].final_acc]]
+    assert plot_accuracy_by_variant(recs, [[]], ["none"], tmp_path / "none.png") is None
 
 
 def test_report_paired_baseline_and_shape_curve(runs, tmp_path, capsys):

@@ -6,8 +6,10 @@
 
 writes ``reports/cnn9/report.md`` (one row per run: model, layer kind, dataset, parameters, MACs
 per image, final and best test accuracy, wall time, iterations; runs that differ only by their
-seed are also grouped into mean +- 95% confidence interval rows) and ``reports/cnn9/curves.png``
-(training loss and test accuracy against the step, one line per run).
+seed are also grouped into mean +- 95% confidence interval rows; s / step is wall time over
+iterations), ``reports/cnn9/curves.png`` (training loss and test accuracy against the step, one line
+per run) and, for more than one variant or seed, ``reports/cnn9/accuracy.png`` (final test accuracy
+per variant, each seed a point).
 
 Multiply-adds (MACs) per image are counted with forward hooks for one input image
 (:func:`count_macs`):
@@ -250,6 +252,10 @@ def _secs(v) -> str:
     return "n/a" if v is None else f"{v:.1f} s"
 
 
+def _per_step(seconds, iters) -> float | None:
+    return seconds / iters if seconds is not None and iters else None
+
+
 def plot_curves(runs: list[RunRecord], path: str | Path, title: str | None = None) -> Path:
     """Training loss and test accuracy against the step, one line per run, as a PNG."""
     import matplotlib
@@ -285,6 +291,53 @@ def plot_curves(runs: list[RunRecord], path: str | Path, title: str | None = Non
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_accuracy_by_variant(runs: list[RunRecord], groups: list[list[int]], labels: list[str],
+                             path: str | Path) -> Path | None:
+    """Final test accuracy per variant, every seed as a point (labelled with its seed) and the mean as a
+    bar across, as a PNG; ``None`` when no run has a final accuracy.
+
+    ``groups``: run indices per variant (runs that differ only by seed), ``labels``: one per group."""
+    points = [[(runs[i].config.get("seed"), 100 * runs[i].final_acc) for i in g if runs[i].final_acc is not None]
+              for g in groups]
+    if not any(points):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.25 * len(groups) + 2.5), 4.6))
+    for x, pts in enumerate(points):
+        if not pts:
+            continue
+        accs = [a for _, a in pts]
+        offsets = [0.0] if len(pts) == 1 else [-0.12 + 0.24 * j / (len(pts) - 1) for j in range(len(pts))]
+        ax.scatter([x + o for o in offsets], accs, color=f"C{x % 10}", s=28, zorder=3)
+        for o, (seed, a) in zip(offsets, pts):
+            ax.annotate(f"s{seed}", (x + o, a), textcoords="offset points", xytext=(5, -3), fontsize=7, color="0.35")
+        mean = sum(accs) / len(accs)
+        ax.hlines(mean, x - 0.25, x + 0.25, color=f"C{x % 10}", lw=2)
+        ax.annotate(f"{mean:.2f}", (x + 0.26, mean), fontsize=8, va="center")
+    ax.set_xticks(range(len(groups)), labels, rotation=20, ha="right", fontsize=8)
+    ax.set(ylabel="final test accuracy (%)", xlim=(-0.6, len(groups) - 0.2))
+    ax.grid(alpha=0.3, axis="y")
+    datasets = sorted({str(r.config.get("dataset")) for r in runs})
+    ax.set_title(f"{', '.join(datasets)}: final test accuracy per variant (dots: seeds, bar: mean)", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _short_labels(runs: list[RunRecord], groups: list[list[int]], labels: list[str]) -> list[str]:
+    """The layer kind alone when the groups differ only by it, else the full variant labels."""
+    if len({str(runs[g[0]].config.get("layer")) for g in groups}) == len(groups) and all(
+            "(" not in label for label in labels):
+        return [str(runs[g[0]].config.get("layer")) for g in groups]
+    return labels
 
 
 def parse_baseline(text: str) -> dict[str, str]:
@@ -419,8 +472,9 @@ def _variant_labels(runs: list[RunRecord], groups: list[list[int]]) -> list[str]
 
 
 def write_report(run_dirs: list[str | Path], out: str | Path, baseline: str | None = None) -> dict:
-    """Write ``out/report.md`` and ``out/curves.png`` for ``run_dirs`` (and ``out/shape_curve.png`` when
-    runs learned kernel shapes); returns their paths and rows.
+    """Write ``out/report.md`` and ``out/curves.png`` for ``run_dirs`` (``out/accuracy.png`` for more than
+    one variant or seed, ``out/shape_curve.png`` when runs learned kernel shapes); returns their paths
+    and rows.
 
     ``baseline``: ``"KEY=VALUE[,...]"`` selecting one variant (e.g. ``"layer=conv"``): every other
     variant is compared with it seed by seed (:func:`paired_differences`)."""
@@ -453,7 +507,7 @@ def write_report(run_dirs: list[str | Path], out: str | Path, baseline: str | No
         rows.append(dict(run=r.name, model=r.config.get("model"), layer=r.config.get("layer"),
                          dataset=r.config.get("dataset"), seed=r.config.get("seed"), params=params, macs=macs,
                          final_acc=r.final_acc, best_acc=r.best_acc, seconds=r.wall_time, iters=r.iterations,
-                         active=r.final_active))
+                         s_per_step=_per_step(r.wall_time, r.iterations), active=r.final_active))
     lines = ["# Training report", "",
              f"{len(runs)} run(s). Accuracies are on the run's test set (`test_subset` in its config.json if "
              "set). MACs: multiply-adds per image for one forward pass, counted with forward hooks on every "
@@ -462,15 +516,17 @@ def write_report(run_dirs: list[str | Path], out: str | Path, baseline: str | No
              "per location), plus the modulation of every input patch by "
              "M(y), C_in x P (diagonal) or C_in x P x P (full) per output location; batch norm, activations "
              "and pooling not counted). Wall time: training seconds recorded in metrics.jsonl "
-             "(including evaluations).", "",
+             "(including evaluations); s / step: wall time / iterations (measured on whatever else the machine "
+             "was running).", "",
              "| run | model | layer kind | dataset | seed | params | MACs / image | final test acc | best test acc "
-             "| wall time | iterations |",
-             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| wall time | iterations | s / step |",
+             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         lines.append(f"| {row['run']} | {row['model']} | {row['layer']} | {row['dataset']} | {row['seed']} | "
                      f"{'n/a' if row['params'] is None else format(row['params'], ',')} | {_fmt_int(row['macs'])} | "
                      f"{_pct(row['final_acc'])} | "
-                     f"{_pct(row['best_acc'])} | {_secs(row['seconds'])} | {row['iters']} |")
+                     f"{_pct(row['best_acc'])} | {_secs(row['seconds'])} | {row['iters']} | "
+                     f"{'n/a' if row['s_per_step'] is None else format(row['s_per_step'], '.3f')} |")
     groups: dict[str, list[int]] = {}
     for i, r in enumerate(runs):
         groups.setdefault(r.variant_key(), []).append(i)
@@ -482,8 +538,8 @@ def write_report(run_dirs: list[str | Path], out: str | Path, baseline: str | No
                   "Mean +- half-width of the 95% confidence interval of the mean (Student t, n - 1 degrees of "
                   "freedom) over the seeds of each variant.", "",
                   "| variant (model / layer kind / dataset) | seeds | runs | final test acc | best test acc "
-                  "| wall time |",
-                  "|---|---|---|---:|---:|---:|"]
+                  "| wall time | s / step |",
+                  "|---|---|---|---:|---:|---:|---:|"]
         for g in seed_groups:
 
             def stat(key, scale=100.0, unit="%", g=g):
@@ -495,7 +551,8 @@ def write_report(run_dirs: list[str | Path], out: str | Path, baseline: str | No
 
             lines.append(f"| {labels[id(g)]} | "
                          f"{', '.join(str(rows[i]['seed']) for i in g)} | {', '.join(rows[i]['run'] for i in g)} | "
-                         f"{stat('final_acc')} | {stat('best_acc')} | {stat('seconds', 1.0, ' s')} |")
+                         f"{stat('final_acc')} | {stat('best_acc')} | {stat('seconds', 1.0, ' s')} | "
+                         f"{stat('s_per_step', 1.0, '')} |")
     paired = []
     if selector is not None:
         paired = paired_differences(runs, all_groups, selector)
@@ -515,6 +572,14 @@ def write_report(run_dirs: list[str | Path], out: str | Path, baseline: str | No
     curves = plot_curves(runs, out / "curves.png")
     lines += ["", "## Learning curves", "", f"![training loss and test accuracy against the step]({curves.name})",
               ""]
+    accuracy_png = None
+    if len(all_groups) > 1 or seed_groups:
+        accuracy_png = plot_accuracy_by_variant(
+            runs, all_groups, _short_labels(runs, all_groups, [labels[id(g)] for g in all_groups]),
+            out / "accuracy.png")
+    if accuracy_png is not None:
+        lines += ["## Final test accuracy per variant", "",
+                  f"![final test accuracy per variant, every seed a point]({accuracy_png.name})", ""]
     shape_png = plot_shape_curve(runs, out / "shape_curve.png")
     if shape_png is not None:
         lines += ["## Kernel shape", "", f"![accuracy against the fraction of active kernel positions]"
@@ -526,6 +591,7 @@ def write_report(run_dirs: list[str | Path], out: str | Path, baseline: str | No
     return {"report": str(md), "curves": str(curves), "rows": rows, "seed_groups": len(seed_groups),
             "paired": [{k: v for k, v in p.items() if k != "group"} | {"variant": labels[id(p["group"])]}
                        for p in paired],
+            **({"accuracy": str(accuracy_png)} if accuracy_png is not None else {}),
             **({"shape_curve": str(shape_png)} if shape_png is not None else {})}
 
 
@@ -538,6 +604,8 @@ def _cli(args: argparse.Namespace) -> int:
         return 2
     print(res["report"])
     print(res["curves"])
+    if "accuracy" in res:
+        print(res["accuracy"])
     if "shape_curve" in res:
         print(res["shape_curve"])
     return 0
@@ -548,8 +616,9 @@ def add_parser(sub) -> None:
     p = sub.add_parser("report", help="markdown table and learning curves of training runs",
                        description="Summarise runs written by `nsl train`: OUT/report.md (model, layer kind, "
                                    "dataset, params, MACs per image, final/best test accuracy, wall time, "
-                                   "iterations; seeds of one variant grouped as mean +- 95% CI) and "
-                                   "OUT/curves.png.")
+                                   "iterations, s / step; seeds of one variant grouped as mean +- 95% CI), "
+                                   "OUT/curves.png and, for several variants or seeds, OUT/accuracy.png "
+                                   "(final accuracy per variant, each seed a point).")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (config.json + metrics.jsonl)")
     p.add_argument("--out", default="report", help="output folder (default ./report)")
     p.add_argument("--baseline", metavar="KEY=VALUE[,KEY=VALUE]", help="compare every variant with this one, seed "
