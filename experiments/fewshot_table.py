@@ -53,6 +53,9 @@ def _order(rows: dict) -> list[tuple]:
 
 
 def seed0_table(rows: dict) -> list[str]:
+    """Training seed 0: one row per dataset and setting (empty when no seed-0 results exist)."""
+    if not any(0 in per_seed for per_seed in rows.values()):
+        return []
     kinds = _kinds(rows)
     lines = ["| dataset | setting | episodes | conv (baseline) | " + " | ".join(
         f"{k} | {k} - conv (paired)" for k in kinds) + " |", "|---|---|---:|---:|" + "---:|---:|" * len(kinds)]
@@ -108,11 +111,15 @@ def main(out: Path) -> int:
     if not rows:
         print(f"no eval-*.json files in {out}", file=sys.stderr)
         return 1
-    print("\n".join(seed0_table(rows)))
-    spread = seeds_table(rows)
+    first, spread = seed0_table(rows), seeds_table(rows)
+    if first:
+        print("\n".join(first))
     if spread:
-        print("\nSpread over training seeds (the test episodes are the same for every seed):\n")
+        print(("\n" if first else "") + "Spread over training seeds (the test episodes are the same for every seed):\n")
         print("\n".join(spread))
+    if not first and not spread:
+        print(f"{out}: no seed-0 results and no kind with 2 or more training seeds yet", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -86,3 +86,9 @@ def test_table_spread_statistics(tmp_path):
 def test_table_without_results(tmp_path):
     table = _table(tmp_path)
     assert table.returncode == 1 and "no eval-*.json files in" in table.stderr
+    # one result of seed 1 only: neither table has a row yet
+    res = {"a": _result(0.47, 0.008), "b": _result(0.46, 0.01), "paired": {"episodes": 600, "mean_diff": 0.01,
+                                                                            "ci95": 0.005}}
+    (tmp_path / "eval-cifar-fs-dynamic-diagonal-s1-5w1s.json").write_text(json.dumps(res))
+    table = _table(tmp_path)
+    assert table.returncode == 1 and table.stdout == "" and "no seed-0 results and no kind with 2" in table.stderr
