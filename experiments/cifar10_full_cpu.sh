@@ -4,9 +4,9 @@
 # batch 128 (1,950 steps), tested on all 10,000 test images; kinds conv, static-full, dynamic-diagonal and
 # dynamic-diagonal-light, seeds 0-2 (a seed fixes the data order and augmentation: kinds are paired by seed).
 # Usage: bash experiments/cifar10_full_cpu.sh DATA_DIR [OUT_DIR]     (DATA_DIR holds cifar-10-batches-py/)
-# Budget (measured at width 16, batch 128, one step): conv 0.15 s, static-full 0.15 s, dynamic-diagonal 1.1 s,
-# so about 5 min per conv or static-full run and 36 min per dynamic-diagonal run on one core: the cheap kinds
-# run first, then the dynamic ones, seed by seed. Finished runs are skipped and interrupted ones resumed,
+# Budget (measured in these runs, one thread each, two runs sharing the 2-core CPU): conv and static-full
+# about 0.35 s a step (11 min a run), dynamic-diagonal-light 0.76 s (25 min), dynamic-diagonal 2.4 s (80 min),
+# about 6 hours of one core for the grid: the cheap kinds run first, then the dynamic ones, seed by seed. Finished runs are skipped and interrupted ones resumed,
 # so the script can be re-run to completion; KINDS="..." and SEEDS="..." select a part of the grid (e.g. two
 # parts side by side, one per core). Then: nsl report OUT/*-s? --baseline layer=conv --out OUT/report
 set -euo pipefail
