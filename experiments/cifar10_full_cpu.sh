@@ -12,20 +12,8 @@
 set -euo pipefail
 DATA=${1:?usage: cifar10_full_cpu.sh DATA_DIR [OUT_DIR]}
 OUT=${2:-runs/cifar10-full-cpu}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-mkdir -p "$OUT"
 KINDS=${KINDS:-conv static-full dynamic-diagonal-light dynamic-diagonal}
 SEEDS=${SEEDS:-0 1 2}
-for kind in $KINDS; do
-  for seed in $SEEDS; do
-    dir="$OUT/$kind-s$seed"
-    if [ -f "$dir/done" ]; then continue; fi
-    resume=()
-    if [ -f "$dir/checkpoints/last.pt" ]; then resume=(--resume); fi
-    nsl train --dataset cifar10 --data-dir "$DATA" --model cnn9 --set width=16 --layer "$kind" --protocol fast \
-      --epochs 5 --batch-size 128 --seed "$seed" --out "$dir" --no-progress --set checkpoint_every=100 \
-      "${resume[@]}"
-    touch "$dir/done"
-  done
-done
-nsl report "$OUT"/*-s? --baseline layer=conv --out "$OUT/report"
+# shellcheck source=experiments/_cifar10_grid.sh
+. "$(dirname "$0")/_cifar10_grid.sh"
+run_grid "$DATA" "$OUT" --epochs 5 --batch-size 128 --set checkpoint_every=100

@@ -10,19 +10,8 @@
 set -euo pipefail
 DATA=${1:?usage: cifar10_kinds_cpu.sh DATA_DIR [OUT_DIR]}
 OUT=${2:-runs/cifar10-kinds-cpu}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-mkdir -p "$OUT"
 KINDS=${KINDS:-conv static-diagonal static-full dynamic-diagonal dynamic-diagonal-cosine dynamic-filter dynamic-full}
 SEEDS=${SEEDS:-0 1}
-for kind in $KINDS; do
-  for seed in $SEEDS; do
-    dir="$OUT/$kind-s$seed"
-    if [ -f "$dir/done" ]; then continue; fi
-    resume=()
-    if [ -f "$dir/checkpoints/last.pt" ]; then resume=(--resume); fi
-    nsl train --dataset cifar10 --data-dir "$DATA" --model cnn9 --set width=16 --layer "$kind" --protocol fast \
-      --iters 400 --batch-size 64 --subset 10000 --seed "$seed" --out "$dir" --no-progress "${resume[@]}"
-    touch "$dir/done"
-  done
-done
-nsl report "$OUT"/*-s? --baseline layer=conv --out "$OUT/report"
+# shellcheck source=experiments/_cifar10_grid.sh
+. "$(dirname "$0")/_cifar10_grid.sh"
+run_grid "$DATA" "$OUT" --iters 400 --batch-size 64 --subset 10000
