@@ -256,12 +256,30 @@ def _per_step(seconds, iters) -> float | None:
     return seconds / iters if seconds is not None and iters else None
 
 
-def plot_curves(runs: list[RunRecord], path: str | Path, title: str | None = None) -> Path:
-    """Training loss and test accuracy against the step, one line per run, as a PNG."""
+def _pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend (imported when a figure is drawn, not at start-up)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | Path) -> Path:
+    """Lay out ``fig``, write it to ``path`` as a PNG, close it; returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_curves(runs: list[RunRecord], path: str | Path, title: str | None = None) -> Path:
+    """Training loss and test accuracy against the step, one line per run, as a PNG."""
+    plt = _pyplot()
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
     for i, run in enumerate(runs):
@@ -286,11 +304,7 @@ def plot_curves(runs: list[RunRecord], path: str | Path, title: str | None = Non
             ax.text(0.5, 0.5, "no records", ha="center", va="center", transform=ax.transAxes)
     datasets = sorted({str(r.config.get("dataset")) for r in runs})
     fig.suptitle(title or f"Learning curves on {', '.join(datasets)}")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_accuracy_by_variant(runs: list[RunRecord], groups: list[list[int]], labels: list[str],
@@ -303,10 +317,7 @@ def plot_accuracy_by_variant(runs: list[RunRecord], groups: list[list[int]], lab
               for g in groups]
     if not any(points):
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(max(6.0, 1.25 * len(groups) + 2.5), 4.6))
     for x, pts in enumerate(points):
@@ -325,11 +336,7 @@ def plot_accuracy_by_variant(runs: list[RunRecord], groups: list[list[int]], lab
     ax.grid(alpha=0.3, axis="y")
     datasets = sorted({str(r.config.get("dataset")) for r in runs})
     ax.set_title(f"{', '.join(datasets)}: final test accuracy per variant (dots: seeds, bar: mean)", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _short_labels(runs: list[RunRecord], groups: list[list[int]], labels: list[str]) -> list[str]:
@@ -400,10 +407,7 @@ def plot_shape_curve(runs: list[RunRecord], path: str | Path) -> Path | None:
     kernel shape."""
     if not any(r.config.get("shape_active") for r in runs):
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     def series_name(c: dict) -> str:
         if not c.get("shape_active"):
@@ -447,11 +451,7 @@ def plot_shape_curve(runs: list[RunRecord], path: str | Path) -> Path | None:
     datasets = sorted({str(r.config.get("dataset")) for r in runs})
     bars = "95% CI (3+ seeds) or range of the seeds (fewer)" if few else "95% CI over seeds"
     fig.suptitle(f"{', '.join(datasets)}: mean over seeds, bars {bars}, dots single runs", fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _variant_labels(runs: list[RunRecord], groups: list[list[int]]) -> list[str]:
