@@ -150,6 +150,26 @@ def test_predictor_identity_init_is_exact_and_authors_init_is_near_identity():
     assert (authors.similarity_from(x) - 1).abs().max() < 0.05
 
 
+@pytest.mark.parametrize("similarity", ["diagonal", "full"])
+def test_light_predictor_is_bounded(similarity):
+    """``g = tanh(...)``: however large the last conv grows, ``M(y) - I`` stays in (-1, 1), the range of the
+    SphereConv predictor's cosines (unbounded, it reached -24..+38 and collapsed CNN-9 at lr 0.1)."""
+    torch.manual_seed(0)
+    layer = nsl.DynamicNSConv2d(8, 8, 3, padding=1, similarity=similarity, predictor="light")
+    with torch.no_grad():
+        layer.predictor.out.weight.normal_(0, 100.0)
+    x = torch.randn(4, 8, 10, 10) * 50
+    pre = layer.predictor.out(F.relu(layer.predictor.bn1(layer.predictor.pw(
+        F.relu(layer.predictor.bn0(layer.predictor.dw(x)))))))
+    assert pre.abs().max() > 10  # the bound is doing the work
+    g = layer.predictor(x)
+    torch.testing.assert_close(g, torch.tanh(pre))
+    assert g.abs().max() <= 1.0 and (g.abs() > 0.99).any()
+    eye = torch.eye(9).view(1, 9, 9, 1, 1)
+    m = layer.similarity_from(x)
+    assert ((m - 1).abs() <= 1 if similarity == "diagonal" else (m - eye).abs() <= 1).all()
+
+
 def test_sphere_predictor_structure():
     diag = nsl.DynamicNSConv2d(8, 8, 3, padding=1, similarity="diagonal").predictor
     assert diag.conv1.out_channels == 64 and isinstance(diag.bn2, nn.BatchNorm2d) and diag.bn2.eps == 1e-3

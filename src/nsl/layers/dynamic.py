@@ -129,9 +129,11 @@ class SimilarityPredictor(nn.Module):
 class LightPredictor(nn.Module):
     """A cheap predictor: depthwise conv at the layer's geometry, then two 1x1 convs.
 
-    ``g = conv1x1_b(ReLU(BN(conv1x1_a(ReLU(BN(dwconv(x)))))))`` with the depthwise conv using the
+    ``g = tanh(conv1x1_b(ReLU(BN(conv1x1_a(ReLU(BN(dwconv(x))))))))`` with the depthwise conv using the
     modulated layer's kernel size, stride, padding and dilation (so ``g`` is on its output grid)
-    and ``hidden_channels`` (default 16) between the 1x1 convs. Its cost per location,
+    and ``hidden_channels`` (default 16) between the 1x1 convs. The ``tanh`` bounds ``g`` to
+    ``(-1, 1)``, the range the SphereConv predictor's cosines have: unbounded, ``g`` reached -24..+38
+    at lr 0.1 and the network collapsed to input-independent logits (CNN-9, CIFAR-10). Its cost per location,
     ``C_in * P + C_in * hidden + hidden * P`` multiply-adds (``hidden * P * P`` for full ``M``),
     is a small fraction of the convolution's ``C_in * C_out * P``.
     Init ``'zero'``: the last conv starts at zero (``g = 0``). ``bias=False`` drops the last conv's
@@ -178,7 +180,7 @@ class LightPredictor(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x, unbatched = batched_input(type(self).__name__, x, self.in_channels, self.dw.weight.dtype)
-        g = self.out(F.relu(self.bn1(self.pw(F.relu(self.bn0(self.dw(x)), inplace=True))), inplace=True))
+        g = torch.tanh(self.out(F.relu(self.bn1(self.pw(F.relu(self.bn0(self.dw(x)), inplace=True))), inplace=True)))
         return g.squeeze(0) if unbatched else g
 
 
