@@ -5,6 +5,7 @@ images/s over training time only, the divergence check before any checkpoint, er
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import pytest
@@ -43,9 +44,12 @@ class TinyTask(Task):
 
     structural = ("seed",)
 
-    def __init__(self, kind="conv", total=2, eval_every=0, eval_sleep=0.0, poison_at=None):
+    chance_loss = math.log(3)
+
+    def __init__(self, kind="conv", total=2, eval_every=0, eval_sleep=0.0, poison_at=None, collapse_at=None):
         self.kind, self.total, self.eval_every, self.eval_sleep, self.poison_at = kind, total, eval_every, \
             eval_sleep, poison_at
+        self.collapse_at = collapse_at  # from this step on the logits are zero (a finite, input-independent loss)
         self.name, self.calls = kind, 0
 
     def load_checkpoint(self, path):
@@ -74,8 +78,10 @@ class TinyTask(Task):
         x, y = batch
         with autocast():
             out = net(x)
-        loss = F.cross_entropy(out.float(), y)
         self.calls += 1
+        if self.collapse_at is not None and self.calls > self.collapse_at:
+            out = out * 0.0
+        loss = F.cross_entropy(out.float(), y)
         if self.calls == self.poison_at:
             loss = loss * float("nan")
         return loss, {"acc": ((out.argmax(1) == y).sum(), len(y))}, len(y)
@@ -157,6 +163,29 @@ def test_divergence_is_found_before_any_checkpoint_is_written(tmp_path):
 
 
 # -- errors name config fields; the command line names flags ------------------------------------------
+def _collapse_warnings(lines):
+    return [m for m in lines if m.startswith("warning: the training loss has stayed at")]
+
+
+def test_a_finite_collapse_is_warned_once_and_resume_warns_where_the_uninterrupted_run_does(tmp_path):
+    """Loss at ln 3 from step 21 (zero logits) after training got it below 0.9 ln 3: one warning at the second
+    collapsed window (step 24, windows of 2), naming its first step (22); a run without collapse, none."""
+    said = []
+    fit(TinyTask(total=40, collapse_at=20), _cfg(tmp_path / "a", log_every=2), echo=said.append)
+    losses = [r["loss"] for r in records(tmp_path / "a", "train")]
+    assert min(losses[:10]) < 0.9 * math.log(3) and losses[-1] == pytest.approx(math.log(3))
+    (warning,) = _collapse_warnings(said)
+    assert f"at 1.0986, the loss of a prediction that ignores its input (1.0986), since step 22, after reaching " \
+           f"{min(losses[:10]):.4f}" in warning and "Checkpoints up to step 20 predate it" in warning
+    said_b = []
+    fit(TinyTask(total=40, collapse_at=20), _cfg(tmp_path / "b", log_every=2, stop_at=22), echo=said_b.append)
+    fit(TinyTask(total=40, collapse_at=0), _cfg(tmp_path / "b", log_every=2), resume=True, echo=said_b.append)
+    assert _collapse_warnings(said_b) == [warning]
+    quiet = []
+    fit(TinyTask(total=40), _cfg(tmp_path / "c", log_every=2), echo=quiet.append)
+    assert not _collapse_warnings(quiet)
+
+
 def test_engine_errors_name_fields_and_the_cli_names_flags(tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"set the run directory \(out RUN_DIR\)") as e:
         train(make_config("demo"))

@@ -276,6 +276,11 @@ class FewShotTask(Task):
     divergence_hint = "a lower lr or grad_clip"
     supports_distributed = False
 
+    @property
+    def chance_loss(self) -> float:
+        """``ln(train_ways)``: the episode loss of a prediction that ignores the query."""
+        return math.log(self.cfg.n_train_ways)
+
     def __init__(self, cfg: FewShotConfig):
         self.cfg = cfg
         self.eval_every = cfg.val_every

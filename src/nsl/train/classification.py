@@ -254,6 +254,12 @@ class ClassificationTask(Task):
     structural = STRUCTURAL
     divergence_hint = "a lower lr, warmup_iters, or grad_clip"
 
+    @property
+    def chance_loss(self) -> float | None:
+        """``ln(num_classes)``: the cross-entropy of a uniform prediction (set once ``setup`` has run)."""
+        classes = getattr(self, "meta", {}).get("num_classes", 0)
+        return math.log(classes) if classes > 1 else None
+
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.eval_every = cfg.eval_every

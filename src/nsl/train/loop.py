@@ -12,7 +12,9 @@ One step ``s`` (0-based) of ``total``: ``batch = next(batches)``; ``lr_g = base_
 ``clip_grad_norm_(grad_clip)``, optimizer step. The losses and metrics stay on the device until the
 next step that logs, evaluates or saves: there they come to the host in one synchronisation and the
 divergence check runs (stop if a loss is not finite, naming the first such step), before any
-record or checkpoint of that step is written, so no checkpoint holds a diverged state.
+record or checkpoint of that step is written, so no checkpoint holds a diverged state. A loss that stays
+finite but returns to ``task.chance_loss`` (input-independent logits) for two logged windows, after having
+been well below it, prints one warning that the run has collapsed (:class:`_CollapseWatch`).
 Every ``log_every`` steps a ``{"kind": "train"}`` record holds the window's mean loss, the window
 means of ``stats`` and the throughput (``items`` per second of training time); every
 ``task.eval_every`` steps and at the end an evaluation record (``task.eval_kind``) and, when
@@ -86,6 +88,9 @@ class Task:
     structural: tuple[str, ...] = ()
     divergence_hint = "a lower lr or grad_clip"
     supports_distributed = True
+    #: the training loss of a prediction that ignores its input (uniform over ``C`` classes: ``ln C``, whatever
+    #: the smoothing or mixing of the targets); ``None`` turns the collapse warning off
+    chance_loss: float | None = None
 
     total: int
     meta: dict
@@ -199,6 +204,41 @@ class _Window:
         return record
 
 
+class _CollapseWatch:
+    """Warns once when training has collapsed: a loss that stays finite, so the divergence stop never fires,
+    but sits at the task's ``chance_loss`` (the logits no longer depend on the input) after having been well
+    below it. Fed the mean loss of each logged window; a window counts when it is within ``tol`` (relative) of
+    ``chance``, once some earlier window was below ``below * chance``; ``windows`` in a row make the warning.
+    Checkpoints hold its state (:meth:`state_dict`), so a resumed run warns where an uninterrupted one does."""
+
+    windows, tol, below = 2, 0.005, 0.9
+
+    def __init__(self, chance: float | None):
+        self.chance, self.best, self.run, self.first, self.warned = chance, math.inf, 0, None, False
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "run": self.run, "first": self.first, "warned": self.warned}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.run, self.warned = float(state["best"]), int(state["run"]), bool(state["warned"])
+        self.first = None if state["first"] is None else int(state["first"])
+
+    def update(self, step: int, loss: float) -> tuple[float, int] | None:
+        """Add the window ending at ``step``; ``(best loss, first collapsed step)`` when it is time to warn."""
+        if self.chance is None or self.warned:
+            return None
+        if self.best < self.below * self.chance and abs(loss - self.chance) <= self.tol * self.chance:
+            self.run += 1
+            self.first = step if self.run == 1 else self.first
+        else:
+            self.run, self.first = 0, None
+        self.best = min(self.best, loss)
+        if self.run >= self.windows:
+            self.warned = True
+            return self.best, self.first
+        return None
+
+
 def fit(task: Task, cfg, resume: bool = False, echo=print) -> dict:
     """Train ``task`` with settings ``cfg`` into the run directory ``cfg.out``; return the run summary.
 
@@ -307,7 +347,8 @@ def _fit(task: Task, cfg, resume: bool, echo, run: RunDir, process: Process) -> 
         if loader_state is not None:
             state["loader"] = loader_state
         state.update({"rng": rng_state(), "best_acc": best_acc, task.best_key: best_step, "world_size": world_size,
-                      "params": params, "window": window.state_dict(), "ema_loss": ema_loss})
+                      "params": params, "window": window.state_dict(), "ema_loss": ema_loss,
+                      "collapse_watch": collapse.state_dict()})
         if scaler is not None:
             state["scaler"] = scaler.state_dict()
         run.save(state, which)
@@ -329,6 +370,9 @@ def _fit(task: Task, cfg, resume: bool, echo, run: RunDir, process: Process) -> 
     if ckpt is not None and "window" in ckpt:  # the logging window the checkpoint was taken in
         window.load_state_dict(ckpt["window"])
         ema_loss = ckpt.get("ema_loss")
+    collapse = _CollapseWatch(task.chance_loss)
+    if ckpt is not None and "collapse_watch" in ckpt:
+        collapse.load_state_dict(ckpt["collapse_watch"])
     pending: list[tuple[int, float, torch.Tensor, dict]] = []  # steps not yet synchronised with the host
     t_start, train_time, trained, last_eval = time.perf_counter(), 0.0, 0, None
     t_mark = t_start  # start of the training time not yet counted
@@ -412,9 +456,17 @@ def _fit(task: Task, cfg, resume: bool, echo, run: RunDir, process: Process) -> 
                 bar.set_postfix(loss=f"{ema_loss:.3f}", **({"acc": f"{acc[0] / max(1, acc[1]):.3f}"} if acc else {}),
                                 rate=f"{trained / max(train_time, 1e-9):.1f}/s", refresh=False)
             if log_now:
-                log(window.record(unit, step, base_lrs[0] * f, task.throughput_key, world_size,
-                                  round(time.perf_counter() - t_start, 3), task.record_extras()))
+                record = window.record(unit, step, base_lrs[0] * f, task.throughput_key, world_size,
+                                       round(time.perf_counter() - t_start, 3), task.record_extras())
+                log(record)
                 window = _Window()
+                collapsed = collapse.update(step, record["loss"])
+                if collapsed is not None:
+                    (bar.write if main and cfg.progress else say)(
+                        f"warning: the training loss has stayed at {record['loss']:.4f}, the loss of a prediction "
+                        f"that ignores its input ({task.chance_loss:.4f}), since {unit} {collapsed[1]}, after "
+                        f"reaching {collapsed[0]:.4f}: the run looks collapsed and rarely recovers. Checkpoints up to "
+                        f"{unit} {collapsed[1] - cfg.log_every} predate it; try {task.divergence_hint}.")
             if eval_now:
                 last_eval = task.evaluate(model, autocast)
                 log({"kind": task.eval_kind, unit: step, **last_eval, "time": round(time.perf_counter() - t_start, 3),
