@@ -6,7 +6,7 @@
 # Usage: bash experiments/cifar10_full_cpu.sh DATA_DIR [OUT_DIR]     (DATA_DIR holds cifar-10-batches-py/)
 # Budget (measured in these runs, one thread each, two runs sharing the 2-core CPU): conv and static-full
 # about 0.35 s a step (11 min a run), dynamic-diagonal-light 0.76 s (25 min), dynamic-diagonal 2.4 s (80 min),
-# about 6 hours of one core for the grid: the cheap kinds run first, then the dynamic ones, seed by seed. Finished runs are skipped and interrupted ones resumed,
+# about 6.5 hours of one core for the grid: the cheap kinds run first, then the dynamic ones, seed by seed. Finished runs are skipped and interrupted ones resumed,
 # so the script can be re-run to completion; KINDS="..." and SEEDS="..." select a part of the grid (e.g. two
 # parts side by side, one per core). Then: nsl report OUT/*-s? --baseline layer=conv --out OUT/report
 set -euo pipefail
