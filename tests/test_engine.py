@@ -162,7 +162,6 @@ def test_divergence_is_found_before_any_checkpoint_is_written(tmp_path):
     assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == 3
 
 
-# -- errors name config fields; the command line names flags ------------------------------------------
 def _collapse_warnings(lines):
     return [m for m in lines if m.startswith("warning: the training loss has stayed at")]
 
@@ -186,6 +185,7 @@ def test_a_finite_collapse_is_warned_once_and_resume_warns_where_the_uninterrupt
     assert not _collapse_warnings(quiet)
 
 
+# -- errors name config fields; the command line names flags ------------------------------------------
 def test_engine_errors_name_fields_and_the_cli_names_flags(tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"set the run directory \(out RUN_DIR\)") as e:
         train(make_config("demo"))
