@@ -55,7 +55,7 @@ def test_seeds_script_trains_pairs_and_tabulates(data_root, tmp_path):
     assert sf[2] == "static-full" and sf[7] == (f"{100 * s0['paired']['mean_diff']:+.2f}, "
                                                  f"{100 * s1['paired']['mean_diff']:+.2f}")
     mean = (s0["paired"]["mean_diff"] + s1["paired"]["mean_diff"]) / 2
-    assert re.match(rf"{100 * mean:+.2f} \+- \d+\.\d\d \|$", sf[8])
+    assert re.match(re.escape(f"{100 * mean:+.2f}") + r" \+- \d+\.\d\d \|$", sf[8])
 
 
 def _result(mean, ci, n=600):
