@@ -93,3 +93,54 @@ def test_protocol_overrides_and_fewshot_episodes_are_checked():
 def test_domain_normalises_before_checking():
     cfg = FewShotConfig.from_dict({**FewShotConfig().to_dict(), "dataset": "CIFAR_FS"})
     assert cfg.dataset == "cifar-fs"
+
+
+@pytest.mark.parametrize("config,field,bad", CASES, ids=[f"{c}-{f}-{b!r}" for c, f, b in CASES])
+def test_validate_checks_a_changed_field_by_its_domain_alone(config, field, bad):
+    # a config changed after it was built is checked again by validate(), with the domain's own message: the
+    # domain table is the only range and choice check (no second rule in validate() that could disagree)
+    cls, valid = CONFIGS[config]
+    cfg = cls.from_dict(valid())
+    setattr(cfg, field, bad)
+    dom = cls.DOMAINS[field]
+    with pytest.raises(ConfigError, match=rf"^unknown {dom.noun} " if dom.noun else rf"^{field} must be "):
+        cfg.validate()
+
+
+def test_seed_takes_every_value_torch_takes():
+    top = 2**64 - 1
+    assert make_config("paper", seed=top).seed == top
+    assert FewShotConfig.from_dict({**FewShotConfig().to_dict(), "seed": top, "val_seed": top}).val_seed == top
+    with pytest.raises(ConfigError, match=r"^seed must be an integer from 0 to 2\*\*64 - 1, got 18446744073709551616$"):
+        make_config("paper", seed=top + 1)
+
+
+def _accelerators():
+    import torch
+
+    return {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(),
+            "xpu": hasattr(torch, "xpu") and torch.xpu.is_available()}
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "mps", "xpu", "xpu:0"])
+def test_every_device_the_domain_accepts_resolves_or_is_refused_as_absent(device):
+    # a value the domain accepts either gives that device or says this machine lacks it (never "unknown")
+    from nsl.train.run import resolve_device
+
+    assert TrainConfig.DOMAINS["device"].contains(device)
+    kind = device.partition(":")[0]
+    if device in ("auto", "cpu") or _accelerators()[kind]:
+        got = resolve_device(device)
+        assert got.type == ("cuda" if device == "auto" and _accelerators()["cuda"] else
+                            "cpu" if device == "auto" else kind)
+    else:
+        with pytest.raises(ConfigError, match=rf"^device {re.escape(device)} requested but {kind.upper()} is not "
+                                              "available$"):
+            resolve_device(device)
+
+
+def test_a_device_outside_the_domain_is_refused_by_resolve_device():
+    from nsl.train.run import resolve_device
+
+    with pytest.raises(ConfigError, match=r"^device must be auto, cpu, cuda, cuda:N, mps or xpu, got 'gpu'$"):
+        resolve_device("gpu")

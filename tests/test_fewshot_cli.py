@@ -186,6 +186,18 @@ def test_bad_inputs(data_root, tmp_path, trained_run, capsys):
         load_fewshot_checkpoint(trained_run)
 
 
+def test_eval_resolves_device_like_training(trained_run, capsys):
+    # --device auto is resolved (the CPU here or GPU 0), not handed to .to() as a device name
+    ckpt = str(trained_run / "checkpoints/best.pt")
+    auto = _eval_json(capsys, ckpt, "--device", "auto", "--episodes", "3")
+    assert auto["episodes"] == 3 and 0 <= auto["mean"] <= 1
+    if not torch.cuda.is_available():
+        assert auto == _eval_json(capsys, ckpt, "--device", "cpu", "--episodes", "3")
+    err = _err(capsys, ["fewshot", "eval", "--checkpoint", ckpt, "--device", "gpu", "--no-progress"])
+    assert err.strip().splitlines() == [
+        "nsl fewshot eval: error: --device must be auto, cpu, cuda, cuda:N, mps or xpu, got 'gpu'"]
+
+
 def test_nan_loss_stops_and_keeps_last_checkpoint(data_root, tmp_path, capsys, monkeypatch):
     import nsl.fewshot.train as fst
 

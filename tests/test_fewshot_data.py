@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+import nsl
 from nsl.data.cifar import cifar_class_names, load_cifar
 from nsl.data.errors import DatasetError
 from nsl.fewshot import (
@@ -143,6 +147,44 @@ def test_packaged_split_definitions_match_shared_copies():
         if shared.exists():
             assert packaged == json.loads(shared.read_text())
         assert set(packaged) >= {"train", "val", "test"}
+
+
+def _damage(path, how: str) -> None:
+    if how == "missing":
+        path.unlink()
+    elif how == "truncated":
+        path.write_bytes(path.read_bytes()[:200])
+    elif how == "empty split":
+        d = json.loads(path.read_text())
+        d["val"] = []
+        path.write_text(json.dumps(d))
+    elif how == "class in two splits":
+        d = json.loads(path.read_text())
+        d["test"][0] = d["train"][0]
+        path.write_text(json.dumps(d))
+
+
+@pytest.mark.parametrize("name,how", [("cifar-fs", "missing"), ("cifar-fs", "truncated"), ("fc100", "empty split"),
+                                      ("fc100", "class in two splits")])
+def test_a_damaged_packaged_split_file_is_named_in_one_line(data_root, tmp_path, name, how):
+    # a real copy of the installed package with its split file damaged, used by a real `nsl fewshot train`
+    pkg = tmp_path / "site" / "nsl"
+    shutil.copytree(Path(nsl.__file__).parent, pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    split_file = pkg / "fewshot" / "splits" / f"{name.replace('-', '_')}_split.json"
+    _damage(split_file, how)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    proc = subprocess.run([sys.executable, "-m", "nsl.cli", "fewshot", "train", "--dataset", name, "--data-dir",
+                           str(data_root), "--out", str(tmp_path / "run"), "--episodes", "1", "--no-progress"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"nsl fewshot train: error: the few-shot split file {split_file}")
+    assert lines[0].endswith("reinstall nsl (pip install --force-reinstall nsl, or git checkout the file in a "
+                             "source checkout)")
+    assert {"missing": "is missing from the installed package", "truncated": "cannot be read",
+            "empty split": "split 'val' must be a non-empty list of distinct CIFAR-100 coarse labels (0-19), got []",
+            "class in two splits": "is in both 'train' and 'test'"}[how] in lines[0]
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 @pytest.mark.parametrize("name,sizes", [("cifar-fs", (64, 16, 20)), ("fc100", (60, 20, 20))])

@@ -141,3 +141,37 @@ def run_training(command: str, args: argparse.Namespace, given: dict, config_cls
     if args.json:
         print(json.dumps(summary))
     return 0
+
+
+# -- --download of nsl train / nsl fewshot train -------------------------------------------------------------------
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def _fetch_dataset(dataset: str, data_dir: str | None, progress: bool) -> None:
+    """``--download``: fetch ``dataset`` into ``data_dir`` unless it is there (``nsl.data.download.ensure_dataset``)."""
+    from .data.download import NO_FILES, ensure_dataset
+    from .data.errors import DatasetError
+
+    if str(dataset).lower().replace("_", "-") in NO_FILES:
+        return
+    if data_dir is None:
+        raise ValueError(f"--download needs --data-dir DIR, the folder to download {dataset} into")
+    try:
+        ensure_dataset(dataset, data_dir, progress=progress, echo=_stderr)
+    except DatasetError:
+        raise
+    except ValueError as e:
+        raise ValueError(f"--download: {e}") from None
+    except OSError as e:
+        raise DatasetError(f"--download: cannot write into --data-dir {data_dir}: {e.strerror or e}") from None
+
+
+def with_download(train):
+    """``train(cfg, resume)`` that first downloads ``cfg.dataset`` into ``cfg.data_dir`` when it is not
+    there (``--download`` of ``nsl train`` and ``nsl fewshot train``)."""
+    def run(cfg, resume: bool = False, **kw):
+        _fetch_dataset(cfg.dataset, cfg.data_dir, bool(getattr(cfg, "progress", True)))
+        return train(cfg, resume=resume, **kw)
+
+    return run

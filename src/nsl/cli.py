@@ -9,7 +9,7 @@ import sys
 from dataclasses import fields
 
 from ._cli_utils import error as _cli_error
-from ._cli_utils import message_of, one_line, positive_int, run_training
+from ._cli_utils import message_of, one_line, positive_int, run_training, with_download
 
 __all__ = ["main"]
 
@@ -40,40 +40,7 @@ def _error(command: str, message: str, code: int = 2) -> int:
     return _cli_error(command, message, code)
 
 
-# -- nsl download / --download -------------------------------------------------------------------
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr)
-
-
-def _fetch_dataset(dataset: str, data_dir: str | None, progress: bool) -> None:
-    """``--download``: fetch ``dataset`` into ``data_dir`` unless it is there (``nsl.data.download.ensure_dataset``)."""
-    from .data.download import NO_FILES, ensure_dataset
-    from .data.errors import DatasetError
-
-    if str(dataset).lower().replace("_", "-") in NO_FILES:
-        return
-    if data_dir is None:
-        raise ValueError(f"--download needs --data-dir DIR, the folder to download {dataset} into")
-    try:
-        ensure_dataset(dataset, data_dir, progress=progress, echo=_stderr)
-    except DatasetError:
-        raise
-    except ValueError as e:
-        raise ValueError(f"--download: {e}") from None
-    except OSError as e:
-        raise DatasetError(f"--download: cannot write into --data-dir {data_dir}: {e.strerror or e}") from None
-
-
-def with_download(train):
-    """``train(cfg, resume)`` that first downloads ``cfg.dataset`` into ``cfg.data_dir`` when it is not
-    there (``--download`` of ``nsl train`` and ``nsl fewshot train``)."""
-    def run(cfg, resume: bool = False, **kw):
-        _fetch_dataset(cfg.dataset, cfg.data_dir, bool(getattr(cfg, "progress", True)))
-        return train(cfg, resume=resume, **kw)
-
-    return run
-
-
+# -- nsl download ------------------------------------------------------------------------------
 def _positive_seconds(text: str) -> float:
     try:
         value = float(text)

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from .._cli_utils import error as _cli_error
-from .._cli_utils import message_of, positive_int, run_training
+from .._cli_utils import message_of, positive_int, run_training, with_download
 
 __all__ = ["add_parser"]
 
@@ -21,7 +21,6 @@ def _error(command: str, message: str, code: int = 2) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from ..cli import with_download
     from .train import FewShotConfig, apply_fewshot_overrides, train_fewshot
 
     given = {k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k) is not None}
@@ -41,20 +40,17 @@ def _line(res: dict) -> str:
 def _eval(args: argparse.Namespace) -> int:
     from ..data.errors import DatasetError
     from ..train import CheckpointError, ConfigError
+    from ..train.run import resolve_device
     from .train import compare_results, evaluate_fewshot_checkpoint, load_fewshot_checkpoint, load_fewshot_split
 
-    kw = dict(n_way=args.ways, k_shot=args.shots, n_query=args.queries, n_episodes=args.episodes, seed=args.seed,
-              split=args.split, device=args.device, progress=args.progress)
     try:
-        if args.device.startswith("cuda"):
-            import torch
-
-            if not torch.cuda.is_available():
-                raise ConfigError(f"--device {args.device} requested but CUDA is not available")
+        device = resolve_device(args.device)
+        kw = dict(n_way=args.ways, k_shot=args.shots, n_query=args.queries, n_episodes=args.episodes,
+                  seed=args.seed, split=args.split, device=device, progress=args.progress)
         ckpt = load_fewshot_checkpoint(args.checkpoint)
         cfg = ckpt["config"]
         data_dir = args.data_dir if args.data_dir is not None else cfg.get("data_dir")
-        dataset = load_fewshot_split(cfg["dataset"], data_dir, args.split).to(args.device)
+        dataset = load_fewshot_split(cfg["dataset"], data_dir, args.split).to(device)
         del ckpt
         res = evaluate_fewshot_checkpoint(args.checkpoint, dataset=dataset, **kw)
         other = paired = None

@@ -133,13 +133,43 @@ def _check_split(dataset: str, split: str, valid: Sequence[str]) -> str:
 def load_split_definition(name: str) -> dict:
     """The packaged split definition ``{"train": [...], "val": [...], "test": [...]}``.
 
-    ``name`` is ``"cifar_fs"`` (fine class names) or ``"fc100"`` (CIFAR-100 coarse label indices).
-    Read from ``nsl/fewshot/splits/<name>_split.json`` via :mod:`importlib.resources`.
+    ``name`` is ``"cifar_fs"`` (fine class names, strings) or ``"fc100"`` (CIFAR-100 coarse label
+    indices, integers in 0..19). Read from ``nsl/fewshot/splits/<name>_split.json`` via
+    :mod:`importlib.resources` and checked: every split present, a non-empty list of distinct entries
+    of the right type, no class in two splits.
+
+    Raises:
+        ValueError: unknown ``name``. DatasetError: the file is missing, not JSON, or not such a
+            definition (the message names the file and says to reinstall).
     """
     if name not in ("cifar_fs", "fc100"):
         raise ValueError(f"unknown split definition {name!r}; valid: cifar_fs, fc100")
-    text = resources.files("nsl.fewshot").joinpath("splits", f"{name}_split.json").read_text("utf-8")
-    return json.loads(text)
+    path = resources.files("nsl.fewshot").joinpath("splits", f"{name}_split.json")
+    fix = "reinstall nsl (pip install --force-reinstall nsl, or git checkout the file in a source checkout)"
+    try:
+        definition = json.loads(path.read_text("utf-8"))
+    except FileNotFoundError:
+        raise DatasetError(f"the few-shot split file {path} is missing from the installed package; {fix}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DatasetError(f"the few-shot split file {path} cannot be read: {e}; {fix}") from None
+    kind, check = (str, lambda v: True) if name == "cifar_fs" else (int, lambda v: 0 <= v < 20)
+    if not isinstance(definition, dict):
+        raise DatasetError(f"the few-shot split file {path} holds {type(definition).__name__}, expected a JSON "
+                           f"object with the splits {', '.join(SPLITS)}; {fix}")
+    seen: dict = {}
+    for split in SPLITS:
+        entries = definition.get(split)
+        what = "class names" if kind is str else "CIFAR-100 coarse labels (0-19)"
+        if (not isinstance(entries, list) or not entries
+                or not all(type(v) is kind and check(v) for v in entries) or len(set(entries)) != len(entries)):
+            raise DatasetError(f"the few-shot split file {path}: split {split!r} must be a non-empty list of "
+                               f"distinct {what}, got {json.dumps(entries)[:80]}; {fix}")
+        for v in entries:
+            if v in seen:
+                raise DatasetError(f"the few-shot split file {path}: {v!r} is in both {seen[v]!r} and {split!r}; "
+                                   f"{fix}")
+            seen[v] = split
+    return definition
 
 
 def _cifar100_all(root: str | os.PathLike, label: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,7 +235,7 @@ def load_fc100(root: str | os.PathLike, split: str) -> FewShotDataset:
         ValueError: unknown split. DatasetError: CIFAR-100 missing or malformed.
     """
     _check_split("fc100", split, SPLITS)
-    coarse_ids = [int(c) for c in load_split_definition("fc100")[split]]
+    coarse_ids = load_split_definition("fc100")[split]
     images, fine = _cifar100_all(root, "fine")
     _, coarse = _cifar100_all(root, "coarse")
     pairs = torch.unique(torch.stack([fine, coarse], 1), dim=0)  # (fine, coarse) per fine class

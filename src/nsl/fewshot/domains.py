@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from ..train.domains import ENGINE_DOMAINS, PATH, Domain, boolean, choice, integer, layer_kinds, number
+from ..train.domains import ENGINE_DOMAINS, PATH, SEED, Domain, boolean, choice, integer, layer_kinds, number
 
-__all__ = ["FEWSHOT_DOMAINS"]
+__all__ = ["FEWSHOT_DOMAINS", "FEWSHOT_HEADS"]
+
+#: Episode heads (:func:`nsl.fewshot.build_fewshot_model`): ``protonet`` (squared Euclidean),
+#: ``protonet-cosine`` (cosine, learnable scale), ``bilinear`` (``q^T M p - p^T M p / 2``, M learned,
+#: starting as ProtoNet).
+FEWSHOT_HEADS = ("protonet", "protonet-cosine", "bilinear")
 
 
 def _fewshot_datasets():
@@ -15,11 +20,6 @@ def _fewshot_datasets():
 def _backbones():
     from .models import BACKBONES
     return tuple(BACKBONES)
-
-
-def _heads():
-    from .train import FEWSHOT_HEADS
-    return tuple(FEWSHOT_HEADS)
 
 
 def _dataset_key(name):
@@ -33,7 +33,7 @@ FEWSHOT_DOMAINS: dict[str, Domain] = {
     "rotations": boolean(),
     "backbone": choice(_backbones, noun="backbone", plural="backbones"),
     "layer": choice(layer_kinds, noun="layer kind", plural="kinds"),
-    "head": choice(_heads, noun="head", plural="heads"),
+    "head": choice(FEWSHOT_HEADS, noun="head", plural="heads"),
     "bilinear_rank": integer(0),
     "ways": integer(2, text="an integer >= 2 (a 1-way episode has nothing to classify)"),
     "shots": integer(1),
@@ -47,7 +47,7 @@ FEWSHOT_DOMAINS: dict[str, Domain] = {
     "lr_gamma": number(0, 1, lo_open=True),
     "val_every": integer(0),
     "val_episodes": integer(1),
-    "val_seed": integer(0),
+    "val_seed": SEED,
     "predictor_width": integer(0, text="an integer >= 0 (0: the predictor's own width)"),
     "share_predictor": boolean(),
 }

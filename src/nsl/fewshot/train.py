@@ -30,19 +30,18 @@ import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from ..layers import LAYER_KINDS
 from ..train.config import ConfigBase, ConfigError, apply_overrides, check_predictor_options
+from ..train.domains import check_domains
 from ..train.loop import Task, fit
 from ..train.run import Process, load_checkpoint, model_from_checkpoint, resolve_device
-from .data import FEWSHOT_DATASETS, FewShotDataset, get_fewshot_dataset
-from .domains import FEWSHOT_DOMAINS
-from .models import BACKBONES, build_backbone
+from .data import FewShotDataset, get_fewshot_dataset
+from .domains import FEWSHOT_DOMAINS, FEWSHOT_HEADS
+from .models import build_backbone
 from .protonet import (
     BilinearSimilarityHead,
     FewShotClassifier,
@@ -59,9 +58,6 @@ __all__ = ["FEWSHOT_HEADS", "FewShotConfig", "apply_fewshot_overrides", "build_f
 
 CHECKPOINT_FORMAT = "nsl-fewshot"
 CHECKPOINT_VERSION = 1
-#: Episode heads: ``protonet`` (squared Euclidean), ``protonet-cosine`` (cosine, learnable scale),
-#: ``bilinear`` (``q^T M p - p^T M p / 2``, M learned, starting as ProtoNet).
-FEWSHOT_HEADS = ("protonet", "protonet-cosine", "bilinear")
 
 
 @dataclass
@@ -138,34 +134,12 @@ class FewShotConfig(ConfigBase):
         return self.train_shots or self.shots
 
     def validate(self) -> None:
-        """Raise :class:`~nsl.train.ConfigError` for values out of range or unknown choices."""
-        key = str(self.dataset).lower().replace("_", "-")
-        if key not in FEWSHOT_DATASETS:
-            raise ConfigError(f"unknown few-shot dataset {self.dataset!r}; valid names: {', '.join(FEWSHOT_DATASETS)}")
-        self.dataset = key
-        if self.backbone not in BACKBONES:
-            raise ConfigError(f"unknown backbone {self.backbone!r}; valid backbones: {', '.join(BACKBONES)}")
-        if self.layer not in LAYER_KINDS:
-            raise ConfigError(f"unknown layer kind {self.layer!r}; valid kinds: {', '.join(LAYER_KINDS)}")
+        """Check every field against its domain (:mod:`nsl.fewshot.domains`) and then the rules between fields
+        (predictor options, ``rotations``); raise :class:`~nsl.train.ConfigError` naming the field."""
+        check_domains(self)
         check_predictor_options(self)
-        if self.head not in FEWSHOT_HEADS:
-            raise ConfigError(f"unknown head {self.head!r}; valid heads: {', '.join(FEWSHOT_HEADS)}")
-        for name in ("ways", "shots", "queries", "episodes", "val_episodes", "lr_step"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("train_ways", "train_shots", "val_every", "checkpoint_every", "log_every", "seed", "val_seed",
-                     "bilinear_rank"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not self.lr > 0 or not math.isfinite(self.lr):
-            raise ConfigError(f"lr must be a positive finite number, got {self.lr}")
-        if not 0 < self.lr_gamma <= 1:
-            raise ConfigError(f"lr_gamma must be in (0, 1], got {self.lr_gamma}")
-        if self.weight_decay < 0 or self.grad_clip < 0:
-            raise ConfigError("weight_decay and grad_clip must be >= 0")
         if self.rotations and self.dataset != "omniglot":
             raise ConfigError("rotations is an Omniglot option")
-        self.validate_engine()
 
     def lr_factor(self, episode: int) -> float:
         """Multiplier of ``lr`` for training episode ``episode`` (0-based): ``lr_gamma ** (episode // lr_step)``."""
@@ -398,7 +372,7 @@ def evaluate_fewshot_checkpoint(path: str | Path, n_way: int | None = None, k_sh
         raise ValueError(f"ways must be >= 2 (a 1-way episode has nothing to classify), got {n_way}")
     k_shot = cfg.shots if k_shot is None else k_shot
     n_query = cfg.queries if n_query is None else n_query
-    dev = resolve_device(SimpleNamespace(device=str(device)))  # ConfigError naming device: cuda without CUDA
+    dev = resolve_device(str(device))  # ConfigError naming device: cuda without CUDA
     if dataset is None:
         dataset = load_fewshot_split(cfg.dataset, data_dir if data_dir is not None else cfg.data_dir, split)
         dataset = dataset.to(dev)

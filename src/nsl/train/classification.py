@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -410,7 +409,7 @@ def evaluate_checkpoint(path: str | Path, data_dir: str | None = None, fold: boo
     """
     from ..convert import fold as fold_model
 
-    dev = resolve_device(SimpleNamespace(device=str(device)))  # ConfigError naming device: cuda without CUDA
+    dev = resolve_device(str(device))  # ConfigError naming device: cuda without CUDA
     ckpt = load_checkpoint(path)
     model, cfg = build_from_checkpoint(ckpt, path)
     if data_dir is not None:

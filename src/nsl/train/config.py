@@ -12,43 +12,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
 from dataclasses import dataclass, field, fields
 
-from .domains import TRAIN_DOMAINS, check_domains
+from .domains import AMP_MODES, COMPILE_MODES, TRAIN_DOMAINS, ConfigError, check_domains
+from .protocols import PAPER_ITERS, PAPER_MILESTONES, PROTOCOLS
 
 __all__ = ["TrainConfig", "ConfigBase", "PROTOCOLS", "make_config", "apply_overrides", "parse_value",
            "ConfigError", "check_keys", "AMP_MODES", "COMPILE_MODES"]
 
 
-class ConfigError(ValueError):
-    """An invalid configuration value or an unknown configuration key.
-
-    ``fields`` are the configuration fields (or arguments of the call, such as ``resume``) that the
-    message names, each written ``{name}`` in ``message``. ``str(error)`` names them as fields; a front
-    end names them its own way with :meth:`render` (the command line: by its flags, e.g. ``--data-dir``).
-    """
-
-    def __init__(self, message: str, *fields: str):
-        self.template, self.fields = message, fields
-        super().__init__(self.render())
-
-    def render(self, name=lambda field: field) -> str:
-        """The message with each field ``f`` of :attr:`fields` written as ``name(f)``."""
-        text = self.template
-        for f in self.fields:
-            text = text.replace("{" + f + "}", name(f))
-        return text
 
 
-# The authors' step schedule: lr x 0.1 at 20,000, 30,000 and 37,500 of 42,500 iterations. Stored as
-# fractions of the run so that shortened runs keep the schedule's shape.
-PAPER_ITERS = 42_500
-PAPER_MILESTONES = (20_000 / PAPER_ITERS, 30_000 / PAPER_ITERS, 37_500 / PAPER_ITERS)
-# The authors' attention model (train_sa.py): Adam, lr 1e-3, 64,000 iterations, lr / 10 at 34,000 and 54,000.
-ATTENTION_ITERS = 64_000
-ATTENTION_MILESTONES = (34_000 / ATTENTION_ITERS, 54_000 / ATTENTION_ITERS)
 
 
 def check_keys(config_cls, d: dict) -> None:
@@ -59,12 +34,6 @@ def check_keys(config_cls, d: dict) -> None:
         raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}")
 
 
-#: values of the configs' ``amp``
-AMP_MODES = ("none", "bf16", "fp16", "auto")
-#: values of the configs' ``compile``: ``none`` or a ``torch.compile`` mode (``default`` is torch's default mode)
-COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
-_COMPILE_ALIASES = {True: "default", False: "none", "true": "default", "false": "none", "yes": "default",
-                    "no": "none", "on": "default", "off": "none", "1": "default", "0": "none"}
 
 
 class ConfigBase:
@@ -73,7 +42,7 @@ class ConfigBase:
     A subclass is a dataclass; :func:`nsl.train.fit` reads these of its fields: ``out``, ``seed``,
     ``device``, ``progress``, ``log_every``, ``checkpoint_every``, ``grad_clip``, ``amp``, ``stop_at``,
     ``compile`` and ``compile_backend`` (checked, and ``compile``'s true/false aliases normalised, by
-    :meth:`validate_engine`).
+    their domains in :mod:`nsl.train.domains`).
     """
 
     #: the checked domain of every field (:mod:`nsl.train.domains`); each subclass names its table
@@ -104,24 +73,9 @@ class ConfigBase:
         return cfg
 
     def validate(self) -> None:
-        self.validate_engine()
-
-    def validate_engine(self) -> None:
-        """Raise :class:`ConfigError` for engine settings out of range."""
-        if self.amp not in AMP_MODES:
-            raise ConfigError(f"amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
-        for name in ("stop_at", "checkpoint_every", "log_every"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        key = self.compile.lower() if isinstance(self.compile, str) else self.compile
-        if isinstance(key, (bool, str)) and key in _COMPILE_ALIASES:
-            self.compile = _COMPILE_ALIASES[key]
-        if self.compile not in COMPILE_MODES:
-            raise ConfigError(f"compile must be one of {', '.join(COMPILE_MODES)} (or true/false), got "
-                              f"{self.compile!r}")
-        if not isinstance(self.compile_backend, str) or not self.compile_backend:
-            raise ConfigError(f"compile_backend must be the name of a torch.compile backend, got "
-                              f"{self.compile_backend!r}")
+        """Check every field against its domain (:mod:`nsl.train.domains`, the one place for ranges and
+        choices) and then the rules between fields; raise :class:`ConfigError` naming the field."""
+        check_domains(self)
 
 
 @dataclass
@@ -222,31 +176,18 @@ class TrainConfig(ConfigBase):
     extra: dict = field(default_factory=dict)  # free-form notes recorded with the run
 
     def validate(self) -> None:
-        """Raise :class:`ConfigError` for values out of range or of unknown choices."""
-        def choice(name, options):
-            v = getattr(self, name)
-            if v not in options:
-                raise ConfigError(f"{name} must be one of {', '.join(options)}, got {v!r}")
-
+        """Check every field against its domain (:mod:`nsl.train.domains`) and then the rules between fields
+        (a model's layer kinds, ``width``, kernel-shape and predictor options, the shape schedule, a run
+        length); raise :class:`ConfigError` naming the field."""
         from ..layers import LAYER_KINDS
-        from ..models import MODEL_LAYERS, MODELS
+        from ..models import MODEL_LAYERS
 
-        if self.model not in MODELS:
-            raise ConfigError(f"unknown model {self.model!r}; valid models: {', '.join(MODELS)}")
-        if self.layer not in LAYER_KINDS:
-            raise ConfigError(f"unknown layer kind {self.layer!r}; valid kinds: {', '.join(LAYER_KINDS)}")
+        check_domains(self)
         if self.model in MODEL_LAYERS and self.layer not in MODEL_LAYERS[self.model]:
             raise ConfigError(f"model {self.model!r} supports layer kind(s) {', '.join(MODEL_LAYERS[self.model])} "
                               f"only, got {self.layer!r}")
-        if self.width < 0:
-            raise ConfigError(f"width must be >= 0 (0: the model's default), got {self.width}")
         if self.width and self.model not in WIDTH_MODELS:
             raise ConfigError(f"width applies to {', '.join(WIDTH_MODELS)} only, got model {self.model!r}")
-        if not self.orthogonality >= 0 or not math.isfinite(self.orthogonality):
-            raise ConfigError(f"orthogonality must be a finite number >= 0, got {self.orthogonality}")
-        choice("shape_method", ("learned", "magnitude"))
-        if self.shape_active < 0:
-            raise ConfigError(f"shape_active must be >= 0 (0: no kernel shape), got {self.shape_active}")
         kind = LAYER_KINDS[self.layer]
         if self.shape_active and not kind.kernel_shape:
             raise ConfigError(f"shape_active needs NSL layers (static-* or dynamic-* kinds but dynamic-filter), got "
@@ -254,46 +195,18 @@ class TrainConfig(ConfigBase):
         if self.shape_active and self.shape_per_filter and not kind.per_filter_shape:
             raise ConfigError(f"shape_per_filter needs a diagonal M in dynamic layers; layer {self.layer} has a full M")
         check_predictor_options(self)
-        if not (0 <= self.shape_start < 1 and 0 <= self.shape_warmup <= self.shape_freeze < 1):
+        if not self.shape_warmup <= self.shape_freeze:
             raise ConfigError("expected 0 <= shape_start < 1 and 0 <= shape_warmup <= shape_freeze < 1, got "
                               f"shape_start={self.shape_start}, shape_warmup={self.shape_warmup}, "
                               f"shape_freeze={self.shape_freeze}")
-        if not self.shape_lr > 0 or not self.shape_weight >= 0:
-            raise ConfigError(f"shape_lr must be > 0 and shape_weight >= 0, got {self.shape_lr}, {self.shape_weight}")
-        choice("schedule", ("multistep", "cosine", "onecycle", "constant"))
-        choice("optimizer", ("sgd", "adam", "adamw"))
-        choice("input", ("raw", "unit", "normalize"))
         if self.iters is None and self.epochs is None:
             raise ConfigError("set iters or epochs")
-        if self.iters is not None and self.iters < 1:
-            raise ConfigError(f"iters must be >= 1, got {self.iters}")
-        if self.epochs is not None and not self.epochs > 0:
-            raise ConfigError(f"epochs must be > 0, got {self.epochs}")
-        for name in ("batch_size", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("train_subset", "test_subset", "warmup_iters", "eval_every", "bn_recalibrate", "pad"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not self.lr > 0 or not math.isfinite(self.lr):
-            raise ConfigError(f"lr must be a positive finite number, got {self.lr}")
-        if not 0 <= self.label_smoothing < 1:
-            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if not 0 < self.bn_momentum <= 1:
-            raise ConfigError(f"bn_momentum must be in (0, 1], got {self.bn_momentum}")
-        if not 0 < self.onecycle_pct < 1:
-            raise ConfigError(f"onecycle_pct must be in (0, 1), got {self.onecycle_pct}")
-        if any(not 0 < m < 1 for m in self.lr_milestones):
-            raise ConfigError(f"lr_milestones are fractions of the run in (0, 1), got {list(self.lr_milestones)}")
-        self.validate_engine()
 
 
 def check_predictor_options(cfg) -> None:
-    """``cfg.predictor_width >= 0``; it and ``cfg.share_predictor`` only for layer kinds with a predictor."""
+    """``cfg.predictor_width`` and ``cfg.share_predictor`` only for layer kinds with a predictor."""
     from ..layers import LAYER_KINDS
 
-    if cfg.predictor_width < 0:
-        raise ConfigError(f"predictor_width must be >= 0 (0: the predictor's default), got {cfg.predictor_width}")
     if (cfg.predictor_width or cfg.share_predictor) and LAYER_KINDS[cfg.layer].predictor is None:
         with_predictor = [k for k, v in LAYER_KINDS.items() if v.predictor is not None]
         raise ConfigError(f"predictor_width and share_predictor apply to layer kinds with a predictor "
@@ -304,35 +217,6 @@ def check_predictor_options(cfg) -> None:
 WIDTH_MODELS = ("cnn9", "resnet20", "resnet32", "resnet56")
 
 
-# Protocol defaults, each a set of TrainConfig values.
-PROTOCOLS: dict[str, dict] = {
-    # the authors' CIFAR protocol: the TrainConfig defaults, and no bias in any conv (the default keeps biases, so
-    # that a config.json written before the field existed builds the same model)
-    "paper": dict(bias=False),
-    # a modern short schedule for CPU-budget runs and quick comparisons (not from the paper)
-    "fast": dict(iters=None, epochs=15, lr=0.1, nesterov=True, weight_decay=5e-4, decay_bn=False,
-                 wd_static_diagonal=0.0, wd_static_full=5e-4, schedule="onecycle", onecycle_pct=0.2,
-                 label_smoothing=0.1, input="normalize", bn_momentum=0.1, bn_eps=1e-5, paper_init=False,
-                 amp="auto", eval_every=0, checkpoint_every=200),
-    # the authors' global-neural-similarity CIFAR model and its training (wy1iu/NSL nsl_global_ns: spherenet.py,
-    # train_sa.py; method notes, section 5): Adam (TF defaults = PyTorch's), lr 1e-3, batch 128, 64k iterations,
-    # lr / 10 at 34k and 54k; L2 5e-4 (tf l2_regularizer, coupled: optimizer adam) where the authors put it: the
-    # attention projections, the classifier and BN scale/shift (the model's no_weight_decay() exempts the 3x3 and
-    # fc6 cosine filters and the gates); orthogonality penalty 2e-4 on every conv filter, not the classifier.
-    # Input (rgb - 127.5) / 128 (input="raw"; the model applies the shift and scale), BN as the paper protocol
-    # (EMA 0.999, eps 1e-3), same augmentation as the paper protocol (cifar10_input.distorted_inputs). Not in
-    # the stored snapshot of that code: its loss helper (loss2 'c_entropy'); label smoothing kept at the paper
-    # protocol's 0.01 on the assumption that it is the same helper.
-    # `nsl demo`: the zero-setup dataset (scikit-learn's 8x8 digits), CNN-9 at width 8, Adam one-cycle, no
-    # augmentation (flips and 4-pixel shifts do not suit 8x8 digits); about 10 s per conv run on 2 CPU cores
-    "demo": dict(dataset="digits", model="cnn9", width=8, iters=None, epochs=12, batch_size=64, optimizer="adam",
-                 lr=3e-3, weight_decay=0.0, decay_bn=False, wd_static_diagonal=0.0, wd_static_full=0.0,
-                 schedule="onecycle", onecycle_pct=0.25, label_smoothing=0.0, input="normalize", augment=False,
-                 bn_momentum=0.1, bn_eps=1e-5, paper_init=False, amp="none", eval_every=0, checkpoint_every=0),
-    "paper-attention": dict(model="sphere-attention", layer="conv", optimizer="adam", lr=1e-3,
-                            iters=ATTENTION_ITERS, lr_milestones=ATTENTION_MILESTONES, lr_gamma=0.1, batch_size=128,
-                            weight_decay=5e-4, decay_bn=True, orthogonality=2e-4, input="raw", paper_init=True),
-}
 
 
 def make_config(protocol: str = "paper", **overrides) -> TrainConfig:

@@ -21,7 +21,35 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 
-__all__ = ["Domain", "TRAIN_DOMAINS", "ENGINE_DOMAINS", "check_domains"]
+__all__ = ["Domain", "TRAIN_DOMAINS", "ENGINE_DOMAINS", "check_domains", "ConfigError", "AMP_MODES", "COMPILE_MODES"]
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value or an unknown configuration key.
+
+    ``fields`` are the configuration fields (or arguments of the call, such as ``resume``) that the
+    message names, each written ``{name}`` in ``message``. ``str(error)`` names them as fields; a front
+    end names them its own way with :meth:`render` (the command line: by its flags, e.g. ``--data-dir``).
+    """
+
+    def __init__(self, message: str, *fields: str):
+        self.template, self.fields = message, fields
+        super().__init__(self.render())
+
+    def render(self, name=lambda field: field) -> str:
+        """The message with each field ``f`` of :attr:`fields` written as ``name(f)``."""
+        text = self.template
+        for f in self.fields:
+            text = text.replace("{" + f + "}", name(f))
+        return text
+
+
+#: values of the configs' ``amp``
+AMP_MODES = ("none", "bf16", "fp16", "auto")
+#: values of the configs' ``compile``: ``none`` or a ``torch.compile`` mode (``default`` is torch's default mode)
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+_COMPILE_ALIASES = {True: "default", False: "none", "true": "default", "false": "none", "yes": "default",
+                    "no": "none", "on": "default", "off": "none", "1": "default", "0": "none"}
 
 
 @dataclass(frozen=True)
@@ -152,13 +180,11 @@ def _dataset_name(name):
 
 
 def _protocols():
-    from .config import PROTOCOLS
+    from .protocols import PROTOCOLS
     return tuple(PROTOCOLS)
 
 
 def _compile_alias(v):
-    from .config import _COMPILE_ALIASES
-
     try:
         return _COMPILE_ALIASES.get(v.lower() if isinstance(v, str) else v, v)
     except TypeError:  # unhashable: left for the domain check to refuse
@@ -167,19 +193,21 @@ def _compile_alias(v):
 
 _DEVICE = r"auto|cpu|cuda(:\d+)?|mps|xpu(:\d+)?"
 PATH = Domain("str", optional=True, pattern=r"(?s).+", text="a path, or null")
+#: random seeds: what torch.manual_seed takes (a 64-bit unsigned integer)
+SEED = integer(0, hi=2**64 - 1, text="an integer from 0 to 2**64 - 1")
 
 #: fields every run configuration has (read by the training engine)
 ENGINE_DOMAINS: dict[str, Domain] = {
     "out": PATH,
-    "seed": integer(0),
+    "seed": SEED,
     "device": Domain("str", pattern=_DEVICE, text="auto, cpu, cuda, cuda:N, mps or xpu"),
     "progress": boolean(),
     "log_every": integer(0),
     "checkpoint_every": integer(0),
     "grad_clip": number(0, text="a finite number >= 0 (0: off)"),
-    "amp": choice(("none", "bf16", "fp16", "auto")),
+    "amp": choice(AMP_MODES),
     "stop_at": integer(0),
-    "compile": Domain("str", choices=("none", "default", "reduce-overhead", "max-autotune"),
+    "compile": Domain("str", choices=COMPILE_MODES,
                       normalize=lambda v: _compile_alias(v),
                       text="one of none, default, reduce-overhead, max-autotune (true/false: default/none)"),
     "compile_backend": Domain("str", pattern=r"[A-Za-z_][\w.\-]*", text="the name of a torch.compile backend"),
@@ -248,8 +276,6 @@ def check_domains(cfg) -> None:
     Raises :class:`~nsl.train.ConfigError` naming the first field outside its domain (a field with no
     entry in the table is an error too: a new field cannot go unchecked). Values are normalised first
     where the domain says how (e.g. dataset names to lower case)."""
-    from .config import ConfigError
-
     table = type(cfg).DOMAINS
     for f in fields(cfg):
         dom = table.get(f.name)

@@ -267,7 +267,7 @@ def fit(task: Task, cfg, resume: bool = False, echo=print) -> dict:
     rank, world_size, local_rank = dist_env()
     if world_size > 1 and not task.supports_distributed:
         raise ConfigError(f"{type(task).__name__} runs in one process; got WORLD_SIZE={world_size}")
-    process = Process(rank, world_size, local_rank, resolve_device(cfg, local_rank))
+    process = Process(rank, world_size, local_rank, resolve_device(cfg.device, local_rank))
     own_group = False
     if process.distributed and not dist.is_initialized():
         if process.device.type == "cuda":

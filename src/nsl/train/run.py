@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError
+from .domains import ENGINE_DOMAINS
 from .rundir import (
     RunLock,
     atomic_write_text,
@@ -279,18 +280,32 @@ def dist_env() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", "0")), ws, int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def resolve_device(cfg, local_rank: int = 0) -> torch.device:
-    """``cfg.device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``) as a ``torch.device``; ``auto`` and ``cuda`` take
-    GPU ``local_rank``. Raises ConfigError (naming the field ``device``) for CUDA without a GPU or an unknown name."""
-    if cfg.device == "auto":
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """``device``, a value of the ``device`` domain (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``, ``xpu``,
+    ``xpu:N``), as a ``torch.device``: ``auto`` is GPU ``local_rank`` where CUDA is available and the CPU
+    elsewhere; ``cuda`` and ``xpu`` take device ``local_rank``. Raises ConfigError naming the field ``device``
+    for a value outside the domain or an accelerator this machine does not have."""
+    domain = ENGINE_DOMAINS["device"]
+    if not domain.contains(device):
+        raise ConfigError(f"{{device}} must be {domain.describe()}, got {device!r}", "device")
+    if device == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if cfg.device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"{{device}} {cfg.device} requested but CUDA is not available", "device")
-        return torch.device(f"cuda:{local_rank}" if cfg.device == "cuda" else cfg.device)
-    if cfg.device != "cpu":
-        raise ConfigError(f"{{device}} must be cpu, cuda, cuda:N or auto, got {cfg.device!r}", "device")
-    return torch.device("cpu")
+    if device == "cpu":
+        return torch.device("cpu")
+    kind, _, index = device.partition(":")
+    backends = {"cuda": torch.cuda, "xpu": getattr(torch, "xpu", None), "mps": getattr(torch.backends, "mps", None)}
+    backend = backends[kind]
+    name = kind.upper()
+    if backend is None or not backend.is_available():
+        raise ConfigError(f"{{device}} {device} requested but {name} is not available", "device")
+    if kind == "mps":
+        return torch.device("mps")
+    i = int(index) if index else local_rank
+    count = backend.device_count()
+    if i >= count:
+        raise ConfigError(f"{{device}} {device} requested but this machine has {count} {name} device(s)"
+                          f"{f' (local rank {local_rank})' if not index else ''}", "device")
+    return torch.device(kind, i)
 
 
 def autocast_and_scaler(amp: str, device: torch.device):
