@@ -39,8 +39,8 @@ from common import ROOT, environment, print_table, write_json  # noqa: E402
 sys.path.insert(0, str(ROOT / "src"))
 from nsl.data import get_dataset  # noqa: E402
 from nsl.data.tensor_data import GPULoader, TensorImageDataset  # noqa: E402
+from nsl.layers import LAYER_KINDS  # noqa: E402
 from nsl.models import build_model  # noqa: E402
-from nsl.models.layers import LAYER_KINDS  # noqa: E402
 
 DEFAULT_LAYERS = "conv,static-full,dynamic-diagonal"
 

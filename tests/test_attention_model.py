@@ -10,8 +10,7 @@ import torch
 from nsl import GlobalSimilarity2d, SphereConv2d
 from nsl.models import build_model, count_parameters
 from nsl.regularizers import orthogonality_penalty
-from nsl.train import ConfigError, make_config, param_groups, train
-from nsl.train.engine import orthogonality_filters
+from nsl.train import ConfigError, make_config, orthogonality_filters, param_groups, train
 
 
 def _records(run_dir, kind):

@@ -41,12 +41,9 @@ def test_table_is_read_only_and_named_by_its_keys():
         layer_kind("dyn")
     with pytest.raises(ValueError, match=r"unknown layer kind \['conv'\]"):
         layer_kind(["conv"])
-    # nsl.models re-exports the same table (old imports keep working)
+    # nsl.models re-exports the same table
     from nsl.models import LAYER_KINDS as models_kinds
-    from nsl.models.layers import LAYER_KINDS as old_kinds
-    from nsl.models.layers import DynamicFilterConv2d
-    assert models_kinds is LAYER_KINDS and old_kinds is LAYER_KINDS
-    assert DynamicFilterConv2d is nsl.layers.DynamicFilterConv2d
+    assert models_kinds is LAYER_KINDS
 
 
 @pytest.mark.parametrize("name", list(LAYER_KINDS))

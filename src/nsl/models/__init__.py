@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from ..layers import LAYER_KINDS, DynamicFilterConv2d, check_layer_kind, layer_kind, make_conv
 from .attention_net import SPHERE_ATTENTION_LAYERS, SphereAttentionNet
 from .cnn9 import CNN9, ConvBNReLU
-from .layers import LAYER_KINDS, DynamicFilterConv2d, check_layer_kind, layer_kind, make_conv
 from .resnet import BasicBlock, Bottleneck, CifarResNet, ResNet
 
 __all__ = ["MODELS", "LAYER_KINDS", "build_model", "make_conv", "check_layer_kind", "layer_kind", "DynamicFilterConv2d",

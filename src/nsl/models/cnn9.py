@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn as nn
 from torch import Tensor
 
-from .layers import make_conv, predictor_scope
+from ..layers import make_conv, predictor_scope
 
 __all__ = ["CNN9", "ConvBNReLU"]
 

@@ -16,8 +16,7 @@ from __future__ import annotations
 import torch.nn as nn
 from torch import Tensor
 
-from ..layers import DynamicFilterConv2d, DynamicNSConv2d, NSConv2d
-from .layers import make_conv, predictor_scope
+from ..layers import DynamicFilterConv2d, DynamicNSConv2d, NSConv2d, make_conv, predictor_scope
 
 __all__ = ["BasicBlock", "Bottleneck", "CifarResNet", "ResNet"]
 
