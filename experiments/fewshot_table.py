@@ -79,7 +79,7 @@ def seed0_table(rows: dict) -> list[str]:
 
 def seeds_table(rows: dict) -> list[str]:
     """The spread over training seeds, for every kind (conv included) evaluated with 2 or more seeds."""
-    from nsl.report import mean_ci
+    from nsl.stats import mean_ci
 
     lines = ["| dataset | setting | kind | training seeds | accuracy per seed | mean +- 95% CI over training seeds "
              "| mean 95% CI over test episodes | difference to conv per seed (paired episodes) "

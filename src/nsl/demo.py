@@ -32,7 +32,7 @@ from tqdm import tqdm
 from .convert import convert, fold
 from .data import dataset_info
 from .layers import NSConv2d
-from .report import mean_ci
+from .stats import mean_ci
 from .train import build_from_checkpoint, load_checkpoint, load_data, make_config, train
 
 __all__ = ["DemoConfig", "FULL", "VARIANTS", "run_demo"]

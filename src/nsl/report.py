@@ -39,6 +39,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .stats import mean_ci
+
 __all__ = ["RunRecord", "RunError", "load_run", "count_macs", "write_report", "plot_curves", "add_parser"]
 
 # config fields that do not change what a run computes (besides the seed) when grouping runs
@@ -211,27 +213,6 @@ def _model_of(run: RunRecord) -> tuple[nn.Module, tuple[int, int, int]] | None:
         meta = dict(num_classes=info.num_classes, in_channels=info.channels,
                     image_size=cfg.image_size if info.name == "imagefolder" else info.image_size)
     return build_model_for(cfg, meta), (meta["in_channels"], meta["image_size"], meta["image_size"])
-
-
-# -- statistics ----------------------------------------------------------------------------------
-def _t975(df: int) -> float:
-    try:
-        from scipy.stats import t
-
-        return float(t.ppf(0.975, df))
-    except ImportError:  # pragma: no cover
-        table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-        return table.get(df, 2.228 if df < 15 else 2.0)
-
-
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% confidence interval (Student t, ``n - 1`` degrees of freedom)."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, float("nan")
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    return mean, _t975(n - 1) * sd / math.sqrt(n)
 
 
 # -- output --------------------------------------------------------------------------------------

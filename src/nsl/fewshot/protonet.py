@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..stats import normal_ci
 from .data import FewShotDataset
 from .sampler import EpisodeSampler, make_episode
 
@@ -322,15 +323,10 @@ def episode_loss_and_accuracy(model: nn.Module, support: Tensor, support_labels:
 
 
 def confidence_interval(accuracies: Sequence[float] | np.ndarray | Tensor, z: float = 1.96) -> tuple[float, float]:
-    """Mean and confidence half-width of per-episode accuracies: ``(mean, z * std / sqrt(n))``.
-
-    ``std`` is the population standard deviation over episodes (``ddof=0``, ``numpy.std``'s default,
-    as in the usual few-shot evaluation code); ``z = 1.96`` gives the 95% interval.
-    """
-    a = np.asarray(accuracies.detach().cpu() if isinstance(accuracies, Tensor) else accuracies, dtype=np.float64)
-    if a.ndim != 1 or len(a) == 0:
-        raise ValueError(f"accuracies must be a non-empty 1-D sequence, got shape {a.shape}")
-    return float(a.mean()), float(z * a.std(ddof=0) / math.sqrt(len(a)))
+    """Mean and confidence half-width of per-episode accuracies: ``(mean, z * std / sqrt(n))``, ``std`` the
+    population standard deviation over episodes (``ddof=0``, as the usual few-shot evaluation code);
+    ``z = 1.96`` gives the 95% interval (:func:`nsl.stats.normal_ci`)."""
+    return normal_ci(accuracies, z)
 
 
 @dataclass(frozen=True)
