@@ -7,6 +7,7 @@ import json
 import re
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -21,20 +22,120 @@ def positive_int(text: str) -> int:
     return value
 
 
-#: The command-line flag of each configuration field (or training argument) that has one; an error
-#: that names a field (:class:`nsl.train.ConfigError` ``fields``) names it by this flag on the command line,
-#: and a field without a flag by ``--set FIELD=...``. Shared by ``nsl train``, ``nsl eval`` and ``nsl fewshot``.
-FIELD_FLAGS = {"dataset": "--dataset", "data_dir": "--data-dir", "model": "--model", "layer": "--layer",
-               "out": "--out", "resume": "--resume", "iters": "--iters", "epochs": "--epochs",
-               "batch_size": "--batch-size", "seed": "--seed", "device": "--device", "train_subset": "--subset",
-               "test_subset": "--test-subset", "lr": "--lr", "warmup_iters": "--warmup-iters",
-               "bn_momentum": "--bn-momentum", "bn_recalibrate": "--bn-recalibrate", "amp": "--amp",
-               "channels_last": "--channels-last", "eval_every": "--eval-every", "stop_at": "--stop-at",
-               "progress": "--no-progress", "protocol": "--protocol", "backbone": "--backbone", "head": "--head",
-               "ways": "--ways", "shots": "--shots", "queries": "--queries", "train_ways": "--train-ways",
-               "train_shots": "--train-shots", "episodes": "--episodes", "lr_step": "--lr-step",
-               "val_every": "--val-every", "val_episodes": "--val-episodes", "rotations": "--rotations",
-               "checkpoint": "--checkpoint"}
+def _integer(text: str) -> int:
+    """argparse type of integer fields (the range is the field's domain, checked with the config)."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _number(text: str) -> float:
+    """argparse type of number fields."""
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+_ARG_TYPES = {"int": _integer, "float": _number, "str": str}
+
+
+@dataclass(frozen=True)
+class FieldFlag:
+    """A command-line flag that sets the configuration field ``field``.
+
+    The flag is ``--field-name`` unless ``name`` says otherwise; its type is the field's domain kind
+    (:mod:`nsl.train.domains`), whose range and choices are checked when the config is built, so a flag
+    and ``--set`` refuse a value with the same message. A boolean field's flag sets ``const`` (``True``:
+    ``--rotations``; ``False``: ``--no-progress``). ``help`` defaults to the domain's description."""
+
+    field: str
+    help: str = ""
+    name: str = ""
+    const: bool = True
+
+    @property
+    def flag(self) -> str:
+        return self.name or "--" + self.field.replace("_", "-")
+
+
+#: ``nsl train``'s flags (every other TrainConfig field: ``--set FIELD=VALUE``)
+TRAIN_FLAGS = (
+    FieldFlag("dataset", "cifar10, cifar100, mnist, fashion-mnist, digits, imagefolder"),
+    FieldFlag("data_dir", "folder holding the dataset's files"),
+    FieldFlag("model", "the model (default cnn9): {choices}"),
+    FieldFlag("layer", "the layer kind (default conv): {choices}"),
+    FieldFlag("out", "run directory"),
+    FieldFlag("batch_size"),
+    FieldFlag("seed"),
+    FieldFlag("device"),
+    FieldFlag("train_subset", "train on N images of a fixed seeded subset", name="--subset"),
+    FieldFlag("test_subset", "evaluate on the first N test images"),
+    FieldFlag("lr"),
+    FieldFlag("warmup_iters", "linear lr warm-up (not in the paper)"),
+    FieldFlag("bn_momentum", "BN running-stat momentum (paper 0.001)"),
+    FieldFlag("bn_recalibrate", "recompute BN statistics on N training batches before each evaluation (not in the "
+                                "paper)"),
+    FieldFlag("amp"),
+    FieldFlag("channels_last", "channels-last memory format"),
+    FieldFlag("eval_every", "steps between test evaluations (0: at the end)"),
+    FieldFlag("stop_at", "stop after N steps as if interrupted"),
+    FieldFlag("progress", "hide the progress bar", name="--no-progress", const=False),
+)
+#: ``nsl train``'s run-length flags, one or the other
+TRAIN_LENGTH_FLAGS = (FieldFlag("iters", "optimizer steps"), FieldFlag("epochs", "epochs (converted to steps)"))
+
+#: ``nsl fewshot train``'s flags (every other FewShotConfig field: ``--set FIELD=VALUE``)
+FEWSHOT_TRAIN_FLAGS = (
+    FieldFlag("dataset", "the few-shot dataset (default cifar-fs): {choices}"),
+    FieldFlag("data_dir", "folder holding the dataset's files"),
+    FieldFlag("backbone", "the backbone (default conv4): {choices}"),
+    FieldFlag("layer", "the layer kind (default conv): {choices}"),
+    FieldFlag("head", "the episode head (default protonet): {choices}"),
+    FieldFlag("ways", "classes per validation episode (default 5)"),
+    FieldFlag("shots", "support images per class (default 1)"),
+    FieldFlag("queries", "query images per class (default 15)"),
+    FieldFlag("train_ways", "classes per training episode (default: --ways)"),
+    FieldFlag("train_shots", "default: --shots"),
+    FieldFlag("episodes", "training episodes (default 20000)"),
+    FieldFlag("lr", "Adam learning rate (default 1e-3)"),
+    FieldFlag("lr_step", "halve the lr every N episodes (2000)"),
+    FieldFlag("val_every", "episodes between validations (default 500)"),
+    FieldFlag("val_episodes", "val episodes (default 200)"),
+    FieldFlag("seed"),
+    FieldFlag("device"),
+    FieldFlag("out", "run directory"),
+    FieldFlag("rotations", "Omniglot: rotated characters as classes"),
+    FieldFlag("progress", "hide the progress bar", name="--no-progress", const=False),
+)
+
+
+def add_field_flags(parser, config_cls, flags) -> None:
+    """Add ``flags`` (:class:`FieldFlag`) of ``config_cls``'s fields to ``parser`` (a parser or a group): each
+    stores into ``args.FIELD`` (None when not given), typed by the field's domain."""
+    for f in flags:
+        domain = config_cls.DOMAINS[f.field]
+        text = (f.help or domain.describe()).replace("%", "%%")
+        if "{choices}" in text:
+            text = text.format(choices=", ".join(map(str, domain._choices())))
+        if domain.kind == "bool":
+            parser.add_argument(f.flag, dest=f.field, action="store_const", const=f.const, help=text)
+        else:
+            parser.add_argument(f.flag, dest=f.field, type=_ARG_TYPES.get(domain.kind, str), help=text,
+                                metavar=f.flag[2:].upper().replace("-", "_"))
+
+
+def given_fields(args: argparse.Namespace, flags) -> dict:
+    """The fields whose flags were given: ``{field: value}``."""
+    return {f.field: getattr(args, f.field) for f in flags if getattr(args, f.field) is not None}
+
+
+#: The command-line flag of each configuration field (or training argument) that has one, derived from the
+#: commands' flag tables; an error that names a field (:class:`nsl.train.ConfigError` ``fields``) names it by
+#: this flag on the command line, and a field without a flag by ``--set FIELD=...``.
+FIELD_FLAGS = {f.field: f.flag for f in (*TRAIN_FLAGS, *TRAIN_LENGTH_FLAGS, *FEWSHOT_TRAIN_FLAGS)} | {
+    "resume": "--resume", "protocol": "--protocol", "checkpoint": "--checkpoint"}
 
 
 def flag_of(field: str) -> str:

@@ -8,8 +8,18 @@ import os
 import sys
 from dataclasses import fields
 
+from ._cli_utils import (
+    TRAIN_FLAGS,
+    TRAIN_LENGTH_FLAGS,
+    add_field_flags,
+    given_fields,
+    message_of,
+    one_line,
+    positive_int,
+    run_training,
+    with_download,
+)
 from ._cli_utils import error as _cli_error
-from ._cli_utils import message_of, one_line, positive_int, run_training, with_download
 
 __all__ = ["main"]
 
@@ -27,15 +37,6 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 # -- nsl train / nsl eval ------------------------------------------------------------------------
-# explicit flags mapped to TrainConfig fields (None = not given on the command line)
-_TRAIN_FLAGS = {"dataset": "dataset", "data_dir": "data_dir", "model": "model", "layer": "layer", "out": "out",
-                "iters": "iters", "epochs": "epochs", "batch_size": "batch_size", "seed": "seed",
-                "device": "device", "subset": "train_subset", "test_subset": "test_subset", "lr": "lr",
-                "warmup_iters": "warmup_iters", "bn_momentum": "bn_momentum", "bn_recalibrate": "bn_recalibrate",
-                "amp": "amp", "channels_last": "channels_last", "eval_every": "eval_every", "progress": "progress",
-                "stop_at": "stop_at"}
-
-
 def _error(command: str, message: str, code: int = 2) -> int:
     return _cli_error(command, message, code)
 
@@ -179,7 +180,7 @@ def _train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, apply_overrides, make_config
     from .train import train as run_train
 
-    given = {field: getattr(args, flag) for flag, field in _TRAIN_FLAGS.items() if getattr(args, flag) is not None}
+    given = given_fields(args, (*TRAIN_FLAGS, *TRAIN_LENGTH_FLAGS))
     if args.epochs is not None and args.iters is None:
         given["iters"] = None  # --epochs replaces the protocol's iteration count
     # an earlier --stop-at does not carry over to the continuation
@@ -216,39 +217,18 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _add_train_parser(sub) -> None:
-    from .models import LAYER_KINDS, MODELS
-    from .train import PROTOCOLS
+    from .train import PROTOCOLS, TrainConfig
 
     p = sub.add_parser("train", help="train a model (CNN-9, ResNets) with any NSL layer kind",
                        description="Train a model with the paper's or a fast protocol. Writes RUN_DIR/config.json, "
                                    "RUN_DIR/metrics.jsonl and RUN_DIR/checkpoints/{last,best}.pt. Any config field "
                                    "can be set with --set key=value (see nsl.train.TrainConfig).")
-    p.add_argument("--dataset", help="cifar10, cifar100, mnist, fashion-mnist, digits, imagefolder")
-    p.add_argument("--data-dir", dest="data_dir", help="folder holding the dataset's files")
-    p.add_argument("--model", help=f"one of {', '.join(MODELS)} (default cnn9)")
-    p.add_argument("--layer", help=f"one of {', '.join(LAYER_KINDS)} (default conv)")
+    add_field_flags(p, TrainConfig, TRAIN_FLAGS[:4])
     p.add_argument("--protocol", default="paper", choices=list(PROTOCOLS), help="config defaults (default paper)")
-    p.add_argument("--out", help="run directory")
-    length = p.add_mutually_exclusive_group()
-    length.add_argument("--iters", type=positive_int, help="optimizer steps")
-    length.add_argument("--epochs", type=float, help="epochs (converted to steps)")
-    p.add_argument("--batch-size", dest="batch_size", type=positive_int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", help="cpu, cuda or auto")
-    p.add_argument("--subset", type=positive_int, help="train on N images of a fixed seeded subset")
-    p.add_argument("--test-subset", dest="test_subset", type=positive_int, help="evaluate on the first N test images")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--warmup-iters", dest="warmup_iters", type=int, help="linear lr warm-up (not in the paper)")
-    p.add_argument("--bn-momentum", dest="bn_momentum", type=float, help="BN running-stat momentum (paper 0.001)")
-    p.add_argument("--bn-recalibrate", dest="bn_recalibrate", type=int,
-                   help="recompute BN statistics on N training batches before each evaluation (not in the paper)")
-    p.add_argument("--amp", choices=["none", "bf16", "fp16", "auto"])
-    p.add_argument("--channels-last", dest="channels_last", action="store_const", const=True)
-    p.add_argument("--eval-every", dest="eval_every", type=int, help="steps between test evaluations (0: at the end)")
-    p.add_argument("--stop-at", dest="stop_at", type=int, help="stop after N steps as if interrupted")
+    add_field_flags(p, TrainConfig, TRAIN_FLAGS[4:])
+    add_field_flags(p.add_mutually_exclusive_group(), TrainConfig, TRAIN_LENGTH_FLAGS)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config field (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.pt")
-    p.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="hide the progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON at the end")
     p.add_argument("--download", action="store_true", help="download the dataset into --data-dir first if it is "
                    "not there (as nsl download NAME DIR)")
@@ -307,8 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    words = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")][:2]
-    command = " ".join(words[:2] if words[:1] == ["fewshot"] else words[:1]) or "nsl"
+    command = " ".join(c for c in (args.command, getattr(args, "fewshot_command", None)) if c)
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -5,16 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 
+from .._cli_utils import (
+    FEWSHOT_TRAIN_FLAGS,
+    add_field_flags,
+    given_fields,
+    message_of,
+    positive_int,
+    run_training,
+    with_download,
+)
 from .._cli_utils import error as _cli_error
-from .._cli_utils import message_of, positive_int, run_training, with_download
 
 __all__ = ["add_parser"]
-
-# explicit flags mapped to FewShotConfig fields (None = not given on the command line)
-_TRAIN_FLAGS = ("dataset", "data_dir", "backbone", "layer", "head", "ways", "shots", "queries", "train_ways",
-                "train_shots", "episodes", "lr", "lr_step", "val_every", "val_episodes", "seed", "device", "out",
-                "rotations", "progress")
-
 
 def _error(command: str, message: str, code: int = 2) -> int:
     return _cli_error(f"fewshot {command}", message, code)
@@ -23,7 +25,7 @@ def _error(command: str, message: str, code: int = 2) -> int:
 def _train(args: argparse.Namespace) -> int:
     from .train import FewShotConfig, apply_fewshot_overrides, train_fewshot
 
-    given = {k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k) is not None}
+    given = given_fields(args, FEWSHOT_TRAIN_FLAGS)
     return run_training("fewshot train", args, given, FewShotConfig,
                         lambda: FewShotConfig.from_dict({**FewShotConfig().to_dict(), **given}),
                         apply_fewshot_overrides, with_download(train_fewshot) if args.download else train_fewshot,
@@ -78,10 +80,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def add_parser(sub) -> argparse.ArgumentParser:
     """Add the ``fewshot`` command group (``train``, ``eval``) to ``nsl``'s subparsers ``sub``."""
-    from ..models import LAYER_KINDS
-    from .data import FEWSHOT_DATASETS
-    from .models import BACKBONES
-    from .train import FEWSHOT_HEADS
+    from .train import FewShotConfig
 
     fs = sub.add_parser("fewshot", help="few-shot learning: episodic training (ProtoNet, NSL) and evaluation",
                         description="Episodic few-shot training and evaluation with confidence intervals.")
@@ -93,30 +92,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                     "RUN_DIR/metrics.jsonl and RUN_DIR/checkpoints/{last,best}.pt (best = highest "
                                     "accuracy on fixed val episodes). Any config field can be set with --set "
                                     "key=value (see nsl.fewshot.FewShotConfig).")
-    p.add_argument("--dataset", help=f"one of {', '.join(FEWSHOT_DATASETS)} (default cifar-fs)")
-    p.add_argument("--data-dir", dest="data_dir", help="folder holding the dataset's files")
-    p.add_argument("--backbone", help=f"one of {', '.join(BACKBONES)} (default conv4)")
-    p.add_argument("--layer", help=f"one of {', '.join(LAYER_KINDS)} (default conv)")
-    p.add_argument("--head", help=f"one of {', '.join(FEWSHOT_HEADS)} (default protonet)")
-    p.add_argument("--ways", type=positive_int, help="classes per validation episode (default 5)")
-    p.add_argument("--shots", type=positive_int, help="support images per class (default 1)")
-    p.add_argument("--queries", type=positive_int, help="query images per class (default 15)")
-    p.add_argument("--train-ways", dest="train_ways", type=positive_int, help="classes per training episode "
-                   "(default: --ways)")
-    p.add_argument("--train-shots", dest="train_shots", type=positive_int, help="default: --shots")
-    p.add_argument("--episodes", type=positive_int, help="training episodes (default 20000)")
-    p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
-    p.add_argument("--lr-step", dest="lr_step", type=positive_int, help="halve the lr every N episodes (2000)")
-    p.add_argument("--val-every", dest="val_every", type=int, help="episodes between validations (default 500)")
-    p.add_argument("--val-episodes", dest="val_episodes", type=positive_int, help="val episodes (default 200)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", help="cpu, cuda or auto")
-    p.add_argument("--out", help="run directory")
-    p.add_argument("--rotations", action="store_const", const=True, help="Omniglot: rotated characters as classes")
+    add_field_flags(p, FewShotConfig, FEWSHOT_TRAIN_FLAGS)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config field (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.pt "
                    "(a larger --episodes extends it)")
-    p.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="hide the progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON at the end")
     p.add_argument("--download", action="store_true", help="download the dataset into --data-dir first if it is "
                    "not there (CIFAR-FS and FC100: CIFAR-100; as nsl download NAME DIR)")
