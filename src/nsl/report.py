@@ -452,23 +452,9 @@ def _variant_labels(runs: list[RunRecord], groups: list[list[int]]) -> list[str]
     return labels
 
 
-def write_report(run_dirs: list[str | Path], out: str | Path, baseline: str | None = None) -> dict:
-    """Write ``out/report.md`` and ``out/curves.png`` for ``run_dirs`` (``out/accuracy.png`` for more than
-    one variant or seed, ``out/shape_curve.png`` when runs learned kernel shapes); returns their paths
-    and rows.
-
-    ``baseline``: ``"KEY=VALUE[,...]"`` selecting one variant (e.g. ``"layer=conv"``): every other
-    variant is compared with it seed by seed (:func:`paired_differences`)."""
-    selector = parse_baseline(baseline) if baseline is not None else None
-    runs = [load_run(p) for p in run_dirs]
-    names = [r.name for r in runs]
-    if len(set(names)) != len(names):  # two runs called "seed0" in different folders
-        for r in runs:
-            r.name = f"{r.path.parent.name}/{r.path.name}"
-    out = Path(out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise RunError(f"--out {out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
+def report_rows(runs: list[RunRecord]) -> list[dict]:
+    """One table row per run: its settings, parameters and MACs (built from its config; a model that cannot be
+    built is warned about and gets no MACs), accuracies, wall time, iterations and s / step."""
     rows = []
     for r in runs:
         built = None
@@ -489,8 +475,24 @@ def write_report(run_dirs: list[str | Path], out: str | Path, baseline: str | No
                          dataset=r.config.get("dataset"), seed=r.config.get("seed"), params=params, macs=macs,
                          final_acc=r.final_acc, best_acc=r.best_acc, seconds=r.wall_time, iters=r.iterations,
                          s_per_step=_per_step(r.wall_time, r.iterations), active=r.final_active))
+    return rows
+
+
+def _figures(runs: list[RunRecord], groups: list[list[int]], labels: dict, seed_groups: list, out: Path) -> dict:
+    """The report's figures in ``out``: ``{"curves": path, "accuracy": path or None, "shape_curve": path or None}``."""
+    accuracy = None
+    if len(groups) > 1 or seed_groups:
+        accuracy = plot_accuracy_by_variant(runs, groups, _short_labels(runs, groups, [labels[id(g)] for g in groups]),
+                                            out / "accuracy.png")
+    return {"curves": plot_curves(runs, out / "curves.png"), "accuracy": accuracy,
+            "shape_curve": plot_shape_curve(runs, out / "shape_curve.png")}
+
+
+def _markdown(rows: list[dict], seed_groups: list[list[int]], labels: dict, paired: list[dict],
+              selector: dict | None, figures: dict) -> str:
+    """``report.md``: the run table, the seed-spread table, the paired table and the figures."""
     lines = ["# Training report", "",
-             f"{len(runs)} run(s). Accuracies are on the run's test set (`test_subset` in its config.json if "
+             f"{len(rows)} run(s). Accuracies are on the run's test set (`test_subset` in its config.json if "
              "set). MACs: multiply-adds per image for one forward pass, counted with forward hooks on every "
              "convolution and linear layer (static NSL: as its folded convolution; dynamic NSL: the "
              "convolution, plus the predictor's convolutions (SphereConv: with its patch norm, C_in x k x k "
@@ -508,12 +510,6 @@ def write_report(run_dirs: list[str | Path], out: str | Path, baseline: str | No
                      f"{_pct(row['final_acc'])} | "
                      f"{_pct(row['best_acc'])} | {_secs(row['seconds'])} | {row['iters']} | "
                      f"{'n/a' if row['s_per_step'] is None else format(row['s_per_step'], '.3f')} |")
-    groups: dict[str, list[int]] = {}
-    for i, r in enumerate(runs):
-        groups.setdefault(r.variant_key(), []).append(i)
-    all_groups = list(groups.values())
-    labels = dict(zip(map(id, all_groups), _variant_labels(runs, all_groups)))
-    seed_groups = [g for g in all_groups if len(g) > 1]
     if seed_groups:
         lines += ["", "## Runs that differ only by seed", "",
                   "Mean +- half-width of the 95% confidence interval of the mean (Student t, n - 1 degrees of "
@@ -534,9 +530,7 @@ def write_report(run_dirs: list[str | Path], out: str | Path, baseline: str | No
                          f"{', '.join(str(rows[i]['seed']) for i in g)} | {', '.join(rows[i]['run'] for i in g)} | "
                          f"{stat('final_acc')} | {stat('best_acc')} | {stat('seconds', 1.0, ' s')} | "
                          f"{stat('s_per_step', 1.0, '')} |")
-    paired = []
     if selector is not None:
-        paired = paired_differences(runs, all_groups, selector)
         shown = ", ".join(f"{k}={v}" for k, v in selector.items())
         lines += ["", f"## Paired by seed against the baseline ({shown})", "",
                   "Final test accuracy minus the baseline's final test accuracy for the same seed (same data "
@@ -550,30 +544,52 @@ def write_report(run_dirs: list[str | Path], out: str | Path, baseline: str | No
             lines.append(f"| {labels[id(p['group'])]} | {', '.join(map(str, p['seeds']))} | "
                          f"{', '.join(f'{100 * d:+.2f}' for d in p['diffs'])} | {100 * p['mean']:+.2f} +- {ci} | "
                          f"{p['wins']} of {len(p['diffs'])} |")
-    curves = plot_curves(runs, out / "curves.png")
-    lines += ["", "## Learning curves", "", f"![training loss and test accuracy against the step]({curves.name})",
-              ""]
-    accuracy_png = None
-    if len(all_groups) > 1 or seed_groups:
-        accuracy_png = plot_accuracy_by_variant(
-            runs, all_groups, _short_labels(runs, all_groups, [labels[id(g)] for g in all_groups]),
-            out / "accuracy.png")
-    if accuracy_png is not None:
+    lines += ["", "## Learning curves", "",
+              f"![training loss and test accuracy against the step]({figures['curves'].name})", ""]
+    if figures["accuracy"] is not None:
         lines += ["## Final test accuracy per variant", "",
-                  f"![final test accuracy per variant, every seed a point]({accuracy_png.name})", ""]
-    shape_png = plot_shape_curve(runs, out / "shape_curve.png")
-    if shape_png is not None:
+                  f"![final test accuracy per variant, every seed a point]({figures['accuracy'].name})", ""]
+    if figures["shape_curve"] is not None:
         lines += ["## Kernel shape", "", f"![accuracy against the fraction of active kernel positions]"
-                  f"({shape_png.name})", ""]
+                  f"({figures['shape_curve'].name})", ""]
+    return "\n".join(lines)
+
+
+def write_report(run_dirs: list[str | Path], out: str | Path, baseline: str | None = None) -> dict:
+    """Write ``out/report.md`` and ``out/curves.png`` for ``run_dirs`` (``out/accuracy.png`` for more than
+    one variant or seed, ``out/shape_curve.png`` when runs learned kernel shapes); returns their paths
+    and rows.
+
+    ``baseline``: ``"KEY=VALUE[,...]"`` selecting one variant (e.g. ``"layer=conv"``): every other
+    variant is compared with it seed by seed (:func:`paired_differences`)."""
+    from .train.rundir import write_atomically
+
+    selector = parse_baseline(baseline) if baseline is not None else None
+    runs = [load_run(p) for p in run_dirs]
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):  # two runs called "seed0" in different folders
+        for r in runs:
+            r.name = f"{r.path.parent.name}/{r.path.name}"
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    rows = report_rows(runs)
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(runs):
+        groups.setdefault(r.variant_key(), []).append(i)
+    all_groups = list(groups.values())
+    labels = dict(zip(map(id, all_groups), _variant_labels(runs, all_groups)))
+    seed_groups = [g for g in all_groups if len(g) > 1]
+    paired = paired_differences(runs, all_groups, selector) if selector is not None else []
+    figures = _figures(runs, all_groups, labels, seed_groups, out)
     md = out / "report.md"
-    tmp = md.with_name(md.name + ".tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(md)
-    return {"report": str(md), "curves": str(curves), "rows": rows, "seed_groups": len(seed_groups),
+    text = _markdown(rows, seed_groups, labels, paired, selector, figures)
+    write_atomically(md, lambda f: f.write(text))
+    return {"report": str(md), "curves": str(figures["curves"]), "rows": rows, "seed_groups": len(seed_groups),
             "paired": [{k: v for k, v in p.items() if k != "group"} | {"variant": labels[id(p["group"])]}
                        for p in paired],
-            **({"accuracy": str(accuracy_png)} if accuracy_png is not None else {}),
-            **({"shape_curve": str(shape_png)} if shape_png is not None else {})}
+            **{k: str(figures[k]) for k in ("accuracy", "shape_curve") if figures[k] is not None}}
 
 
 # -- command line --------------------------------------------------------------------------------
