@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import functools
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,28 @@ def data_root() -> Path:
                        stdout=subprocess.DEVNULL)
         stamp.write_text("ok\n")
     return cache
+
+
+@functools.cache
+def _cifar(root: str, name: str, split: str, label: str = "fine", layout: str = "auto"):
+    from nsl.data import load_cifar
+
+    return load_cifar(root, name, split, label=label, layout=layout)
+
+
+@pytest.fixture(scope="module")
+def cifar(data_root):
+    """``cifar(name, split, label='fine', layout='auto')``: cached loads from the shared cache."""
+    return lambda *a, **k: _cifar(str(data_root), *a, **k)
+
+
+@pytest.fixture(scope="module")
+def digits28():
+    """Real handwritten digits upscaled to MNIST's 28 x 28, 10 classes (scikit-learn's)."""
+    from nsl.data import load_digits
+
+    x, y = load_digits("all", size=28)
+    return x, y
 
 
 @pytest.fixture(autouse=True)
