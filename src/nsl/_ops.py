@@ -51,6 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._torch_kernels import _unfold_backward, _unfold_forward
+
 __all__ = ["dynamic_ns_conv2d", "dynamic_ns_conv2d_backward", "triton_dynamic_ns_conv2d", "cpu_kernel",
            "cuda_kernel"]
 
@@ -94,16 +96,12 @@ def cuda_kernel(device: torch.device, dtype: torch.dtype) -> str:
 # the PyTorch math (unfold formulation), used where no fused kernel applies
 # --------------------------------------------------------------------------------------------
 def _torch_forward(x, weight, sim, stride, padding, dilation, groups) -> Tensor:
-    from .functional import _unfold_forward
-
     kh, kw, oh, ow = _geometry(x, weight, stride, padding, dilation)
     xpad = F.pad(x, (padding[1], padding[1], padding[0], padding[0])) if any(padding) else x
     return _unfold_forward(xpad, weight, sim, groups, (kh, kw, tuple(stride), tuple(dilation), (oh, ow)))
 
 
 def _torch_backward(grad, x, weight, sim, stride, padding, dilation, groups, needs):
-    from .functional import _unfold_backward
-
     kh, kw, oh, ow = _geometry(x, weight, stride, padding, dilation)
     ph, pw = padding
     xpad = F.pad(x, (pw, pw, ph, ph)) if any(padding) else x
