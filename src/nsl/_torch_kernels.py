@@ -52,6 +52,32 @@ def _reference(xpad: Tensor, weight: Tensor, sim: Tensor, groups: int, geometry)
     return out.reshape(n, out_c, oh, ow)
 
 
+def linear_vjp(fn, grad: Tensor, inputs, needs) -> list[Tensor | None]:
+    """Differentiable vector-Jacobian product of ``out = fn(a, b, c, ...)``, linear in each input separately.
+
+    For every input ``k`` with ``needs[k]``: ``d<grad, fn(...)>/d input_k``, computed by autograd
+    through ``fn`` with input ``k`` replaced by a zero leaf (the derivative of a function linear in
+    that input does not depend on its value) and ``create_graph=True``, so the result carries a graph
+    to ``grad`` and the other inputs: derivatives of any order. ``None`` where ``needs[k]`` is False.
+
+    The double-backward path of the pure-PyTorch autograd Functions (:class:`_UnfoldFn`,
+    :class:`_ZTrickFn`, ``nsl._ops._TritonFn``): when their backward runs with grad mode on
+    (``create_graph=True``) they call this with ``fn`` = :func:`_reference` (exact, plain autograd)
+    instead of their memory-lean, non-differentiable backward.
+    """
+    grads: list[Tensor | None] = []
+    for k, need in enumerate(needs):
+        if not need:
+            grads.append(None)
+            continue
+        args = list(inputs)
+        args[k] = torch.zeros_like(inputs[k]).requires_grad_()
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(fn(*args), args[k], grad, create_graph=True)
+        grads.append(g)
+    return grads
+
+
 def _chunks(n: int, per_sample: int) -> list[slice]:
     step = max(1, min(n, _CHUNK_ELEMENTS // max(1, per_sample)))
     return [slice(s, min(n, s + step)) for s in range(0, n, step)]
@@ -107,8 +133,15 @@ def _unfold_backward(grad: Tensor, xpad: Tensor, weight: Tensor, sim: Tensor, gr
     return dx, (dw.reshape(weight.shape) if need_w else None), dm
 
 
+def _reference_vjp(grad, xpad, weight, sim, groups, geometry, needs) -> list[Tensor | None]:
+    """``(dxpad, dweight, dsim)`` of :func:`_reference` for ``grad`` with a graph (derivatives of any order)."""
+    return linear_vjp(lambda a, b, c: _reference(a, b, c, groups, geometry), grad, (xpad, weight, sim), needs)
+
+
 class _UnfoldFn(torch.autograd.Function):
-    """Columns per chunk of samples; saves only (x, w, M) and rebuilds columns in backward."""
+    """Columns per chunk of samples; saves only (x, w, M) and rebuilds columns in backward.
+
+    Double backward: under ``create_graph=True`` the backward is :func:`_reference_vjp` (differentiable)."""
 
     @staticmethod
     def forward(ctx, xpad, weight, sim, groups, geometry):
@@ -119,6 +152,9 @@ class _UnfoldFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         xpad, weight, sim = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the differentiable path (see linear_vjp)
+            return (*_reference_vjp(grad, xpad, weight, sim, ctx.groups, ctx.geometry, ctx.needs_input_grad[:3]),
+                    None, None)
         dx, dw, dm = _unfold_backward(grad, xpad, weight, sim, ctx.groups, ctx.geometry, ctx.needs_input_grad[:3])
         return dx, dw, dm, None, None
 
@@ -136,7 +172,8 @@ def _chunk_columns(xpad, sim, groups, geometry):
 class _ZTrickFn(torch.autograd.Function):
     """``z_p = w_p^T x`` as one 1x1 convolution, then shifted sums mixed by ``M(y)``.
 
-    Saves only (x, w, M); ``z`` is recomputed in backward.
+    Saves only (x, w, M); ``z`` is recomputed in backward. Double backward: under
+    ``create_graph=True`` the backward is :func:`_reference_vjp` (differentiable).
     """
 
     @staticmethod
@@ -169,6 +206,8 @@ class _ZTrickFn(torch.autograd.Function):
     def backward(ctx, grad):
         xpad, weight, sim = ctx.saved_tensors
         groups, geometry = ctx.groups, ctx.geometry
+        if torch.is_grad_enabled():  # create_graph=True: the differentiable path (see linear_vjp)
+            return (*_reference_vjp(grad, xpad, weight, sim, groups, geometry, ctx.needs_input_grad[:3]), None, None)
         need_x, need_w, need_m = ctx.needs_input_grad[:3]
         n, c = xpad.shape[:2]
         out_c, cg, kh, kw = weight.shape

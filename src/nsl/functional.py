@@ -41,6 +41,12 @@ export get ``reference``, so an exported model is the reference formula in stand
 of shifted views, einsum/matmul). Select with :func:`set_backend` or the :func:`use_backend`
 context manager.
 
+Gradients of any order on every backend (``create_graph=True``: MAML, gradient penalties,
+Hessian-vector products): the operator's backward is itself a differentiable operator (see
+:mod:`nsl._ops`); the ``unfold`` and ``ztrick`` autograd Functions (and the Triton glue on CPU
+tensors) keep their memory-lean backward for first-order gradients and, when a graph of the gradient
+is asked for, compute it by the exact ``reference`` formula instead (``nsl._torch_kernels.linear_vjp``).
+
 Non-finite similarity: a zero-padded input entry is a real zero that ``M`` multiplies, so a NaN or
 inf in ``M`` where the padding is read makes that output NaN (IEEE ``0 * NaN``), on every backend,
 as ``F.conv2d`` does with a non-finite weight.
