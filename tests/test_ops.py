@@ -145,15 +145,6 @@ def test_autocast_runs_in_the_autocast_dtype():
     assert x.grad.dtype == torch.float32 and sim.grad.shape == sim.shape
 
 
-def test_no_double_backward():
-    """First order only: differentiating the gradient raises instead of returning a wrong value."""
-    _need_cpp()
-    (x, weight, sim), geo = _inputs(GEOMETRIES[0], "diagonal", torch.float64, requires_grad=True)
-    (dx,) = torch.autograd.grad(OP(x, weight, sim, *geo).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError):
-        torch.autograd.grad(dx.sum(), (x, weight, sim))
-
-
 def test_meta_shapes_and_bad_sim():
     x = torch.empty(2, 4, 9, 8, device="meta")
     w = torch.empty(6, 2, 3, 5, device="meta")

@@ -33,8 +33,10 @@ What runs where:
 * Fake/meta tensors (``torch.compile``, ``torch.export``, shape propagation): shape-only kernels.
 
 Autograd: ``register_autograd`` saves only ``x``, ``weight`` and ``sim`` and calls the backward
-operator; first order only: the backward operator has no derivative of its own, so double
-backward through it raises.
+operator. The backward operator has its own ``register_autograd`` (the op is linear in each of
+x, weight, sim, so the derivatives of its backward are calls of the two operators; see
+``_backward_backward``): derivatives of any order (MAML, gradient penalties, Hessian-vector
+products) on every device and kernel.
 
 Autocast (``torch.autocast`` on CUDA or CPU): floating inputs other than float64 are cast to the
 autocast dtype and the operator runs in it, so the output has the autocast dtype (unlike
@@ -50,6 +52,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ._torch_kernels import _reference, _unfold_backward, _unfold_forward, linear_vjp
 
 __all__ = ["dynamic_ns_conv2d", "dynamic_ns_conv2d_backward", "triton_dynamic_ns_conv2d", "cpu_kernel",
            "cuda_kernel"]
@@ -94,16 +98,19 @@ def cuda_kernel(device: torch.device, dtype: torch.dtype) -> str:
 # the PyTorch math (unfold formulation), used where no fused kernel applies
 # --------------------------------------------------------------------------------------------
 def _torch_forward(x, weight, sim, stride, padding, dilation, groups) -> Tensor:
-    from .functional import _unfold_forward
-
     kh, kw, oh, ow = _geometry(x, weight, stride, padding, dilation)
     xpad = F.pad(x, (padding[1], padding[1], padding[0], padding[0])) if any(padding) else x
     return _unfold_forward(xpad, weight, sim, groups, (kh, kw, tuple(stride), tuple(dilation), (oh, ow)))
 
 
-def _torch_backward(grad, x, weight, sim, stride, padding, dilation, groups, needs):
-    from .functional import _unfold_backward
+def _torch_reference(x, weight, sim, stride, padding, dilation, groups) -> Tensor:
+    """The operator by the explicit ``reference`` formula (plain autograd, differentiable to any order)."""
+    kh, kw, oh, ow = _geometry(x, weight, stride, padding, dilation)
+    xpad = F.pad(x, (padding[1], padding[1], padding[0], padding[0])) if any(padding) else x
+    return _reference(xpad, weight, sim, groups, (kh, kw, tuple(stride), tuple(dilation), (oh, ow)))
 
+
+def _torch_backward(grad, x, weight, sim, stride, padding, dilation, groups, needs):
     kh, kw, oh, ow = _geometry(x, weight, stride, padding, dilation)
     ph, pw = padding
     xpad = F.pad(x, (pw, pw, ph, ph)) if any(padding) else x
@@ -248,6 +255,58 @@ def _backward(ctx, grad_out):
 dynamic_ns_conv2d.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _setup_context_backward(ctx, inputs, output):
+    grad_out, x, weight, sim, stride, padding, dilation, groups, need_dx, need_dweight, need_dsim = inputs
+    ctx.save_for_backward(grad_out, x, weight, sim)
+    ctx.geometry = (list(stride), list(padding), list(dilation), groups)
+    ctx.computed = (need_dx, need_dweight, need_dsim)
+
+
+def _backward_backward(ctx, u_x, u_w, u_s):
+    """Derivatives of :func:`dynamic_ns_conv2d_backward`, by the operators themselves (any order).
+
+    ``out = f(x, W, M)`` is linear in each of x, W, M separately, and the backward returns the
+    adjoints of ``<g, f(x, W, M)>``; so for cotangents ``(u_x, u_W, u_M)`` of ``(dx, dW, dM)``::
+
+        <u_x, dx> + <u_W, dW> + <u_M, dM> = <g, f(u_x, W, M) + f(x, u_W, M) + f(x, W, u_M)>
+
+    whence ``d/dg = f(u_x, W, M) + f(x, u_W, M) + f(x, W, u_M)``, ``d/dx`` = the dx-parts of the
+    backward at ``(g, ., u_W, M)`` and ``(g, ., W, u_M)``, and likewise for W and M. A gradient that
+    was not computed (empty tensor), or whose cotangent is None or empty, contributes nothing (None
+    where nothing contributes).
+    """
+    g, x, weight, sim = ctx.saved_tensors
+    geometry = ctx.geometry
+    us = [u if (done and u is not None and u.numel()) else None
+          for u, done in zip((u_x, u_w, u_s), ctx.computed)]
+    need_g, need_x, need_w, need_s = ctx.needs_input_grad[:4]
+    tensors = (x, weight, sim)
+    dg = None
+    if need_g:
+        for k, u in enumerate(us):
+            if u is not None:
+                args = list(tensors)
+                args[k] = u
+                term = torch.ops.nsl.dynamic_ns_conv2d(*args, *geometry)
+                dg = term if dg is None else dg + term
+    wanted = (need_x, need_w, need_s)
+    grads = [None, None, None]
+    for k, u in enumerate(us):  # backward at (g, tensors with tensor k replaced by u)
+        needs = [wanted[j] and j != k for j in range(3)]
+        if u is None or not any(needs):
+            continue
+        args = list(tensors)
+        args[k] = u
+        parts = torch.ops.nsl.dynamic_ns_conv2d_backward(g, *args, *geometry, *needs)
+        for j in range(3):
+            if needs[j]:
+                grads[j] = parts[j] if grads[j] is None else grads[j] + parts[j]
+    return (dg, *grads, None, None, None, None, None, None, None)
+
+
+dynamic_ns_conv2d_backward.register_autograd(_backward_backward, setup_context=_setup_context_backward)
+
+
 # ---- autocast ------------------------------------------------------------------------------
 def _register_autocast(device_type: str) -> None:
     """Under ``torch.autocast(device_type)``: cast floating inputs (not float64) to the autocast
@@ -278,7 +337,10 @@ for _device in ("cpu", "cuda"):
 # --------------------------------------------------------------------------------------------
 class _TritonFn(torch.autograd.Function):
     """Autograd glue calling :mod:`nsl._triton` directly (saves only x, weight and sim); used by the
-    ``'triton'`` backend on CPU tensors under the Triton interpreter, and equal to the operator."""
+    ``'triton'`` backend on CPU tensors under the Triton interpreter, and equal to the operator.
+
+    Double backward: under ``create_graph=True`` the backward is the differentiable PyTorch
+    reference vector-Jacobian product (:func:`nsl._torch_kernels.linear_vjp`), not the kernels."""
 
     @staticmethod
     def forward(ctx, x, weight, sim, stride, padding, dilation, groups):
@@ -289,11 +351,17 @@ class _TritonFn(torch.autograd.Function):
         return _triton.forward(x, weight, sim, stride, padding, dilation, groups)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         from . import _triton
 
         x, weight, sim = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: exact differentiable path (PyTorch reference math)
+            stride, padding, dilation, groups = ctx.geometry
+
+            def fn(a, b, c):
+                return _torch_reference(a, b, c, stride, padding, dilation, groups)
+
+            return (*linear_vjp(fn, grad_out, (x, weight, sim), ctx.needs_input_grad[:3]), None, None, None, None)
         grads = _triton.backward(grad_out.contiguous(), x, weight, sim, *ctx.geometry, *ctx.needs_input_grad[:3])
         return (*grads, None, None, None, None)
 
