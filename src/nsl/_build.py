@@ -25,6 +25,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -77,6 +78,7 @@ class KernelSpec:
         }
 
     def key(self, fingerprint: dict | None = None) -> str:
+        """The first 16 hex digits of the sha256 of the fingerprint (JSON, sorted keys)."""
         text = json.dumps(fingerprint or self.fingerprint(), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -90,6 +92,7 @@ class KernelSpec:
         return self.parent / f"{self.name}-{self.key(fingerprint)}"
 
     def lock_path(self, fingerprint: dict | None = None) -> Path:
+        """The flock file guarding this build (never deleted: deleting a lock file races with its users)."""
         return self.parent / f"{self.name}-{self.key(fingerprint)}.lock"
 
 
@@ -162,9 +165,10 @@ class flock:
             except BlockingIOError:
                 waited = time.monotonic() - start
                 if waited > self.max_wait_s:
+                    message = f"{self._holder()} held {self.path} for over {self.max_wait_s:g} s"
                     os.close(self.fd)
                     self.fd = None
-                    raise TimeoutError(f"{self._holder()} held {self.path} for over {self.max_wait_s:.0f} s") from None
+                    raise TimeoutError(message) from None
                 if not said and waited >= _QUIET_WAIT_S:
                     print(f"nsl: waiting for {self._holder()} to finish building {self.what} (lock {self.path})...",
                           file=sys.stderr, flush=True)
@@ -196,6 +200,23 @@ def _remove_leftovers(spec: KernelSpec, key: str) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
+def _stop_compilers(folder: Path) -> None:
+    """SIGTERM the processes working in ``folder`` (Linux: their /proc cwd): the compilers of an interrupted build.
+
+    ninja runs each compiler in its own process group, and ``subprocess.run`` SIGKILLs ninja on Ctrl-C,
+    so without this the compiler would go on for a minute after the interrupt."""
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return
+    for pid in pids:
+        try:
+            if os.readlink(f"/proc/{pid}/cwd").removesuffix(" (deleted)") == str(folder):
+                os.kill(pid, signal.SIGTERM)
+        except (OSError, ValueError):
+            continue
+
+
 def _build(spec: KernelSpec, fingerprint: dict, announce) -> object:
     """Compile into a private temporary folder, write the manifest, publish with one rename."""
     from torch.utils import cpp_extension
@@ -206,8 +227,12 @@ def _build(spec: KernelSpec, fingerprint: dict, announce) -> object:
     try:
         if announce:
             announce(tmp)
-        module = cpp_extension.load(name=spec.name, sources=[str(spec.source)], extra_cflags=list(spec.cflags),
-                                    extra_ldflags=list(spec.ldflags), build_directory=str(tmp), verbose=False)
+        try:
+            module = cpp_extension.load(name=spec.name, sources=[str(spec.source)], extra_cflags=list(spec.cflags),
+                                        extra_ldflags=list(spec.ldflags), build_directory=str(tmp), verbose=False)
+        except BaseException:
+            _stop_compilers(tmp)
+            raise
         so = tmp / f"{spec.name}.so"
         for p in tmp.iterdir():  # keep only the module: objects and ninja files are not needed again
             if p != so:
