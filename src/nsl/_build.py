@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["KernelSpec", "cache_root", "status", "verify", "load_or_build", "flock"]
+__all__ = ["KernelSpec", "cache_root", "status", "verify", "load_or_build", "flock", "toolchain_problem"]
 
 #: Longest wait on another live process's build before giving up (the pure-PyTorch fallback).
 MAX_WAIT_S = 900.0
@@ -187,6 +187,18 @@ class flock:
         self.fd = None
 
 
+def toolchain_problem() -> str | None:
+    """Why nothing can be compiled here (no C++ compiler ``$CXX`` / ``c++`` on PATH, no ninja), else None."""
+    from torch.utils import cpp_extension
+
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        return f"no C++ compiler ({cxx!r} is not on PATH; install one or set CXX)"
+    if not cpp_extension.is_ninja_available():
+        return "ninja is not installed (pip install ninja)"
+    return None
+
+
 def _import(name: str, path: Path):
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
@@ -271,4 +283,7 @@ def load_or_build(spec: KernelSpec, announce=None):
                 return _import(spec.name, so)
             except (ImportError, OSError):
                 pass
+        problem = toolchain_problem()
+        if problem:
+            raise RuntimeError(problem)
         return _build(spec, fingerprint, announce)

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import os
-import shutil
 import sys
 import time
 import warnings
@@ -28,34 +26,22 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
-def _toolchain_problem() -> str | None:
-    """Why the CPU kernel cannot be compiled here (no C++ compiler, no ninja), else None."""
-    from torch.utils import cpp_extension
-
-    cxx = os.environ.get("CXX", "c++")
-    if shutil.which(cxx) is None:
-        return f"no C++ compiler ({cxx!r} is not on PATH; install one or set CXX)"
-    if not cpp_extension.is_ninja_available():
-        return "ninja is not installed (pip install ninja)"
-    return None
-
-
-def doctor(build: bool = False, out=sys.stdout) -> int:
+def doctor(build: bool = False, out=None) -> int:
     """Print the report (see the module docstring) to ``out``; ``build``: compile the CPU kernel first.
 
     Returns the exit code (0 fine, 1 a problem named in the output). Never raises for a broken setup.
     """
-    from . import _cpp
+    from . import _build, _cpp
 
     def say(line: str) -> None:
-        print(line, file=out, flush=True)
+        print(line, file=out or sys.stdout, flush=True)
 
     ok = True
     say(f"python {sys.version.split()[0]} ({sys.executable})")
     say(f"torch {torch.__version__}, triton {_version('triton')}, numpy {_version('numpy')}, "
         f"ninja {_version('ninja')}")
     folder, state = _cpp.build_status()
-    toolchain = _toolchain_problem()
+    toolchain = _build.toolchain_problem()
     if build and folder is not None and not (state == "built" or toolchain):
         say(f"compiling the CPU kernel into {folder} (about a minute)...")
         start = time.monotonic()
@@ -69,7 +55,7 @@ def doctor(build: bool = False, out=sys.stdout) -> int:
             state = f"build failed: {_cpp.unavailable_reason()}"
     if folder is None:
         say(f"CPU kernel cache: none ({state})")
-        cpu = f"pure PyTorch ({state})"
+        cpu, ok = f"pure PyTorch ({state})", state.startswith("disabled")  # disabling it on purpose is fine
     else:
         hint = ""
         if state == "not built":
