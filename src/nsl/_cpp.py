@@ -1,11 +1,14 @@
 """Loader and autograd glue for the fused CPU kernel of dynamic neural similarity convolution.
 
 The C++ source (``csrc/dynamic_ns_conv.cpp``) is JIT-compiled with
-:func:`torch.utils.cpp_extension.load` on first use, once per process (thread-safe), into
-``$NSL_EXTENSIONS_DIR/<torch version>-py<X.Y>`` (default root ``~/.cache/nsl/extensions``);
-later processes reuse the build. When compiling is impossible (no compiler, no ninja) or
-``NSL_DISABLE_CPP=1`` is set, :func:`is_available` returns False and :func:`unavailable_reason`
-says why; importing this module never raises.
+:func:`torch.utils.cpp_extension.load` on first use, once per process (thread-safe), into the
+cache of :mod:`nsl._build` (``$NSL_EXTENSIONS_DIR``, default ``~/.cache/nsl/extensions``, keyed on
+the source's hash, torch/Python versions and flags; built in a temporary folder, published
+atomically, verified by size and sha256 before it is loaded, guarded by a flock that dies with
+its holder); later processes reuse the build. When compiling is impossible (no compiler, no
+ninja) or ``NSL_DISABLE_CPP=1`` is set, :func:`is_available` returns False and
+:func:`unavailable_reason` says why (with one ``RuntimeWarning`` per process unless disabled on
+purpose); importing this module never raises. :func:`build_status` reports the cache without building.
 
 Shapes (``P = kh * kw``, positions row-major ``q = i * kw + j`` with offset ``(i, j)``)::
 
@@ -29,9 +32,12 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import torch
+
+from . import _build
 
 __all__ = ["dynamic_ns_conv2d", "is_available", "unavailable_reason"]
 
@@ -44,36 +50,34 @@ _reason: str | None = None
 _tried = False
 
 
-def _build_dir() -> Path:
-    """``$NSL_EXTENSIONS_DIR`` (default ``~/.cache/nsl/extensions``) / ``<torch version>-py<X.Y>``:
-    one build per torch and Python version, since the compiled module depends on both."""
-    root = os.environ.get("NSL_EXTENSIONS_DIR") or Path.home() / ".cache" / "nsl" / "extensions"
-    version = torch.__version__.replace("+", "_")
-    return Path(root) / f"{version}-py{sys.version_info.major}.{sys.version_info.minor}"
-
-
-def _compile():
-    from torch.utils import cpp_extension
-
-    cflags = ["-O3"]
-    ldflags = []
+def _spec() -> _build.KernelSpec:
+    """The kernel's cache entry: this source, ``-O3`` (and OpenMP on Linux), under ``$NSL_EXTENSIONS_DIR``."""
+    cflags, ldflags = ["-O3"], []
     if sys.platform.startswith("linux"):  # at::parallel_for needs OpenMP to run in parallel
         cflags.append("-fopenmp")
         ldflags.append("-fopenmp")
-    build = _build_dir()
-    build.mkdir(parents=True, exist_ok=True)
-    # A build is current when ninja finds nothing to do; announce only real compilations.
-    stamp = build / f"{_EXT_NAME}.so"
-    if not stamp.exists() or stamp.stat().st_mtime < _SOURCE.stat().st_mtime:
-        print("nsl: compiling the CPU kernel (once, about a minute)...", file=sys.stderr, flush=True)
-    return cpp_extension.load(
-        name=_EXT_NAME,
-        sources=[str(_SOURCE)],
-        extra_cflags=cflags,
-        extra_ldflags=ldflags,
-        build_directory=str(build),
-        verbose=False,
-    )
+    return _build.KernelSpec(_EXT_NAME, _SOURCE, tuple(cflags), tuple(ldflags), _build.cache_root())
+
+
+def _announce(tmp: Path) -> None:
+    print(f"nsl: compiling the CPU kernel into {tmp.parent} (once, about a minute)...", file=sys.stderr, flush=True)
+
+
+def build_status() -> tuple[Path | None, str]:
+    """``(cache folder, state)`` of the kernel without building or loading it.
+
+    State: ``'built'``, ``'not built'``, ``'damaged: ...'`` (rebuilt on next use), or why it cannot be
+    used at all (``NSL_DISABLE_CPP=1``, source missing; then the folder is None).
+    """
+    if os.environ.get("NSL_DISABLE_CPP") == "1":
+        return None, "disabled by NSL_DISABLE_CPP=1"
+    if not _SOURCE.exists():
+        return None, f"kernel source not found at {_SOURCE}"
+    return _build.status(_spec())
+
+
+def _compile():
+    return _build.load_or_build(_spec(), announce=_announce)
 
 
 def _first_complaint(message: str) -> str:
@@ -103,8 +107,15 @@ def _load():
                 _module = _compile()
         except Exception as e:  # noqa: BLE001 - any build failure just disables the kernel
             _module = None
-            _reason = f"compiling the CPU kernel failed: {type(e).__name__}: {_first_complaint(str(e))}"
+            if isinstance(e, TimeoutError):
+                _reason = f"waiting for the CPU kernel's build timed out: {e}"
+            else:
+                _reason = f"compiling the CPU kernel failed: {type(e).__name__}: {_first_complaint(str(e))}"
         _tried = True
+        if _module is None and os.environ.get("NSL_DISABLE_CPP") != "1":
+            warnings.warn(f"nsl: the fused CPU kernel is unavailable ({_reason}); dynamic layers use the slower "
+                          "pure-PyTorch backend. `nsl doctor` shows why, `nsl doctor --build` retries the build "
+                          "(NSL_DISABLE_CPP=1 silences this).", RuntimeWarning, stacklevel=3)
     return _module
 
 

@@ -1,5 +1,5 @@
-"""The ``nsl`` command line: ``demo``, ``train``, ``eval``, ``download``, ``export``, ``report``, ``viz`` and
-``fewshot train|eval``."""
+"""The ``nsl`` command line: ``demo``, ``train``, ``eval``, ``download``, ``export``, ``report``, ``viz``, ``doctor``
+and ``fewshot train|eval``."""
 
 from __future__ import annotations
 
@@ -269,10 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .fewshot.cli import add_parser as _add_fewshot_parser
 
     _add_fewshot_parser(sub)
-    from . import report, viz
+    from . import doctor, report, viz
 
     report.add_parser(sub)
     viz.add_parser(sub)
+    doctor.add_parser(sub)
     return parser
 
 
