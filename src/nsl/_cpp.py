@@ -1,6 +1,6 @@
 """Loader and autograd glue for the fused CPU kernel of dynamic neural similarity convolution.
 
-The C++ source (``csrc/dynamic_ns_conv.cpp``) is JIT-compiled with
+The C++ sources (``csrc/*.cpp``, split by job, overview in ``csrc/kernel.h``) are JIT-compiled with
 :func:`torch.utils.cpp_extension.load` on first use, once per process (thread-safe), into
 ``$NSL_EXTENSIONS_DIR/<torch version>-py<X.Y>`` (default root ``~/.cache/nsl/extensions``);
 later processes reuse the build. When compiling is impossible (no compiler, no ninja) or
@@ -36,7 +36,9 @@ import torch
 __all__ = ["dynamic_ns_conv2d", "is_available", "unavailable_reason"]
 
 _EXT_NAME = "nsl_dynamic_ns_conv"
-_SOURCE = Path(__file__).resolve().parent / "csrc" / "dynamic_ns_conv.cpp"
+_CSRC = Path(__file__).resolve().parent / "csrc"
+_SOURCE = _CSRC / "dynamic_ns_conv.cpp"  # the binding; its presence marks an installed kernel
+_SOURCES = sorted(_CSRC.glob("*.cpp"))
 
 _lock = threading.Lock()
 _module = None
@@ -64,11 +66,13 @@ def _compile():
     build.mkdir(parents=True, exist_ok=True)
     # A build is current when ninja finds nothing to do; announce only real compilations.
     stamp = build / f"{_EXT_NAME}.so"
-    if not stamp.exists() or stamp.stat().st_mtime < _SOURCE.stat().st_mtime:
+    newest = max(p.stat().st_mtime for p in _CSRC.glob("*.[ch]*"))
+    if not stamp.exists() or stamp.stat().st_mtime < newest:
         print("nsl: compiling the CPU kernel (once, about a minute)...", file=sys.stderr, flush=True)
     return cpp_extension.load(
         name=_EXT_NAME,
-        sources=[str(_SOURCE)],
+        sources=[str(p) for p in _SOURCES],
+        extra_include_paths=[str(_CSRC)],
         extra_cflags=cflags,
         extra_ldflags=ldflags,
         build_directory=str(build),
