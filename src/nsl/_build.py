@@ -57,7 +57,9 @@ def _sha256(path: Path) -> str:
 
 @dataclass(frozen=True)
 class KernelSpec:
-    """One extension: module ``name`` compiled from ``source`` with ``cflags`` / ``ldflags`` under ``root``."""
+    """One extension: module ``name`` compiled from ``source`` and the C++ files beside it (every ``*.cpp``
+    compiled, every ``*.h`` on the include path; all of them in the fingerprint) with ``cflags`` /
+    ``ldflags`` under ``root``."""
 
     name: str
     source: Path
@@ -65,11 +67,17 @@ class KernelSpec:
     ldflags: tuple[str, ...] = ()
     root: Path = field(default_factory=cache_root)
 
+    def files(self) -> list[Path]:
+        """The source and the C++ sources and headers beside it (the kernel is split by job)."""
+        folder = self.source.parent
+        return sorted({self.source, *folder.glob("*.cpp"), *folder.glob("*.h")})
+
     def fingerprint(self) -> dict:
         """Everything the compiled module depends on (the manifest's identity part)."""
         return {
             "name": self.name,
-            "source_sha256": _sha256(self.source),
+            "source_sha256": hashlib.sha256("".join(f"{p.name}:{_sha256(p)}\n" for p in self.files())
+                                            .encode()).hexdigest(),
             "torch": torch.__version__,
             "python": f"{sys.version_info.major}.{sys.version_info.minor}",
             "platform": sys.platform,
@@ -240,8 +248,10 @@ def _build(spec: KernelSpec, fingerprint: dict, announce) -> object:
         if announce:
             announce(tmp)
         try:
-            module = cpp_extension.load(name=spec.name, sources=[str(spec.source)], extra_cflags=list(spec.cflags),
-                                        extra_ldflags=list(spec.ldflags), build_directory=str(tmp), verbose=False)
+            module = cpp_extension.load(name=spec.name, sources=[str(p) for p in spec.files() if p.suffix == ".cpp"],
+                                        extra_include_paths=[str(spec.source.parent)],
+                                        extra_cflags=list(spec.cflags), extra_ldflags=list(spec.ldflags),
+                                        build_directory=str(tmp), verbose=False)
         except BaseException:
             _stop_compilers(tmp)
             raise

@@ -1,6 +1,6 @@
 """Loader and autograd glue for the fused CPU kernel of dynamic neural similarity convolution.
 
-The C++ source (``csrc/dynamic_ns_conv.cpp``) is JIT-compiled with
+The C++ sources (``csrc/*.cpp``, split by job, overview in ``csrc/kernel.h``) are JIT-compiled with
 :func:`torch.utils.cpp_extension.load` on first use, once per process (thread-safe), into the
 cache of :mod:`nsl._build` (``$NSL_EXTENSIONS_DIR``, default ``~/.cache/nsl/extensions``, keyed on
 the source's hash, torch/Python versions and flags; built in a temporary folder, published

@@ -1,0 +1,169 @@
+// nsl CPU kernel: the backward pass (see kernel.h for the overview).
+#include <ATen/Parallel.h>
+
+#include "gemm.h"
+#include "kernel.h"
+#include "tiles.h"
+
+namespace nsl {
+
+namespace {
+
+// Backward for one tile of image n. gout: [N, C_out, L]; dxn: [C_in, H, W] target for this
+// image (or a per-thread buffer); dWT: [groups, K, cout_g] accumulator of dW^T; dsim: [N, ...]
+// like sim; null pointers mark gradients not needed. ws: workspace_size(g, 3) elements.
+template <typename scalar_t>
+NSL_MULTIVERSION void backward_tile(const Args<scalar_t>& a, const scalar_t* gout, int64_t n,
+                                    int64_t tile, scalar_t* dxn, scalar_t* dW, scalar_t* dsim,
+                                    scalar_t* ws, Tile& tl) {
+  const Geom& g = *a.g;
+  const int64_t t0 = tile * g.T, ld = g.T, HW = g.H * g.W;
+  tl.set(g, t0, std::min(g.T, g.L - t0));
+  const int64_t len = tl.len;
+  const scalar_t* simt = a.sim + n * a.sim_stride + t0;
+  scalar_t* dsimt = dsim ? dsim + n * a.sim_stride + t0 : nullptr;
+  scalar_t* C = ws;
+  scalar_t* Hb = ws + g.K * g.T;
+  scalar_t* X = ws + 2 * g.K * g.T;
+  scalar_t* pack = ws + 3 * g.K * g.T;
+  scalar_t* gT = pack + 2 * g.K * 16 + g.P * g.P * 16;  // [len, cout_g]
+  for (int64_t grp = 0; grp < g.groups; ++grp) {
+    const scalar_t* xg = a.x + (n * g.C_in + grp * g.cin_g) * HW;
+    const scalar_t* gg = gout + (n * g.C_out + grp * g.cout_g) * g.L + t0;
+    scalar_t* dxg = dxn ? dxn + grp * g.cin_g * HW : nullptr;
+    if (dxg || dsimt) {  // H = W_g^T g_tile: [K, len]
+      gemm_nn<scalar_t>(g.K, len, g.cout_g, a.wt + grp * g.K * g.cout_g, g.cout_g, gg, g.L, false,
+                        Hb, ld);
+    }
+    const scalar_t* Bw = C;  // the tile W was multiplied with in the forward pass
+    if (a.full) {
+      if (dsimt || dW) build_cols<scalar_t>(g, tl, xg, nullptr, ld, C);
+      if (dsimt) accumulate_dM<scalar_t>(g, dsimt, len, Hb, C, ld, pack);
+      if (dxg) {
+        mix_positions<scalar_t>(g, simt, true, len, Hb, X, ld, pack);  // sum_p M[p, q] H[c, p]
+        scatter_cols<scalar_t>(g, tl, dxg, ld, X);
+      }
+      if (dW) {
+        mix_positions<scalar_t>(g, simt, false, len, C, X, ld, pack);  // sum_q M[p, q] C[c, q]
+        Bw = X;
+      }
+    } else {
+      // One pass over the rows, each staying in L1: build C, dm += H C, C *= m (for dW),
+      // H *= m and scatter it into dx.
+      for (int64_t c = 0; c < g.cin_g; ++c) {
+        for (int64_t i = 0; i < g.kh; ++i) {
+          for (int64_t j = 0; j < g.kw; ++j) {
+            const int64_t q = i * g.kw + j;
+            scalar_t* __restrict cr = C + (c * g.P + q) * ld;
+            scalar_t* __restrict hr = Hb + (c * g.P + q) * ld;
+            const scalar_t* __restrict mq = simt + q * g.L;
+            if (g.shift_path) {
+              diag_bwd_row_shift<scalar_t>(g, tl, i, j, xg + c * HW, mq, hr,
+                                           dsimt ? dsimt + q * g.L : nullptr, dW ? cr : nullptr,
+                                           dxg ? dxg + c * HW : nullptr);
+              continue;
+            }
+            if (dsimt || dW) build_row<scalar_t>(g, tl, i, j, xg + c * HW, nullptr, cr);
+            if (dsimt) {
+              scalar_t* __restrict d = dsimt + q * g.L;
+              for (int64_t t = 0; t < len; ++t) d[t] += hr[t] * cr[t];
+            }
+            if (dW) {
+              for (int64_t t = 0; t < len; ++t) cr[t] *= mq[t];
+            }
+            if (dxg) {
+              for (int64_t t = 0; t < len; ++t) hr[t] *= mq[t];
+              scatter_row<scalar_t>(g, tl, i, j, dxg + c * HW, hr);
+            }
+          }
+        }
+      }
+    }
+    if (dW) {  // dW_g^T += Bw g_tile^T: [K, cout_g]
+      for (int64_t o = 0; o < g.cout_g; ++o)
+        for (int64_t t = 0; t < len; ++t) gT[t * g.cout_g + o] = gg[o * g.L + t];
+      gemm_nn<scalar_t>(g.K, g.cout_g, len, Bw, ld, gT, g.cout_g, true, dW + grp * g.K * g.cout_g,
+                        g.cout_g);
+    }
+  }
+}
+
+
+}  // namespace
+
+// Returns [dx, dweight, dsim]; a gradient not asked for is an undefined tensor (None).
+std::vector<at::Tensor> backward(const at::Tensor& gout_in, const at::Tensor& x,
+                                 const at::Tensor& w, const at::Tensor& sim,
+                                 std::vector<int64_t> stride, std::vector<int64_t> padding,
+                                 std::vector<int64_t> dilation, int64_t groups, bool need_dx,
+                                 bool need_dw, bool need_dsim) {
+  const Geom g = make_geom(x, w, stride, padding, dilation, groups, x.element_size());
+  bool full = false;
+  check_inputs(x, w, sim, g, full);
+  const at::Tensor gout = gout_in.contiguous();
+  TORCH_CHECK(gout.scalar_type() == x.scalar_type() && gout.device().is_cpu() &&
+                  gout.dim() == 4 && gout.size(0) == g.N && gout.size(1) == g.C_out &&
+                  gout.size(2) == g.Ho && gout.size(3) == g.Wo,
+              "grad_out must be a CPU tensor of shape [N, C_out, H_out, W_out] and x's dtype");
+  at::Tensor dx, dw, dsim;
+  if (need_dx) dx = at::zeros_like(x);
+  if (need_dsim) dsim = at::zeros_like(sim);
+  if (need_dw) dw = at::zeros_like(w);
+  if (g.N == 0 || !(need_dx || need_dw || need_dsim)) return {dx, dw, dsim};
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dynamic_ns_conv_backward", [&] {
+    // W_g^T for the H = W_g^T g GEMMs (all GEMMs here are untransposed).
+    const at::Tensor wt = w.view({g.groups, g.cout_g, g.K}).transpose(1, 2).contiguous();
+    Args<scalar_t> a{&g, full, x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
+                     wt.data_ptr<scalar_t>(), sim.data_ptr<scalar_t>(), sim.numel() / g.N};
+    const scalar_t* go = gout.data_ptr<scalar_t>();
+    scalar_t* dxp = need_dx ? dx.data_ptr<scalar_t>() : nullptr;
+    scalar_t* dsp = need_dsim ? dsim.data_ptr<scalar_t>() : nullptr;
+    const int64_t nthreads = at::get_num_threads();
+    const int64_t wsize = g.C_out * g.K, img = g.C_in * g.H * g.W;
+    // Per-thread accumulators of dW^T ([groups, K, cout_g] each), summed at the end.
+    at::Tensor dw_acc;
+    if (need_dw) dw_acc = at::zeros({nthreads, wsize}, w.options());
+    scalar_t* dwa = need_dw ? dw_acc.data_ptr<scalar_t>() : nullptr;
+
+    if (g.N >= nthreads) {
+      // Each image belongs to one thread: dx[n] is written without races.
+      at::parallel_for(0, g.N, 1, [&](int64_t begin, int64_t end) {
+        std::vector<scalar_t> ws(workspace_size(g, 3));
+        Tile tl;
+        scalar_t* dWt = dwa ? dwa + at::get_thread_num() * wsize : nullptr;
+        for (int64_t n = begin; n < end; ++n)
+          for (int64_t tile = 0; tile < g.ntiles; ++tile)
+            backward_tile<scalar_t>(a, go, n, tile, dxp ? dxp + n * img : nullptr, dWt, dsp,
+                                    ws.data(), tl);
+      });
+    } else {
+      // Fewer images than threads: split each image's tiles across threads. Tiles overlap in
+      // the input (kernel halo), so each thread scatters into its own dx buffer.
+      at::Tensor dx_acc;
+      if (need_dx) dx_acc = at::empty({nthreads, img}, x.options());
+      for (int64_t n = 0; n < g.N; ++n) {
+        if (need_dx) dx_acc.zero_();
+        scalar_t* dxa = need_dx ? dx_acc.data_ptr<scalar_t>() : nullptr;
+        at::parallel_for(0, g.ntiles, 1, [&](int64_t begin, int64_t end) {
+          std::vector<scalar_t> ws(workspace_size(g, 3));
+          Tile tl;
+          const int64_t tid = at::get_thread_num();
+          scalar_t* dWt = dwa ? dwa + tid * wsize : nullptr;
+          for (int64_t tile = begin; tile < end; ++tile)
+            backward_tile<scalar_t>(a, go, n, tile, dxa ? dxa + tid * img : nullptr, dWt, dsp,
+                                    ws.data(), tl);
+        });
+        if (need_dx) dx.select(0, n).view({-1}).copy_(dx_acc.sum(0));
+      }
+    }
+    if (need_dw) {
+      dw.view({g.groups, g.cout_g, g.K})
+          .copy_(dw_acc.sum(0).view({g.groups, g.K, g.cout_g}).transpose(1, 2));
+    }
+  });
+  return {dx, dw, dsim};
+}
+
+
+}  // namespace nsl

@@ -1,0 +1,412 @@
+// nsl CPU kernel: the element-wise work on column tiles (building, scattering, the full layout's
+// P x P products, the fused diagonal backward), the per-call arguments and the per-thread
+// workspace size; shared by forward.cpp and backward.cpp. Everything here is inlined into the
+// multiversioned per-tile functions of those files.
+#pragma once
+
+#include <cstring>
+
+#include "geometry.h"
+
+namespace nsl {
+
+// ------------------------------------------------------------------------------------------
+// Column tiles, one row (c, q = i * kw + j) at a time
+// ------------------------------------------------------------------------------------------
+
+// d[t] = (m[t] *) col[c, q](t0 + t) for t in [0, len); xc: input plane of channel c [H, W];
+// m (may be null): m[n, q, t0].
+template <typename scalar_t>
+NSL_INLINE void build_row(const Geom& g, const Tile& tl, int64_t i, int64_t j,
+                          const scalar_t* __restrict xc, const scalar_t* __restrict m,
+                          scalar_t* __restrict d) {
+  if (g.shift_path) {
+    const Bulk b = bulk_range(g, tl, i, j);
+    const scalar_t* __restrict src = xc + tl.t0 + b.shift;
+    if (m) {
+      pad_fill(m, d, 0, b.lo);
+      for (int64_t t = b.lo; t < b.hi; ++t) d[t] = m[t] * src[t];
+      pad_fill(m, d, b.hi, tl.len);
+      pad_border_cols(g, tl, j, m, d);
+      return;
+    }
+    for (int64_t t = 0; t < b.lo; ++t) d[t] = 0;
+    if (b.hi > b.lo) std::memcpy(d + b.lo, src + b.lo, (b.hi - b.lo) * sizeof(scalar_t));
+    for (int64_t t = b.hi; t < tl.len; ++t) d[t] = 0;
+    zero_border_cols(g, tl, j, d);
+    return;
+  }
+  const int64_t xlo = g.xlo[j], xhi = g.xhi[j], coff = g.dw * j - g.pw, sw = g.sw;
+  for (const Segment& s : tl.segs) {
+    scalar_t* __restrict r = d + s.off - s.x0;  // indexed by output column x
+    const scalar_t* __restrict mr = m ? m + s.off - s.x0 : nullptr;
+    const int64_t ih = s.yh * g.sh + g.dh * i - g.ph;
+    if (ih < 0 || ih >= g.H) {
+      if (m) {
+        pad_fill(mr, r, s.x0, s.x1);
+      } else {
+        for (int64_t x = s.x0; x < s.x1; ++x) r[x] = 0;
+      }
+      continue;
+    }
+    const int64_t lo = std::min(std::max(xlo, s.x0), s.x1);
+    const int64_t hi = std::max(std::min(xhi, s.x1), lo);
+    if (m) {
+      pad_fill(mr, r, s.x0, lo);
+      pad_fill(mr, r, hi, s.x1);
+    } else {
+      for (int64_t x = s.x0; x < lo; ++x) r[x] = 0;
+      for (int64_t x = hi; x < s.x1; ++x) r[x] = 0;
+    }
+    const scalar_t* __restrict src = xc + ih * g.W + coff;  // indexed by x * sw
+    if (m) {
+      if (sw == 1) {
+        for (int64_t x = lo; x < hi; ++x) r[x] = mr[x] * src[x];
+      } else {
+        for (int64_t x = lo; x < hi; ++x) r[x] = mr[x] * src[x * sw];
+      }
+    } else if (sw == 1) {
+      if (hi > lo) std::memcpy(r + lo, src + lo, (hi - lo) * sizeof(scalar_t));
+    } else {
+      for (int64_t x = lo; x < hi; ++x) r[x] = src[x * sw];
+    }
+  }
+}
+
+// Adjoint of build_row without m: dxc(input location of col[c, q](t0 + t)) += d[t].
+// d's border columns may be zeroed in place.
+template <typename scalar_t>
+NSL_INLINE void scatter_row(const Geom& g, const Tile& tl, int64_t i, int64_t j,
+                            scalar_t* __restrict dxc, scalar_t* __restrict d) {
+  if (g.shift_path) {
+    zero_border_cols(g, tl, j, d);
+    const Bulk b = bulk_range(g, tl, i, j);
+    scalar_t* __restrict dst = dxc + tl.t0 + b.shift;
+    for (int64_t t = b.lo; t < b.hi; ++t) dst[t] += d[t];
+    return;
+  }
+  const int64_t xlo = g.xlo[j], xhi = g.xhi[j], coff = g.dw * j - g.pw, sw = g.sw;
+  for (const Segment& s : tl.segs) {
+    const int64_t ih = s.yh * g.sh + g.dh * i - g.ph;
+    if (ih < 0 || ih >= g.H) continue;
+    const int64_t lo = std::min(std::max(xlo, s.x0), s.x1);
+    const int64_t hi = std::max(std::min(xhi, s.x1), lo);
+    const scalar_t* __restrict r = d + s.off - s.x0;
+    scalar_t* __restrict dst = dxc + ih * g.W + coff;
+    if (sw == 1) {
+      for (int64_t x = lo; x < hi; ++x) dst[x] += r[x];
+    } else {
+      for (int64_t x = lo; x < hi; ++x) dst[x * sw] += r[x];
+    }
+  }
+}
+
+// All rows of a column tile: buf[(c * P + q) * ld + t] = (m *) col[c, q](t0 + t);
+// xg: [cin_g, H, W] planes of the group; m (may be null): m[n, 0, t0] (rows L apart).
+template <typename scalar_t>
+NSL_INLINE void build_cols(const Geom& g, const Tile& tl, const scalar_t* xg, const scalar_t* m,
+                           int64_t ld, scalar_t* buf) {
+  for (int64_t c = 0; c < g.cin_g; ++c)
+    for (int64_t i = 0; i < g.kh; ++i)
+      for (int64_t j = 0; j < g.kw; ++j) {
+        const int64_t q = i * g.kw + j;
+        build_row(g, tl, i, j, xg + c * g.H * g.W, m ? m + q * g.L : nullptr,
+                  buf + (c * g.P + q) * ld);
+      }
+}
+
+// All rows: dxg(input location of col[c, q](t0 + t)) += buf[(c * P + q) * ld + t] (buf's border
+// columns may be zeroed).
+template <typename scalar_t>
+NSL_INLINE void scatter_cols(const Geom& g, const Tile& tl, scalar_t* dxg, int64_t ld,
+                             scalar_t* buf) {
+  for (int64_t c = 0; c < g.cin_g; ++c)
+    for (int64_t i = 0; i < g.kh; ++i)
+      for (int64_t j = 0; j < g.kw; ++j)
+        scatter_row(g, tl, i, j, dxg + c * g.H * g.W, buf + (c * g.P + i * g.kw + j) * ld);
+}
+
+// ---- Full layout: the per-location P x P products -----------------------------------------
+// Generic versions work on chunks of tile locations (so the touched rows stay in L1); for the
+// common P (3x3, 2x2, 5x5 kernels) register-blocked versions work on one SIMD vector of
+// locations at a time, keeping a whole column of src (or of dM) in registers.
+
+// Chunk of tile locations processed at once by the generic P x P loops.
+constexpr int64_t kChunk = 64;
+
+#if NSL_VECTOR_EXT
+#if defined(__GNUC__) && !defined(__clang__)
+// The vector helpers are always inlined, so the baseline clone's vector-return ABI note is moot.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+// 32-byte vectors of the GCC vector extension; loads and stores go through memcpy, so they
+// need no alignment and do not break strict aliasing (they compile to plain vector moves).
+// Vector bytes of the register-blocked loops: 64 (AVX-512) where the CPU has it, else 32.
+// The full layout's P x P products are FMA-bound, so they gain from 512-bit vectors (unlike the
+// memory-bound element-wise loops).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+// (the x86-64-v4 features, so that the clone selected is the AVX-512 one)
+const bool g_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+                      __builtin_cpu_supports("avx512cd");
+#else
+const bool g_avx512 = false;
+#endif
+
+template <typename V, typename scalar_t>
+NSL_INLINE V vload(const scalar_t* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+template <typename V, typename scalar_t>
+NSL_INLINE void vstore(scalar_t* p, const V& v) { std::memcpy(p, &v, sizeof(V)); }
+
+#endif
+
+// dst[c, a](t) = sum_b M_ab(t) src[c, b](t) for t in [tb, te); M_ab = Mt[a * sa + b * sb].
+template <typename scalar_t>
+NSL_INLINE void mix_generic(int64_t P, int64_t cin, const scalar_t* __restrict Mt, int64_t sa,
+                            int64_t sb, const scalar_t* __restrict src, scalar_t* __restrict dst,
+                            int64_t ld, int64_t tb, int64_t te) {
+  for (int64_t t0 = tb; t0 < te; t0 += kChunk) {
+    const int64_t n = std::min(kChunk, te - t0);
+    for (int64_t c = 0; c < cin; ++c) {
+      const scalar_t* sc = src + c * P * ld + t0;
+      for (int64_t a = 0; a < P; ++a) {
+        scalar_t* __restrict d = dst + (c * P + a) * ld + t0;
+        const scalar_t* Ma = Mt + a * sa + t0;
+        {
+          const scalar_t* __restrict m0 = Ma;
+          const scalar_t* __restrict s0 = sc;
+          for (int64_t t = 0; t < n; ++t) d[t] = m0[t] * s0[t];
+        }
+        int64_t b = 1;
+        for (; b + 2 < P; b += 3) {  // three positions per pass: fewer loads/stores of d
+          const scalar_t* __restrict m0 = Ma + b * sb;
+          const scalar_t* __restrict m1 = m0 + sb;
+          const scalar_t* __restrict m2 = m1 + sb;
+          const scalar_t* __restrict s0 = sc + b * ld;
+          const scalar_t* __restrict s1 = s0 + ld;
+          const scalar_t* __restrict s2 = s1 + ld;
+          for (int64_t t = 0; t < n; ++t) d[t] += m0[t] * s0[t] + m1[t] * s1[t] + m2[t] * s2[t];
+        }
+        for (; b < P; ++b) {
+          const scalar_t* __restrict m0 = Ma + b * sb;
+          const scalar_t* __restrict s0 = sc + b * ld;
+          for (int64_t t = 0; t < n; ++t) d[t] += m0[t] * s0[t];
+        }
+      }
+    }
+  }
+}
+
+#if NSL_VECTOR_EXT
+// Same with P fixed at compile time, on whole vectors; returns the first location not done.
+// The vector of M values for each (a, b) is first packed contiguously (pack: P * P * VL), so
+// the unrolled loops address it with constant offsets (81 separately strided pointers would
+// not fit in registers).
+template <typename scalar_t, int P, int VB>
+NSL_INLINE int64_t mix_fixed(int64_t cin, const scalar_t* Mt, int64_t sa, int64_t sb,
+                             const scalar_t* src, scalar_t* dst, int64_t ld, int64_t len,
+                             scalar_t* __restrict pack) {
+  typedef scalar_t V __attribute__((vector_size(VB)));
+  constexpr int64_t VL = VB / sizeof(scalar_t);
+  int64_t t = 0;
+  for (; t + VL <= len; t += VL) {
+    for (int a = 0; a < P; ++a)
+      for (int b = 0; b < P; ++b)
+        std::memcpy(pack + (a * P + b) * VL, Mt + a * sa + b * sb + t, sizeof(V));
+    const scalar_t* sp = src + t;
+    scalar_t* dp = dst + t;
+    for (int64_t c = 0; c < cin; ++c, sp += P * ld, dp += P * ld) {
+      V s[P];
+#pragma GCC unroll 32
+      for (int b = 0; b < P; ++b) s[b] = vload<V>(sp + b * ld);
+#pragma GCC unroll 32
+      for (int a = 0; a < P; ++a) {
+        V acc = vload<V>(pack + a * P * VL) * s[0];
+#pragma GCC unroll 32
+        for (int b = 1; b < P; ++b) acc += vload<V>(pack + (a * P + b) * VL) * s[b];
+        vstore(dp + a * ld, acc);
+      }
+    }
+  }
+  return t;
+}
+#endif
+
+// Full layout mixing: dst[c, a](t) = sum_b M_ab(t) src[c, b](t) for t in [0, len), with
+// M_ab = Mt[(a * P + b) * L] (trans = false) or Mt[(b * P + a) * L] (trans = true); Mt points
+// at M[n, 0, 0, t0]; src and dst rows have leading dimension ld.
+template <typename scalar_t>
+NSL_INLINE void mix_positions(const Geom& g, const scalar_t* Mt, bool trans, int64_t len,
+                              const scalar_t* src, scalar_t* dst, int64_t ld, scalar_t* pack) {
+  const int64_t P = g.P, L = g.L;
+  const int64_t sa = trans ? L : P * L, sb = trans ? P * L : L;
+  int64_t done = 0;
+#if NSL_VECTOR_EXT
+  if (P == 9 && g_avx512) {
+    done = mix_fixed<scalar_t, 9, 64>(g.cin_g, Mt, sa, sb, src, dst, ld, len, pack);
+  } else if (P == 9) {
+    done = mix_fixed<scalar_t, 9, 32>(g.cin_g, Mt, sa, sb, src, dst, ld, len, pack);
+  } else if (P == 4) {
+    done = mix_fixed<scalar_t, 4, 32>(g.cin_g, Mt, sa, sb, src, dst, ld, len, pack);
+  } else if (P == 25) {
+    done = mix_fixed<scalar_t, 25, 32>(g.cin_g, Mt, sa, sb, src, dst, ld, len, pack);
+  }
+#endif
+  mix_generic(P, g.cin_g, Mt, sa, sb, src, dst, ld, done, len);
+}
+
+// dM[p, q](t) += sum_c H[c, p](t) C[c, q](t) for t in [tb, te); dMt rows L apart.
+template <typename scalar_t>
+NSL_INLINE void dM_generic(int64_t P, int64_t L, int64_t cin, scalar_t* __restrict dMt,
+                           const scalar_t* __restrict Hb, const scalar_t* __restrict Cb,
+                           int64_t ld, int64_t tb, int64_t te) {
+  for (int64_t t0 = tb; t0 < te; t0 += kChunk) {
+    const int64_t n = std::min(kChunk, te - t0);
+    for (int64_t p = 0; p < P; ++p) {
+      for (int64_t q = 0; q < P; ++q) {
+        scalar_t* __restrict d = dMt + (p * P + q) * L + t0;
+        int64_t c = 0;
+        for (; c + 1 < cin; c += 2) {
+          const scalar_t* __restrict h0 = Hb + (c * P + p) * ld + t0;
+          const scalar_t* __restrict h1 = h0 + P * ld;
+          const scalar_t* __restrict c0 = Cb + (c * P + q) * ld + t0;
+          const scalar_t* __restrict c1 = c0 + P * ld;
+          for (int64_t t = 0; t < n; ++t) d[t] += h0[t] * c0[t] + h1[t] * c1[t];
+        }
+        for (; c < cin; ++c) {
+          const scalar_t* __restrict h0 = Hb + (c * P + p) * ld + t0;
+          const scalar_t* __restrict c0 = Cb + (c * P + q) * ld + t0;
+          for (int64_t t = 0; t < n; ++t) d[t] += h0[t] * c0[t];
+        }
+      }
+    }
+  }
+}
+
+#if NSL_VECTOR_EXT
+// Same with P fixed, on whole vectors: a row dM[p, :] of accumulators stays in registers while
+// c runs. The vectors of H and C are first packed contiguously (pack: 2 * cin * P * VL) so the
+// unrolled loops use constant offsets. Returns the first location not done.
+template <typename scalar_t, int P, int VB>
+NSL_INLINE int64_t dM_fixed(int64_t L, int64_t cin, scalar_t* dMt, const scalar_t* Hb,
+                            const scalar_t* Cb, int64_t ld, int64_t len,
+                            scalar_t* __restrict pack) {
+  typedef scalar_t V __attribute__((vector_size(VB)));
+  constexpr int64_t VL = VB / sizeof(scalar_t);
+  const int64_t K = cin * P;
+  scalar_t* __restrict hp = pack;
+  scalar_t* __restrict cp = pack + K * VL;
+  int64_t t = 0;
+  for (; t + VL <= len; t += VL) {
+    for (int64_t r = 0; r < K; ++r) {
+      std::memcpy(hp + r * VL, Hb + r * ld + t, sizeof(V));
+      std::memcpy(cp + r * VL, Cb + r * ld + t, sizeof(V));
+    }
+    for (int p = 0; p < P; ++p) {
+      V acc[P];
+#pragma GCC unroll 32
+      for (int q = 0; q < P; ++q) acc[q] = vload<V>(dMt + (p * P + q) * L + t);
+      const scalar_t* hc = hp + p * VL;
+      const scalar_t* cc = cp;
+      for (int64_t c = 0; c < cin; ++c, hc += P * VL, cc += P * VL) {
+        const V h = vload<V>(hc);
+#pragma GCC unroll 32
+        for (int q = 0; q < P; ++q) acc[q] += h * vload<V>(cc + q * VL);
+      }
+#pragma GCC unroll 32
+      for (int q = 0; q < P; ++q) vstore(dMt + (p * P + q) * L + t, acc[q]);
+    }
+  }
+  return t;
+}
+#endif
+
+// Full layout: dMt[(p * P + q) * L + t] += sum_c Hb[c, p](t) Cb[c, q](t), t in [0, len).
+template <typename scalar_t>
+NSL_INLINE void accumulate_dM(const Geom& g, scalar_t* dMt, int64_t len, const scalar_t* Hb,
+                              const scalar_t* Cb, int64_t ld, scalar_t* pack) {
+  int64_t done = 0;
+#if NSL_VECTOR_EXT
+  if (g.P == 9 && g_avx512) {
+    done = dM_fixed<scalar_t, 9, 64>(g.L, g.cin_g, dMt, Hb, Cb, ld, len, pack);
+  } else if (g.P == 9) {
+    done = dM_fixed<scalar_t, 9, 32>(g.L, g.cin_g, dMt, Hb, Cb, ld, len, pack);
+  } else if (g.P == 4) {
+    done = dM_fixed<scalar_t, 4, 32>(g.L, g.cin_g, dMt, Hb, Cb, ld, len, pack);
+  } else if (g.P == 25) {
+    done = dM_fixed<scalar_t, 25, 32>(g.L, g.cin_g, dMt, Hb, Cb, ld, len, pack);
+  }
+#endif
+  dM_generic(g.P, g.L, g.cin_g, dMt, Hb, Cb, ld, done, len);
+}
+
+// Diagonal backward, shift path, one row (c, q) of a tile, fused into a single loop:
+//   dm[t] += H[t] col(t),  C[t] = m[t] col(t) (the forward tile, for dW),
+//   dx(input location of col(t)) += m[t] H[t].
+// H's border columns are zeroed first (they multiply zero columns), so the bulk loop needs no
+// masking; C gets zeros outside the image afterwards.
+template <typename scalar_t, bool DM, bool DW, bool DX>
+NSL_INLINE void diag_bwd_bulk(const scalar_t* __restrict src, const scalar_t* __restrict m,
+                              const scalar_t* __restrict h, scalar_t* __restrict dm,
+                              scalar_t* __restrict cr, scalar_t* __restrict dx, int64_t lo,
+                              int64_t hi) {
+  for (int64_t t = lo; t < hi; ++t) {
+    const scalar_t v = src[t];
+    if (DM) dm[t] += h[t] * v;
+    if (DW) cr[t] = m[t] * v;
+    if (DX) dx[t] += m[t] * h[t];
+  }
+}
+
+template <typename scalar_t>
+NSL_INLINE void diag_bwd_row_shift(const Geom& g, const Tile& tl, int64_t i, int64_t j,
+                                   const scalar_t* xc, const scalar_t* m, scalar_t* h,
+                                   scalar_t* dm, scalar_t* cr, scalar_t* dxc) {
+  zero_border_cols(g, tl, j, h);
+  const Bulk b = bulk_range(g, tl, i, j);
+  const scalar_t* src = xc + tl.t0 + b.shift;  // indexed by tile offset
+  scalar_t* dx = dxc ? dxc + tl.t0 + b.shift : nullptr;
+  switch ((dm ? 4 : 0) | (cr ? 2 : 0) | (dxc ? 1 : 0)) {
+    case 1: diag_bwd_bulk<scalar_t, false, false, true>(src, m, h, dm, cr, dx, b.lo, b.hi); break;
+    case 2: diag_bwd_bulk<scalar_t, false, true, false>(src, m, h, dm, cr, dx, b.lo, b.hi); break;
+    case 3: diag_bwd_bulk<scalar_t, false, true, true>(src, m, h, dm, cr, dx, b.lo, b.hi); break;
+    case 4: diag_bwd_bulk<scalar_t, true, false, false>(src, m, h, dm, cr, dx, b.lo, b.hi); break;
+    case 5: diag_bwd_bulk<scalar_t, true, false, true>(src, m, h, dm, cr, dx, b.lo, b.hi); break;
+    case 6: diag_bwd_bulk<scalar_t, true, true, false>(src, m, h, dm, cr, dx, b.lo, b.hi); break;
+    case 7: diag_bwd_bulk<scalar_t, true, true, true>(src, m, h, dm, cr, dx, b.lo, b.hi); break;
+    default: break;
+  }
+  if (cr) {  // the forward's modulated row: m * 0 where the column is padding
+    pad_fill(m, cr, 0, b.lo);
+    pad_fill(m, cr, b.hi, tl.len);
+    pad_border_cols(g, tl, j, m, cr);
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Per-tile work
+// ------------------------------------------------------------------------------------------
+template <typename scalar_t>
+struct Args {
+  const Geom* g;
+  bool full;
+  const scalar_t* x;    // [N, C_in, H, W]
+  const scalar_t* w;    // [C_out, cin_g * P] = [groups, cout_g, K]
+  const scalar_t* wt;   // backward only: W_g^T, [groups, K, cout_g]
+  const scalar_t* sim;  // [N, P, L] or [N, P, P, L]
+  int64_t sim_stride;   // elements per image of sim
+};
+
+// Workspace of one thread: nbuf tiles of K * T elements, the packing area of the fixed-P loops
+// (2 * K * 16 + P * P * 16 elements: 16 is the longest vector, 16 floats), and a transposed tile
+// of grad_out (T * cout_g).
+inline int64_t workspace_size(const Geom& g, int64_t nbuf) {
+  return nbuf * g.K * g.T + 2 * g.K * 16 + g.P * g.P * 16 + g.T * g.cout_g;
+}
+
+
+}  // namespace nsl
