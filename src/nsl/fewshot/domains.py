@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from ..train.domains import ENGINE_DOMAINS, PATH, Domain, boolean, choice, integer, layer_kinds, number
+from ..train.domains import (
+    ENGINE_DOMAINS,
+    PATH,
+    PREDICTOR_NORM,
+    Domain,
+    boolean,
+    choice,
+    integer,
+    layer_kinds,
+    number,
+)
 
 __all__ = ["FEWSHOT_DOMAINS"]
 
@@ -50,6 +60,7 @@ FEWSHOT_DOMAINS: dict[str, Domain] = {
     "val_seed": integer(0),
     "predictor_width": integer(0, text="an integer >= 0 (0: the predictor's own width)"),
     "share_predictor": boolean(),
+    "predictor_norm": PREDICTOR_NORM,
 }
 
 

@@ -137,6 +137,11 @@ def layer_kinds():
     return LAYER_KINDS
 
 
+def _predictor_norms():
+    from ..layers import PREDICTOR_NORMS
+    return PREDICTOR_NORMS
+
+
 def _datasets():
     from ..data import DATASETS
     return tuple(DATASETS)
@@ -167,6 +172,8 @@ def _compile_alias(v):
 
 _DEVICE = r"auto|cpu|cuda(:\d+)?|mps|xpu(:\d+)?"
 PATH = Domain("str", optional=True, pattern=r"(?s).+", text="a path, or null")
+#: the predictors' normalisation (``nsl.layers.PREDICTOR_NORMS``), shared by the training and few-shot configs
+PREDICTOR_NORM = choice(_predictor_norms)
 
 #: fields every run configuration has (read by the training engine)
 ENGINE_DOMAINS: dict[str, Domain] = {
@@ -239,6 +246,7 @@ TRAIN_DOMAINS: dict[str, Domain] = {
     "image_size": integer(8),
     "predictor_width": integer(0, text="an integer >= 0 (0: the predictor's own width)"),
     "share_predictor": boolean(),
+    "predictor_norm": PREDICTOR_NORM,
     "bias": boolean(),
 }
 
