@@ -93,3 +93,14 @@ def test_protocol_overrides_and_fewshot_episodes_are_checked():
 def test_domain_normalises_before_checking():
     cfg = FewShotConfig.from_dict({**FewShotConfig().to_dict(), "dataset": "CIFAR_FS"})
     assert cfg.dataset == "cifar-fs"
+
+
+def test_predictor_norm_field():
+    assert make_config("paper").predictor_norm == "batch"  # the authors' BatchNorm stays the default
+    assert make_config("paper", layer="dynamic-diagonal", predictor_norm="group").predictor_norm == "group"
+    with pytest.raises(ConfigError, match=re.escape("predictor_norm must be one of batch, group, none, got 'layer'")):
+        make_config("paper", layer="dynamic-diagonal", predictor_norm="layer")
+    with pytest.raises(ConfigError, match=re.escape("predictor_norm='group' applies to layer kinds with a predictor")):
+        make_config("paper", layer="conv", predictor_norm="group")
+    with pytest.raises(ConfigError, match=re.escape("predictor_norm must be one of batch, group, none")):
+        FewShotConfig.from_dict({"predictor_norm": "bn"})
