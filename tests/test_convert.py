@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import pytest
@@ -235,3 +236,78 @@ def test_kind_and_old_keywords():
         nsl.convert(model, kind="static-fol")
     with pytest.raises(ValueError, match="predictor='light' applies to dynamic layers"):
         nsl.convert(model, "full", predictor="light")
+
+
+# ---------------------------------------------------------------------------------------------
+# predictor_norm: converted layers train at batch 1 on a 1x1 map
+# ---------------------------------------------------------------------------------------------
+def _to_1x1():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1))
+
+
+@pytest.mark.parametrize("kind", [n for n, k in nsl.LAYER_KINDS.items() if k.predictor is not None])
+def test_convert_default_group_norm_trains_at_batch_1_on_a_1x1_map(kind):
+    torch.manual_seed(0)
+    model = _to_1x1()
+    x = torch.randn(1, 3, 1, 1)
+    converted = nsl.convert(model, kind=kind).train()
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in converted.modules())
+    out = converted(x)
+    torch.testing.assert_close(out, model(x), atol=1e-5, rtol=1e-5)
+    out.square().sum().backward()
+    assert torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        nsl.convert(model, kind="dynamic-diagonal", predictor_norm="batch").train()(x)
+
+
+def test_group_norm_predictor_matches_brute_force_float64():
+    """``'group'``: per sample, per group of channels: ``(x - mean) / sqrt(var + 1e-3) * gamma + beta``."""
+    torch.manual_seed(1)
+    layer = nsl.DynamicNSConv2d(4, 5, 3, padding=1, predictor_norm="group", predictor_init="authors").double()
+    pred = layer.predictor
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        pred.bn2.weight.normal_()
+        pred.bn2.bias.normal_()
+
+        def gn(t, norm):
+            g = norm.num_groups
+            v = t.view(t.shape[0], g, -1)
+            v = (v - v.mean(-1, keepdim=True)) / torch.sqrt(v.var(-1, unbiased=False, keepdim=True) + 1e-3)
+            return v.view_as(t) * norm.weight.view(1, -1, 1, 1) + norm.bias.view(1, -1, 1, 1)
+
+        assert pred.bn1.num_groups == 8 and pred.bn2.num_groups == 1
+        expected = gn(pred.conv2(torch.relu(gn(pred.conv1(x), pred.bn1))), pred.bn2)
+        for mode in (True, False):  # no running statistics: train and eval agree
+            pred.train(mode)
+            torch.testing.assert_close(pred(x), expected)
+
+
+@pytest.mark.parametrize("channels,groups", [(64, 8), (128, 16), (256, 32), (512, 32), (16, 2), (9, 1), (81, 9),
+                                             (3, 1)])
+def test_predictor_norm_groups(channels, groups):
+    from nsl.layers.dynamic import predictor_norm_groups
+    assert predictor_norm_groups(channels) == groups
+
+
+def test_predictor_norm_bad_values_are_refused():
+    with pytest.raises(ValueError, match=re.escape("DynamicNSConv2d: unknown predictor_norm 'layer'; expected one of "
+                                                   "batch, group, none")):
+        nsl.DynamicNSConv2d(4, 4, 3, predictor_norm="layer")
+    with pytest.raises(ValueError, match=re.escape("convert: unknown predictor_norm 'bn'")):
+        nsl.convert(_to_1x1(), kind="dynamic-diagonal", predictor_norm="bn")
+    with pytest.raises(ValueError, match=re.escape("convert: predictor_norm applies to layer kinds with a predictor")):
+        nsl.convert(_to_1x1(), kind="static-full", predictor_norm="group")
+    with pytest.raises(ValueError, match=re.escape("returned 'x'; expected one of batch, group, none")):
+        nsl.convert(_to_1x1(), kind="dynamic-diagonal", predictor_norm=lambda name, conv: "x")
+    with pytest.raises(ValueError, match=re.escape("layer kind 'conv' has no predictor, so predictor_norm='group'")):
+        nsl.layers.make_conv("conv", 3, 3, 3, predictor_norm="group")
+
+
+def test_predictor_norm_per_layer_and_default_batch_elsewhere():
+    converted = nsl.convert(_to_1x1(), kind="dynamic-diagonal",
+                            predictor_norm=lambda name, conv: "none" if name == "0" else "batch")
+    assert isinstance(converted[0].predictor.bn2, nn.Identity) and isinstance(converted[2].predictor.bn2,
+                                                                             nn.BatchNorm2d)
+    assert isinstance(nsl.DynamicNSConv2d(4, 4, 3).predictor.bn2, nn.BatchNorm2d)  # the layers' default
+    assert isinstance(nsl.layers.make_conv("dynamic-diagonal", 4, 4, 3).predictor.bn2, nn.BatchNorm2d)

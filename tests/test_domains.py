@@ -144,3 +144,14 @@ def test_a_device_outside_the_domain_is_refused_by_resolve_device():
 
     with pytest.raises(ConfigError, match=r"^device must be auto, cpu, cuda, cuda:N, mps or xpu, got 'gpu'$"):
         resolve_device("gpu")
+
+
+def test_predictor_norm_field():
+    assert make_config("paper").predictor_norm == "batch"  # the authors' BatchNorm stays the default
+    assert make_config("paper", layer="dynamic-diagonal", predictor_norm="group").predictor_norm == "group"
+    with pytest.raises(ConfigError, match=re.escape("predictor_norm must be one of batch, group, none, got 'layer'")):
+        make_config("paper", layer="dynamic-diagonal", predictor_norm="layer")
+    with pytest.raises(ConfigError, match=re.escape("predictor_norm='group' applies to layer kinds with a predictor")):
+        make_config("paper", layer="conv", predictor_norm="group")
+    with pytest.raises(ConfigError, match=re.escape("predictor_norm must be one of batch, group, none")):
+        FewShotConfig.from_dict({"predictor_norm": "bn"})

@@ -13,6 +13,7 @@ import torch.nn as nn
 from .layers import (
     DYNAMIC_SIMILARITIES,
     LAYER_KINDS,
+    PREDICTOR_NORMS,
     PREDICTORS,
     STATIC_SIMILARITIES,
     DynamicFilterConv2d,
@@ -24,6 +25,7 @@ from .layers import (
     make_conv,
 )
 from .layers.conv_transforms import SamePadding, StandardizedWeight
+from .layers.dynamic import check_predictor_norm
 
 __all__ = ["fold", "convert", "ConvAdaptation", "register_conv_subclass"]
 
@@ -241,7 +243,8 @@ def _legacy_target(similarity, dynamic, predictor) -> tuple[LayerKind | None, ty
 @torch.no_grad()
 def convert(module: nn.Module, similarity: str | None = None, dynamic: bool | None = None,
             predictor: str | None = None, include: Callable[[str, nn.Conv2d], bool] | None = None,
-            inplace: bool = False, *, kind: str | None = None, **layer_kwargs) -> nn.Module:
+            inplace: bool = False, *, kind: str | None = None,
+            predictor_norm: str | Callable[[str, nn.Conv2d], str] | None = None, **layer_kwargs) -> nn.Module:
     """Replace the convolutions of any model by NSL layers computing the same function.
 
     Every ``nn.Conv2d`` whose kernel is larger than 1x1 (or, with ``include``, every one for which
@@ -259,6 +262,14 @@ def convert(module: nn.Module, similarity: str | None = None, dynamic: bool | No
     skipped layer and why, and a warning says when nothing was converted. NSL layers already in the
     model (and their predictors) are left as they are.
 
+    Predictors are built with GroupNorm (``predictor_norm='group'``) unless told otherwise: convert
+    cannot know how the model will be trained (detection and segmentation train with 1-4 images per
+    device, often with frozen batch norms, and a feature pyramid's top level is 1x1), and the authors'
+    BatchNorm needs batch statistics (it raises on a single value per channel in training). GroupNorm's
+    statistics are per sample, so the converted layers train at any batch size and compute the same in
+    train and eval mode. ``predictor_norm='batch'`` builds the authors' BatchNorm (as the models of
+    :func:`nsl.models.build_model` do by default).
+
     Args:
         module: any model, e.g. a torchvision-style ResNet.
         similarity, dynamic, predictor: the older way to name the layer (``similarity`` one of
@@ -268,6 +279,9 @@ def convert(module: nn.Module, similarity: str | None = None, dynamic: bool | No
         include: ``(name, conv) -> bool`` selecting the layers to convert.
         inplace: modify ``module`` itself instead of a deep copy.
         kind: the layer kind to build (not together with ``similarity`` / ``dynamic`` / ``predictor``).
+        predictor_norm: the predictors' normalisation (dynamic kinds only): ``'group'`` (default),
+            ``'batch'`` or ``'none'`` (:data:`nsl.layers.PREDICTOR_NORMS`), or a callable
+            ``(name, conv) -> str`` choosing it per layer.
         **layer_kwargs: passed to every new layer (e.g. ``similarity_groups=2``, ``predictor_width=32``).
     Returns:
         The converted model.
@@ -277,6 +291,8 @@ def convert(module: nn.Module, similarity: str | None = None, dynamic: bool | No
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1))
         >>> nsl.convert(model, kind="static-full")[0]
         NSConv2d(3, 8, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), similarity='full')
+        >>> detector = torchvision.models.detection.retinanet_resnet50_fpn(weights=None, weights_backbone=None)
+        >>> detector = nsl.convert(detector, kind="dynamic-diagonal")  # GroupNorm predictors: trains at batch 1
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"convert expects an nn.Module, got {type(module).__name__}")
@@ -293,14 +309,33 @@ def convert(module: nn.Module, similarity: str | None = None, dynamic: bool | No
         target, target_module, options = _legacy_target(similarity, dynamic, predictor)
     if include is not None and not callable(include):
         raise TypeError(f"include must be a callable (name, conv) -> bool, got {type(include).__name__}")
+    has_predictor = target.predictor is not None if target is not None else target_module is DynamicNSConv2d
+    if predictor_norm is None:
+        predictor_norm = "group"
+    elif not has_predictor:
+        with_predictor = ", ".join(n for n, k in LAYER_KINDS.items() if k.predictor is not None)
+        label = target.name if target is not None else f"{target_module.__name__}({options})"
+        raise ValueError(f"convert: predictor_norm applies to layer kinds with a predictor ({with_predictor}); "
+                         f"{label!r} has none")
+    elif not callable(predictor_norm):
+        check_predictor_norm("convert", predictor_norm)
     if not inplace:
         module = copy.deepcopy(module)
 
     skipped: list[str] = []
     seen = {"convs": 0, "nsl": 0}
 
-    def build(child: nn.Conv2d, adaptation: ConvAdaptation | None) -> nn.Module:
-        args = _conv_args(child)
+    def norm_for(name: str, child: nn.Conv2d) -> dict:
+        if not has_predictor:
+            return {}
+        norm = predictor_norm(name, child) if callable(predictor_norm) else predictor_norm
+        if not isinstance(norm, str) or norm not in PREDICTOR_NORMS:
+            raise ValueError(f"convert: predictor_norm({name or 'the module'!r}, conv) returned {norm!r}; expected "
+                             f"one of {', '.join(PREDICTOR_NORMS)}")
+        return {"predictor_norm": norm}
+
+    def build(name: str, child: nn.Conv2d, adaptation: ConvAdaptation | None) -> nn.Module:
+        args = {**_conv_args(child), **norm_for(name, child)}
         if target is not None:
             geo = {k: args.pop(k) for k in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "bias")}
             new = make_conv(target, **geo, **args, **layer_kwargs)
@@ -347,7 +382,7 @@ def convert(module: nn.Module, similarity: str | None = None, dynamic: bool | No
             skipped.append(f"{label} (dynamic-filter needs groups=1, numeric zero padding; got groups={child.groups}, "
                            f"padding={child.padding!r}, padding_mode={child.padding_mode!r})")
             return None
-        return build(child, adaptation)
+        return build(name, child, adaptation)
 
     replaced = pick("", module)
     if replaced is not None:

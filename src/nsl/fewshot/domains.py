@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-from ..train.domains import ENGINE_DOMAINS, PATH, SEED, Domain, boolean, choice, integer, layer_kinds, number
+from ..train.domains import (
+    ENGINE_DOMAINS,
+    PATH,
+    PREDICTOR_NORM,
+    SEED,
+    Domain,
+    boolean,
+    choice,
+    integer,
+    layer_kinds,
+    number,
+)
 
 __all__ = ["FEWSHOT_DOMAINS", "FEWSHOT_HEADS"]
 
@@ -50,6 +61,7 @@ FEWSHOT_DOMAINS: dict[str, Domain] = {
     "val_seed": SEED,
     "predictor_width": integer(0, text="an integer >= 0 (0: the predictor's own width)"),
     "share_predictor": boolean(),
+    "predictor_norm": PREDICTOR_NORM,
 }
 
 

@@ -70,7 +70,7 @@ class FewShotConfig(ConfigBase):
     stored in the checkpoint and reused by evaluation.
 
     Model: ``backbone`` (``conv4``, ``resnet12``), ``layer`` (any kind of :data:`nsl.layers.LAYER_KINDS`),
-    ``predictor_width`` / ``share_predictor`` (as :class:`~nsl.train.TrainConfig`), ``head``
+    ``predictor_width`` / ``share_predictor`` / ``predictor_norm`` (as :class:`~nsl.train.TrainConfig`), ``head``
     (:data:`FEWSHOT_HEADS`), ``bilinear_rank`` (``0``: full ``M``).
 
     Episodes: ``ways`` / ``shots`` / ``queries`` (validation and default evaluation shape);
@@ -97,6 +97,7 @@ class FewShotConfig(ConfigBase):
     layer: str = "conv"
     predictor_width: int = 0  # hidden channels of the layers' predictors (kinds with a predictor); 0: default
     share_predictor: bool = False  # one predictor per stage (kinds with a predictor)
+    predictor_norm: str = "batch"  # the predictors' normalisation: batch (authors'), group or none
     head: str = "protonet"
     bilinear_rank: int = 0
     ways: int = 5
@@ -207,6 +208,8 @@ def build_fewshot_model(cfg: FewShotConfig, in_channels: int, image_size: int) -
         kw["predictor_width"] = cfg.predictor_width
     if cfg.share_predictor:
         kw["share_predictor"] = True
+    if cfg.predictor_norm != "batch":
+        kw["predictor_norm"] = cfg.predictor_norm
     backbone = build_backbone(cfg.backbone, cfg.layer, in_channels, **kw)
     if cfg.head == "protonet":
         head: nn.Module = PrototypicalHead("euclidean")
@@ -232,9 +235,9 @@ def _model_from_checkpoint(ckpt: dict, path) -> tuple[FewShotClassifier, FewShot
 
 
 # -- training ------------------------------------------------------------------------------------
-_STRUCTURAL = ("dataset", "rotations", "backbone", "layer", "predictor_width", "share_predictor", "head",
-               "bilinear_rank", "ways", "shots", "queries", "train_ways", "train_shots", "seed", "lr", "lr_step",
-               "lr_gamma", "weight_decay", "val_seed", "val_episodes")
+_STRUCTURAL = ("dataset", "rotations", "backbone", "layer", "predictor_width", "share_predictor", "predictor_norm",
+               "head", "bilinear_rank", "ways", "shots", "queries", "train_ways", "train_shots", "seed", "lr",
+               "lr_step", "lr_gamma", "weight_decay", "val_seed", "val_episodes")
 
 
 class FewShotTask(Task):

@@ -1,7 +1,14 @@
 """NSL layers: modules mirroring ``nn.Conv2d``, and the table of layer kinds (:mod:`nsl.layers.kinds`)."""
 
 from .attention import GlobalSimilarity2d
-from .dynamic import DYNAMIC_SIMILARITIES, PREDICTORS, DynamicNSConv2d, LightPredictor, SimilarityPredictor
+from .dynamic import (
+    DYNAMIC_SIMILARITIES,
+    PREDICTOR_NORMS,
+    PREDICTORS,
+    DynamicNSConv2d,
+    LightPredictor,
+    SimilarityPredictor,
+)
 from .dynamic_filter import DynamicFilterConv2d
 from .kinds import (
     LAYER_KINDS,
@@ -26,6 +33,7 @@ __all__ = [
     "STATIC_SIMILARITIES",
     "DYNAMIC_SIMILARITIES",
     "PREDICTORS",
+    "PREDICTOR_NORMS",
     "LAYER_KINDS",
     "LayerKind",
     "SharedPredictors",

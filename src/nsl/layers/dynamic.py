@@ -14,18 +14,48 @@ from ._checks import batched_input, check_conv_args, check_positive_int
 from .sphere import SphereConv2d
 
 __all__ = ["DynamicNSConv2d", "SimilarityPredictor", "LightPredictor", "DYNAMIC_SIMILARITIES", "PREDICTORS",
-           "check_predictor_init", "check_shared_predictor"]
+           "PREDICTOR_NORMS", "check_predictor_init", "check_predictor_norm", "check_shared_predictor",
+           "predictor_norm_groups"]
 
 DYNAMIC_SIMILARITIES = ("diagonal", "full")
 PREDICTORS = ("sphere", "cosine", "light")
+#: The predictors' normalisations: ``'batch'`` (the authors' BatchNorm, batch statistics), ``'group'``
+#: (GroupNorm, per sample: trains at batch 1 and computes the same in train and eval mode), ``'none'``.
+PREDICTOR_NORMS = ("batch", "group", "none")
 _INITS = ("zero", "authors")
-_BN_EPS = 1e-3  # the authors' TensorFlow batch-norm epsilon
+_NORM_EPS = 1e-3  # the authors' TensorFlow batch-norm epsilon (the group norm's too, so 'authors' init behaves alike)
 
 
 def check_predictor_init(owner: str, init) -> None:
     """Raise ``ValueError`` unless ``init`` is a predictor initialisation (``'zero'`` or ``'authors'``)."""
     if init not in _INITS:
         raise ValueError(f"{owner}: unknown predictor_init {init!r}; expected one of {', '.join(_INITS)}")
+
+
+def check_predictor_norm(owner: str, norm) -> None:
+    """Raise ``ValueError`` unless ``norm`` is a predictor normalisation (one of :data:`PREDICTOR_NORMS`)."""
+    if not isinstance(norm, str) or norm not in PREDICTOR_NORMS:
+        raise ValueError(f"{owner}: unknown predictor_norm {norm!r}; expected one of {', '.join(PREDICTOR_NORMS)}")
+
+
+def predictor_norm_groups(channels: int) -> int:
+    """Groups of a predictor's ``GroupNorm`` over ``channels``: the most groups, at most 32 (Wu & He's
+    default), that divide ``channels`` into groups of at least 8 channels; 1 below 16 channels.
+
+    E.g. 64 -> 8, 128 -> 16, 256 -> 32, 16 -> 2, 9 (a 3x3 diagonal ``g``) -> 1, 81 (full) -> 9 (one
+    group per row of ``M``). Groups of many channels keep the statistics meaningful on a 1x1 feature map.
+    """
+    top = min(32, channels // 8)
+    return max((g for g in range(1, top + 1) if channels % g == 0), default=1)
+
+
+def _norm_layer(norm: str, channels: int, factory: dict) -> nn.Module:
+    """The normalisation ``norm`` (:data:`PREDICTOR_NORMS`) over ``channels``, eps 1e-3 (the authors')."""
+    if norm == "batch":
+        return nn.BatchNorm2d(channels, eps=_NORM_EPS, **factory)
+    if norm == "group":
+        return nn.GroupNorm(predictor_norm_groups(channels), channels, eps=_NORM_EPS, **factory)
+    return nn.Identity()
 
 
 def check_shared_predictor(owner: str, predictor) -> None:
@@ -35,13 +65,14 @@ def check_shared_predictor(owner: str, predictor) -> None:
 
 
 def _check_predictor_args(owner: str, in_channels, kernel_size, stride, padding, dilation, similarity,
-                          hidden_channels, init) -> None:
+                          hidden_channels, init, norm) -> None:
     check_conv_args(owner, in_channels, 1, kernel_size, stride, padding, dilation)
     if similarity not in DYNAMIC_SIMILARITIES:
         raise ValueError(f"{owner}: unknown similarity {similarity!r}; expected one of "
                          f"{', '.join(DYNAMIC_SIMILARITIES)}")
     check_positive_int(owner, "hidden_channels", hidden_channels, allow_none=True)
     check_predictor_init(owner, init)
+    check_predictor_norm(owner, norm)
 
 
 def _he_normal_(weight: Tensor, scale: float) -> None:
@@ -53,7 +84,7 @@ def _he_normal_(weight: Tensor, scale: float) -> None:
 class SimilarityPredictor(nn.Module):
     """The authors' neural similarity predictor ``g``: two convolutions, at the layer's geometry.
 
-    ``h = ReLU(BN?(SphereConv_3x3(x)))``, ``g = BN?(conv_last(h))`` with ``conv_last`` of the
+    ``h = ReLU(N?(SphereConv_3x3(x)))``, ``g = N?(conv_last(h))`` with ``conv_last`` of the
     modulated layer's kernel size, stride, padding and dilation, so that ``g`` lands on the layer's
     output grid and each location's prediction reads the same patch as the convolution it
     modulates (for the authors' 3x3 / stride 1 / padding 1 layers this is their 3x3 conv).
@@ -64,11 +95,19 @@ class SimilarityPredictor(nn.Module):
     * ``kind='cosine'``: both convs divided by input patch norm and filter norm (cosine
       similarity), batch norm after both: the authors' best CIFAR predictor.
 
+    ``norm`` chooses the normalisation ``N`` at those places (attributes ``bn1``, ``bn2``, whatever
+    ``N`` is, so that checkpoints keep their keys): ``'batch'`` (default, the authors'):
+    ``BatchNorm2d``, batch statistics in training, so it fails on a single value per channel (batch 1
+    on a 1x1 map); ``'group'``: ``GroupNorm`` with :func:`predictor_norm_groups` groups, statistics
+    of each sample over its group's channels and locations, identical in train and eval mode;
+    ``'none'``: no normalisation, the SphereConv's patch-norm division (and the cosine's filter norm)
+    alone bound the scale. Both norms use eps 1e-3 and a per-channel affine ``gamma * x_hat + beta``.
+
     Output channels: ``P`` (diagonal) or ``P * P`` (full), ``P = kh * kw``.
-    Init: ``'zero'`` makes ``g = 0`` exactly (the last batch norm's scale, or the last conv
-    where there is no batch norm, starts at zero), so the layer starts as its plain convolution
+    Init: ``'zero'`` makes ``g = 0`` exactly (the last norm's scale, or the last conv
+    where there is no norm, starts at zero), so the layer starts as its plain convolution
     in train and eval mode; ``'authors'`` uses He x 0.1 and He x 0.001 for the two convs.
-    ``bias=False`` drops the convs' biases where there is no batch norm (the authors' code has
+    ``bias=False`` drops the convs' biases where there is no norm (the authors' code has
     no bias in any conv); the default ``True`` keeps them.
 
     Shapes: ``x [N, C_in, H, W]`` -> ``g [N, P or P*P, H_out, W_out]``.
@@ -76,12 +115,12 @@ class SimilarityPredictor(nn.Module):
 
     def __init__(self, in_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  similarity: str = "diagonal", kind: str = "sphere", hidden_channels: int | None = None,
-                 init: str = "zero", bias: bool = True, device=None, dtype=None):
+                 init: str = "zero", bias: bool = True, norm: str = "batch", device=None, dtype=None):
         super().__init__()
         if kind not in ("sphere", "cosine"):
             raise ValueError(f"SimilarityPredictor: unknown predictor kind {kind!r}; expected 'sphere' or 'cosine'")
         _check_predictor_args(type(self).__name__, in_channels, kernel_size, stride, padding, dilation, similarity,
-                              hidden_channels, init)
+                              hidden_channels, init, norm)
         factory = {"device": device, "dtype": dtype}
         kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
         P = kh * kw
@@ -89,19 +128,19 @@ class SimilarityPredictor(nn.Module):
         if hidden_channels is None:
             hidden_channels = 64 if similarity == "diagonal" else 128
         hidden = hidden_channels
-        use_bn = similarity == "diagonal" or kind == "cosine"
+        use_norm = (similarity == "diagonal" or kind == "cosine") and norm != "none"
         self.in_channels, self.hidden_channels = in_channels, hidden
-        self.kind, self.similarity, self.init = kind, similarity, init
-        conv_bias = bool(bias) and not use_bn
+        self.kind, self.similarity, self.init, self.norm = kind, similarity, init, norm
+        conv_bias = bool(bias) and not use_norm
         self.conv1 = SphereConv2d(in_channels, hidden, 3, padding=1, bias=conv_bias, **factory)
-        self.bn1 = nn.BatchNorm2d(hidden, eps=_BN_EPS, **factory) if use_bn else nn.Identity()
+        self.bn1 = _norm_layer(norm, hidden, factory) if use_norm else nn.Identity()
         if kind == "cosine":
             self.conv1.normalize_weight = True
             self.conv2 = SphereConv2d(hidden, out, (kh, kw), stride, padding, dilation, bias=conv_bias,
                                       normalize_weight=True, **factory)
         else:
             self.conv2 = nn.Conv2d(hidden, out, (kh, kw), stride, padding, dilation, bias=conv_bias, **factory)
-        self.bn2 = nn.BatchNorm2d(out, eps=_BN_EPS, **factory) if use_bn else nn.Identity()
+        self.bn2 = _norm_layer(norm, out, factory) if use_norm else nn.Identity()
         self.reset_parameters()
 
     @torch.no_grad()
@@ -112,10 +151,10 @@ class SimilarityPredictor(nn.Module):
             if m.bias is not None:
                 m.bias.zero_()
         for bn in (self.bn1, self.bn2):
-            if isinstance(bn, nn.BatchNorm2d):
+            if isinstance(bn, (nn.BatchNorm2d, nn.GroupNorm)):
                 bn.reset_parameters()
         if self.init == "zero":
-            if isinstance(self.bn2, nn.BatchNorm2d):
+            if isinstance(self.bn2, (nn.BatchNorm2d, nn.GroupNorm)):
                 self.bn2.weight.zero_()
             else:
                 self.conv2.weight.zero_()
@@ -129,7 +168,7 @@ class SimilarityPredictor(nn.Module):
 class LightPredictor(nn.Module):
     """A cheap predictor: depthwise conv at the layer's geometry, then two 1x1 convs.
 
-    ``g = tanh(conv1x1_b(ReLU(BN(conv1x1_a(ReLU(BN(dwconv(x))))))))`` with the depthwise conv using the
+    ``g = tanh(conv1x1_b(ReLU(N(conv1x1_a(ReLU(N(dwconv(x))))))))`` with the depthwise conv using the
     modulated layer's kernel size, stride, padding and dilation (so ``g`` is on its output grid)
     and ``hidden_channels`` (default 16) between the 1x1 convs. The ``tanh`` bounds ``g`` to
     ``(-1, 1)``, the range the SphereConv predictor's cosines have: unbounded, ``g`` reached -24..+38
@@ -137,7 +176,9 @@ class LightPredictor(nn.Module):
     ``C_in * P + C_in * hidden + hidden * P`` multiply-adds (``hidden * P * P`` for full ``M``),
     is a small fraction of the convolution's ``C_in * C_out * P``.
     Init ``'zero'``: the last conv starts at zero (``g = 0``). ``bias=False`` drops the last conv's
-    bias (the only one).
+    bias (the only one). ``norm``: the normalisation ``N`` (attributes ``bn0``, ``bn1``), ``'batch'``
+    (default), ``'group'`` or ``'none'`` as in :class:`SimilarityPredictor` (with ``'none'`` only the
+    ``tanh`` bounds ``g``).
 
     Shapes: ``x [N, C_in, H, W]`` -> ``g [N, P or P*P, H_out, W_out]``.
     """
@@ -146,22 +187,22 @@ class LightPredictor(nn.Module):
 
     def __init__(self, in_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  similarity: str = "diagonal", hidden_channels: int | None = None, init: str = "zero",
-                 bias: bool = True, device=None, dtype=None):
+                 bias: bool = True, norm: str = "batch", device=None, dtype=None):
         super().__init__()
         _check_predictor_args(type(self).__name__, in_channels, kernel_size, stride, padding, dilation, similarity,
-                              hidden_channels, init)
+                              hidden_channels, init, norm)
         factory = {"device": device, "dtype": dtype}
         kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
         P = kh * kw
         out = P if similarity == "diagonal" else P * P
         hidden = 16 if hidden_channels is None else hidden_channels
         self.in_channels, self.hidden_channels = in_channels, hidden
-        self.similarity, self.init = similarity, init
+        self.similarity, self.init, self.norm = similarity, init, norm
         self.dw = nn.Conv2d(in_channels, in_channels, (kh, kw), stride, padding, dilation, groups=in_channels,
                             bias=False, **factory)
-        self.bn0 = nn.BatchNorm2d(in_channels, eps=_BN_EPS, **factory)
+        self.bn0 = _norm_layer(norm, in_channels, factory)
         self.pw = nn.Conv2d(in_channels, hidden, 1, bias=False, **factory)
-        self.bn1 = nn.BatchNorm2d(hidden, eps=_BN_EPS, **factory)
+        self.bn1 = _norm_layer(norm, hidden, factory)
         self.out = nn.Conv2d(hidden, out, 1, bias=bool(bias), **factory)
         self.reset_parameters()
 
@@ -169,8 +210,9 @@ class LightPredictor(nn.Module):
     def reset_parameters(self) -> None:
         _he_normal_(self.dw.weight, 1.0)
         _he_normal_(self.pw.weight, 1.0)
-        self.bn0.reset_parameters()
-        self.bn1.reset_parameters()
+        for bn in (self.bn0, self.bn1):
+            if isinstance(bn, (nn.BatchNorm2d, nn.GroupNorm)):
+                bn.reset_parameters()
         if self.out.bias is not None:
             self.out.bias.zero_()
         if self.init == "zero":
@@ -210,6 +252,9 @@ class DynamicNSConv2d(nn.Conv2d):
             ``'sphere'`` and ``'cosine'``, 16 for ``'light'``).
         predictor_bias: ``False`` builds the built-in predictors without conv biases (the authors'
             code has none); default ``True``.
+        predictor_norm: the built-in predictors' normalisation (:data:`PREDICTOR_NORMS`):
+            ``'batch'`` (default, the authors' BatchNorm), ``'group'`` (GroupNorm: per sample, so the
+            layer trains at batch 1 and computes the same in train and eval mode) or ``'none'``.
 
     Attributes:
         kernel_gate: ``None`` or a module returning the kernel shape ``D`` (``[P]`` per layer, or
@@ -231,13 +276,15 @@ class DynamicNSConv2d(nn.Conv2d):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", similarity: str = "diagonal",
                  predictor: str | nn.Module = "sphere", predictor_init: str = "zero",
-                 hidden_channels: int | None = None, predictor_bias: bool = True, device=None, dtype=None):
+                 hidden_channels: int | None = None, predictor_bias: bool = True, predictor_norm: str = "batch",
+                 device=None, dtype=None):
         name = type(self).__name__
         check_conv_args(name, in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
         if similarity not in DYNAMIC_SIMILARITIES:
             raise ValueError(f"{name}: unknown similarity {similarity!r} for a dynamic layer; expected one of "
                              f"{', '.join(DYNAMIC_SIMILARITIES)}")
         check_predictor_init(name, predictor_init)
+        check_predictor_norm(name, predictor_norm)
         check_positive_int(name, "hidden_channels", hidden_channels, allow_none=True)
         if not isinstance(predictor, nn.Module) and predictor not in PREDICTORS:
             raise ValueError(f"{name}: unknown predictor {predictor!r}; expected one of {', '.join(PREDICTORS)} "
@@ -251,6 +298,8 @@ class DynamicNSConv2d(nn.Conv2d):
             kind = getattr(predictor, "kind", None)
             self.predictor_name = kind if kind in PREDICTORS else type(predictor).__name__
         self.predictor_init = predictor_init
+        # a shared built-in predictor keeps its normalisation; a custom module has its own (None here)
+        self.predictor_norm = predictor_norm if isinstance(predictor, str) else getattr(predictor, "norm", None)
         self.record_similarity = False
         self.kernel_gate: nn.Module | None = None
         self.weight_transform: nn.Module | None = None
@@ -261,7 +310,8 @@ class DynamicNSConv2d(nn.Conv2d):
         else:
             geometry = dict(kernel_size=self.kernel_size, stride=self.stride, dilation=self.dilation,
                             padding=self.padding, similarity=similarity, hidden_channels=hidden_channels,
-                            init=predictor_init, bias=predictor_bias, device=device, dtype=dtype)
+                            init=predictor_init, bias=predictor_bias, norm=predictor_norm, device=device,
+                            dtype=dtype)
             if predictor == "light":
                 self.predictor = LightPredictor(in_channels, **geometry)
             else:
@@ -319,4 +369,6 @@ class DynamicNSConv2d(nn.Conv2d):
         s = super().extra_repr() + f", similarity={self.similarity_kind!r}, predictor={self.predictor_name!r}"
         if self.predictor_init != "zero":
             s += f", predictor_init={self.predictor_init!r}"
+        if self.predictor_norm not in ("batch", None):
+            s += f", predictor_norm={self.predictor_norm!r}"
         return s

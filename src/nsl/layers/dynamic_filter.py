@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import batched_input, check_conv_args
-from .dynamic import SimilarityPredictor, check_predictor_init, check_shared_predictor
+from .dynamic import SimilarityPredictor, check_predictor_init, check_predictor_norm, check_shared_predictor
 
 __all__ = ["DynamicFilterConv2d"]
 
@@ -41,7 +41,8 @@ class DynamicFilterConv2d(nn.Conv2d):
     * Init: ``A = 0``, so the layer starts exactly as its plain convolution; ``A`` receives
       gradient at once (through the centre tap), and ``g`` as soon as ``A != 0``.
       ``predictor_init`` is passed to the predictor (``'zero'``: ``g = 0``; ``'authors'``: the
-      authors' He x 0.1 / He x 0.001 init).
+      authors' He x 0.1 / He x 0.001 init), ``predictor_norm`` too (``'batch'``, the default,
+      ``'group'`` or ``'none'``: see :class:`nsl.SimilarityPredictor`).
 
     ``groups`` must be 1 and ``padding_mode`` ``'zeros'``. Shapes: ``[N, C_in, H, W]`` (or unbatched
     ``[C_in, H, W]``) -> ``[N, C_out, H_out, W_out]`` as ``nn.Conv2d``.
@@ -50,7 +51,7 @@ class DynamicFilterConv2d(nn.Conv2d):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", predictor_init: str = "zero",
                  hidden_channels: int | None = None, predictor: nn.Module | None = None, predictor_bias: bool = True,
-                 device=None, dtype=None):
+                 predictor_norm: str = "batch", device=None, dtype=None):
         name = type(self).__name__
         check_conv_args(name, in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
         if groups != 1:
@@ -60,18 +61,21 @@ class DynamicFilterConv2d(nn.Conv2d):
         if isinstance(padding, str):
             raise ValueError(f"{name} needs numeric padding, got {padding!r}")
         check_predictor_init(name, predictor_init)
+        check_predictor_norm(name, predictor_norm)
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, device=device, dtype=dtype)
         self.predictor_init = predictor_init
         if predictor is not None:
             check_shared_predictor(name, predictor)
             self.predictor = predictor
+            self.predictor_norm = getattr(predictor, "norm", None)
         else:
             self.predictor = SimilarityPredictor(in_channels, self.kernel_size, self.stride, self.padding,
                                                  self.dilation, similarity="diagonal", kind="sphere",
                                                  hidden_channels=hidden_channels, init=predictor_init,
-                                                 bias=predictor_bias,
+                                                 bias=predictor_bias, norm=predictor_norm,
                                                  device=device, dtype=dtype)
+            self.predictor_norm = predictor_norm
         self.mix = nn.Conv2d(in_channels, out_channels, 1, bias=False, device=device, dtype=dtype)
         nn.init.zeros_(self.mix.weight)
 
@@ -109,4 +113,6 @@ class DynamicFilterConv2d(nn.Conv2d):
         s = super().extra_repr() + ", dynamic filter"
         if self.predictor_init != "zero":
             s += f", predictor_init={self.predictor_init!r}"
+        if self.predictor_norm not in ("batch", None):
+            s += f", predictor_norm={self.predictor_norm!r}"
         return s

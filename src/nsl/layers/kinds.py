@@ -24,7 +24,10 @@ Options every kind with a predictor takes (:func:`make_conv`, and through it the
 ``predictor_width`` (the predictor's hidden channels, the layers' ``hidden_channels``; default 64
 for diagonal and 128 for full sphere/cosine predictors, 16 for the light one) and ``shared``
 (a :class:`SharedPredictors`: layers built with one share one predictor per input width and
-geometry, the paper's shared parametrisation). ``paper=True`` selects the authors'
+geometry, the paper's shared parametrisation) and ``predictor_norm`` (the predictor's normalisation,
+:data:`~nsl.layers.dynamic.PREDICTOR_NORMS`: ``'batch'``, the authors' BatchNorm and the default of
+the models; ``'group'``, GroupNorm, which needs no batch statistics and is :func:`nsl.convert`'s
+default; ``'none'``). ``paper=True`` selects the authors'
 initialisations (:attr:`LayerKind.paper_options`); otherwise every NSL layer starts exactly as
 its plain convolution.
 """
@@ -40,7 +43,7 @@ import torch.nn as nn
 from torch.nn.modules.utils import _pair
 
 from ._checks import check_positive_int
-from .dynamic import DynamicNSConv2d
+from .dynamic import DynamicNSConv2d, check_predictor_norm
 from .dynamic_filter import DynamicFilterConv2d
 from .ns_conv import NSConv2d
 
@@ -198,13 +201,14 @@ def _geometry_key(kind: LayerKind, in_channels, kernel_size, stride, padding, op
     pad = padding if isinstance(padding, str) else _pair(padding)
     return (kind.name, in_channels, _pair(kernel_size), _pair(stride), pad, _pair(options.get("dilation", 1)),
             options.get("hidden_channels"), options.get("predictor_init", "zero"), options.get("predictor_bias", True),
-            options.get("padding_mode", "zeros"),
+            options.get("predictor_norm", "batch"), options.get("padding_mode", "zeros"),
             str(options.get("device")), str(options.get("dtype")))
 
 
 def make_conv(kind: str | LayerKind, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
               bias: bool = True, paper: bool = False, predictor_width: int | None = None,
-              shared: SharedPredictors | None = None, predictor_bias: bool = True, **options) -> nn.Module:
+              shared: SharedPredictors | None = None, predictor_bias: bool = True, predictor_norm: str = "batch",
+              **options) -> nn.Module:
     """A convolution of layer kind ``kind`` (see :data:`LAYER_KINDS`) with ``nn.Conv2d``'s geometry.
 
     Args:
@@ -218,25 +222,31 @@ def make_conv(kind: str | LayerKind, in_channels: int, out_channels: int, kernel
             with the same scope share one predictor (kinds with a predictor only).
         predictor_bias: ``False``: the predictor's convs have no bias (the authors' code has none);
             nothing to do for kinds without a predictor.
+        predictor_norm: the predictor's normalisation, ``'batch'`` (default: the authors' BatchNorm),
+            ``'group'`` (GroupNorm, no batch statistics: trains at batch 1) or ``'none'``; kinds with
+            a predictor only (another value than ``'batch'`` for a kind without one is an error).
         **options: passed to the layer (e.g. ``dilation``, ``groups``, ``rank``, ``similarity_groups``).
 
     Returns:
         ``kind.module(in_channels, out_channels, kernel_size, stride=, padding=, bias=, **kind.options, ...)``.
 
     Raises:
-        ValueError: unknown kind, or a predictor option for a kind without a predictor.
+        ValueError: unknown kind, unknown ``predictor_norm``, or a predictor option for a kind without a
+            predictor.
     """
     k = layer_kind(kind)
     options = dict(options)
+    check_predictor_norm("make_conv", predictor_norm)
     if predictor_width is not None:
         check_positive_int("make_conv", "predictor_width", predictor_width)
         if options.get("hidden_channels", predictor_width) != predictor_width:
             raise ValueError(f"make_conv: predictor_width={predictor_width} and hidden_channels="
                              f"{options['hidden_channels']} name one option; give one of them")
         options["hidden_channels"] = predictor_width
-    if k.predictor is None and ("hidden_channels" in options or shared is not None):
+    if k.predictor is None and ("hidden_channels" in options or shared is not None or predictor_norm != "batch"):
         with_predictor = ", ".join(n for n, v in LAYER_KINDS.items() if v.predictor is not None)
-        given = "shared" if shared is not None else "predictor_width"
+        given = ("shared" if shared is not None else "predictor_width" if "hidden_channels" in options
+                 else f"predictor_norm={predictor_norm!r}")
         raise ValueError(f"layer kind {k.name!r} has no predictor, so {given} does not apply; kinds with a "
                          f"predictor: {with_predictor}")
     if shared is not None and not isinstance(shared, SharedPredictors):
@@ -247,6 +257,8 @@ def make_conv(kind: str | LayerKind, in_channels: int, out_channels: int, kernel
                              f"kind instead of passing {name}={options[name]!r}")
     if not predictor_bias and k.predictor is not None:
         options["predictor_bias"] = False
+    if predictor_norm != "batch":  # a kind with a predictor (checked above)
+        options["predictor_norm"] = predictor_norm
     if paper:
         options = {**k.paper_options, **options}
     key = None
@@ -256,6 +268,7 @@ def make_conv(kind: str | LayerKind, in_channels: int, out_channels: int, kernel
         if predictor is not None:
             options["predictor"] = predictor
             options.pop("hidden_channels", None)
+            options.pop("predictor_norm", None)
     layer = k.module(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias,
                      **{**k.options, **options})
     if key is not None and shared.get(key) is None:

@@ -62,7 +62,7 @@ MODEL_LAYERS: dict[str, tuple[str, ...]] = {"sphere-attention": SPHERE_ATTENTION
 
 def build_model(name: str, layer: str = "conv", num_classes: int = 10, in_channels: int = 3, *,
                 predictor_width: int | None = None, share_predictor: bool = False, bias: bool = True,
-                **kw) -> nn.Module:
+                predictor_norm: str = "batch", **kw) -> nn.Module:
     """Build model ``name`` with its NSL convolutions of kind ``layer``.
 
     Args:
@@ -77,6 +77,8 @@ def build_model(name: str, layer: str = "conv", num_classes: int = 10, in_channe
         bias: ``False``: no bias in any convolution, as the authors' code (cnn9's classifier, every
             predictor conv; sphere-attention has none anyway). Default ``True`` keeps the models and
             their state_dict keys as they were.
+        predictor_norm: the predictors' normalisation (kinds with a predictor): ``'batch'`` (default,
+            the authors' BatchNorm), ``'group'`` (GroupNorm, no batch statistics) or ``'none'``.
         **kw: ``paper`` (the authors' inits of ``M`` and predictors), ``bn_eps``, ``image_size``
             (cnn9, sphere-attention: input side, default 32), ``raw_input`` (sphere-attention: apply the
             authors' ``(x - 127.5) / 128``), ``width`` (cnn9, CIFAR ResNets), ``zero_init_residual``
@@ -89,13 +91,16 @@ def build_model(name: str, layer: str = "conv", num_classes: int = 10, in_channe
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
     kind = layer_kind(layer)
-    if predictor_width is not None or share_predictor:
+    if predictor_width is not None or share_predictor or predictor_norm != "batch":
         if kind.predictor is None:
-            option = "predictor_width" if predictor_width is not None else "share_predictor"
+            option = ("predictor_width" if predictor_width is not None else "share_predictor" if share_predictor
+                      else "predictor_norm")
             raise ValueError(f"{option} applies to layer kinds with a predictor ("
                              f"{', '.join(n for n, k in LAYER_KINDS.items() if k.predictor is not None)}), "
                              f"got {kind.name!r}")
         kw.update(predictor_width=predictor_width, share_predictor=share_predictor)
+        if predictor_norm != "batch":
+            kw["predictor_norm"] = predictor_norm
     if not isinstance(bias, bool):
         raise ValueError(f"bias must be True or False, got {bias!r}")
     if not bias and name != "sphere-attention":  # its convs and classifier have no bias

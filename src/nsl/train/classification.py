@@ -35,8 +35,8 @@ __all__ = ["ClassificationTask", "train", "evaluate", "evaluate_checkpoint", "lo
            "build_from_checkpoint", "STRUCTURAL"]
 
 #: TrainConfig fields a resumed run must keep
-STRUCTURAL = ("dataset", "model", "layer", "width", "predictor_width", "share_predictor", "bias", "paper_init",
-              "train_subset", "batch_size", "seed", "bn_eps", "input", "shape_active", "shape_method",
+STRUCTURAL = ("dataset", "model", "layer", "width", "predictor_width", "share_predictor", "predictor_norm", "bias",
+              "paper_init", "train_subset", "batch_size", "seed", "bn_eps", "input", "shape_active", "shape_method",
               "shape_per_filter")
 
 
@@ -230,6 +230,8 @@ def build_model_for(cfg: TrainConfig, meta: dict) -> nn.Module:
         kw["predictor_width"] = cfg.predictor_width
     if cfg.share_predictor:
         kw["share_predictor"] = True
+    if cfg.predictor_norm != "batch":
+        kw["predictor_norm"] = cfg.predictor_norm
     if not cfg.bias:
         kw["bias"] = False
     model = build_model(cfg.model, cfg.layer, meta["num_classes"], meta["in_channels"], **kw)

@@ -104,6 +104,8 @@ class TrainConfig(ConfigBase):
     # 0: the predictor's default (sphere and cosine: 64 for a diagonal M, 128 for a full one; light: 16)
     share_predictor: bool = False  # one predictor per stage for the layers of equal input channels and geometry
     # (the paper's shared parametrisation; layer kinds with a predictor)
+    predictor_norm: str = "batch"  # the predictors' normalisation (layer kinds with a predictor): batch (authors'),
+    # group (GroupNorm: no batch statistics, trains at batch 1) or none
     bias: bool = True  # authors: no bias in any conv (False: none in cnn9's classifier or any predictor conv)
     out: str | None = None  # run directory
     paper_init: bool = True  # authors' inits: static diagonal M = eye(3) flattened; predictor He x 0.1 / He x 0.001
@@ -204,13 +206,18 @@ class TrainConfig(ConfigBase):
 
 
 def check_predictor_options(cfg) -> None:
-    """``cfg.predictor_width`` and ``cfg.share_predictor`` only for layer kinds with a predictor."""
+    """``cfg.predictor_width``, ``cfg.share_predictor`` and a ``cfg.predictor_norm`` other than ``'batch'`` only
+    for layer kinds with a predictor."""
     from ..layers import LAYER_KINDS
 
     if (cfg.predictor_width or cfg.share_predictor) and LAYER_KINDS[cfg.layer].predictor is None:
         with_predictor = [k for k, v in LAYER_KINDS.items() if v.predictor is not None]
         raise ConfigError(f"predictor_width and share_predictor apply to layer kinds with a predictor "
                           f"({', '.join(with_predictor)}), got layer {cfg.layer!r}")
+    if cfg.predictor_norm != "batch" and LAYER_KINDS[cfg.layer].predictor is None:
+        with_predictor = [k for k, v in LAYER_KINDS.items() if v.predictor is not None]
+        raise ConfigError(f"{{predictor_norm}}={cfg.predictor_norm!r} applies to layer kinds with a predictor "
+                          f"({', '.join(with_predictor)}), got layer {cfg.layer!r}", "predictor_norm")
 
 
 #: models whose channel width ``TrainConfig.width`` sets

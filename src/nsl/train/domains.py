@@ -165,6 +165,11 @@ def layer_kinds():
     return LAYER_KINDS
 
 
+def _predictor_norms():
+    from ..layers import PREDICTOR_NORMS
+    return PREDICTOR_NORMS
+
+
 def _datasets():
     from ..data import DATASETS
     return tuple(DATASETS)
@@ -195,6 +200,8 @@ _DEVICE = r"auto|cpu|cuda(:\d+)?|mps|xpu(:\d+)?"
 PATH = Domain("str", optional=True, pattern=r"(?s).+", text="a path, or null")
 #: random seeds: what torch.manual_seed takes (a 64-bit unsigned integer)
 SEED = integer(0, hi=2**64 - 1, text="an integer from 0 to 2**64 - 1")
+#: the predictors' normalisation (``nsl.layers.PREDICTOR_NORMS``), shared by the training and few-shot configs
+PREDICTOR_NORM = choice(_predictor_norms)
 
 #: fields every run configuration has (read by the training engine)
 ENGINE_DOMAINS: dict[str, Domain] = {
@@ -267,6 +274,7 @@ TRAIN_DOMAINS: dict[str, Domain] = {
     "image_size": integer(8),
     "predictor_width": integer(0, text="an integer >= 0 (0: the predictor's own width)"),
     "share_predictor": boolean(),
+    "predictor_norm": PREDICTOR_NORM,
     "bias": boolean(),
 }
 

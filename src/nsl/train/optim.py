@@ -44,9 +44,10 @@ def lr_factor(cfg: TrainConfig, step: int, total: int) -> float:
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     """Parameter groups with the protocol's weight decay: static diagonal ``M`` (``wd_static_diagonal``),
-    static full ``M`` (``wd_static_full``), BN parameters and biases (``weight_decay`` if
-    ``decay_bn`` else 0), the parameters named by ``model.no_weight_decay()`` if the model defines it
-    (0; e.g. the cosine filters of ``sphere-attention``, as the authors) and everything else (``weight_decay``).
+    static full ``M`` (``wd_static_full``), BN (and the predictors' GroupNorm) parameters and biases
+    (``weight_decay`` if ``decay_bn`` else 0), the parameters named by ``model.no_weight_decay()`` if the model
+    defines it (0; e.g. the cosine filters of ``sphere-attention``, as the authors) and everything else
+    (``weight_decay``).
     The logits of kernel-shape gates are left out: :class:`~nsl.train.shaping.KernelShapeSchedule` optimises them."""
     special: dict[int, str] = {}
     for m in model.modules():
@@ -54,7 +55,7 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
             special[id(m.logits)] = "shape"
         if isinstance(m, NSConv2d) and m.similarity_kind in ("diagonal", "full"):
             special[id(m.similarity)] = m.similarity_kind
-        if isinstance(m, nn.modules.batchnorm._NormBase) and not cfg.decay_bn:
+        if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm)) and not cfg.decay_bn:
             for p in m.parameters(recurse=False):
                 special[id(p)] = "nodecay"
     if not cfg.decay_bn:
