@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -35,3 +37,21 @@ def test_network_benchmark_rejects_unknown_kind(tmp_path):
     assert res.returncode == 2
     assert "--layers: unknown layer kind 'nope'" in res.stderr
     assert not (tmp_path / "n.json").exists()
+
+
+@pytest.mark.slow  # two dynamo exports: about 30-80 s on 2 shared cores
+def test_onnx_runtime_benchmark_tiny(tmp_path):
+    pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip install nsl[test])")
+    pytest.importorskip("onnxscript", reason="onnxscript not installed (pip install nsl[test])")
+    out = tmp_path / "ort.json"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "onnx_runtime.py"), "--layers",
+                          "dynamic-diagonal", "--width", "2", "--batches", "2", "--repeat", "1", "--threads", "1",
+                          "--no-reference", "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["kind"], r["runtime"]) for r in rows} == {(k, v) for k in ("conv", "dynamic-diagonal")
+                                                          for v in ("ort", "eager")}
+    for r in rows:
+        assert r["ms"] > 0 and r["x_conv"] > 0 and r["x_eager"] > 0
+        if r["runtime"] == "ort":
+            assert r["max_abs_diff"] < 1e-4
