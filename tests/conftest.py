@@ -8,10 +8,10 @@ the tests skip with the reason; with ``NSL_REQUIRE_DATA=1`` (set by ``.ci/run``)
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
-import functools
 from pathlib import Path
 
 import pytest

@@ -133,3 +133,33 @@ def test_export_bad_inputs_are_one_line(checkpoints, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mismatch.pt", "notes.txt", "other.pt"]  # nothing written
     with pytest.raises(ExportError, match="batch must be a positive integer, got 0"):
         export_onnx(ckpt, tmp_path / "m.onnx", batch=0)
+
+
+_PREDICTOR_KINDS = [name for name, k in nsl.layers.LAYER_KINDS.items()
+                    if k.dynamic and k.predictor is not None and k.similarity in ("diagonal", "full")]
+
+
+def _conv_groups(path):
+    return [next((a.i for a in n.attribute if a.name == "group"), 1)
+            for n in onnx.load(str(path)).graph.node if n.op_type == "Conv"]
+
+
+@pytest.mark.parametrize("kind", _PREDICTOR_KINDS)
+def test_export_dynamic_layer_is_conv_mul_and_exact(kind, tmp_path):
+    # stride 2, dilation 2, groups 2, uneven sizes: every geometry argument reaches the one-hot conv
+    from nsl.layers import make_conv
+
+    torch.manual_seed(0)
+    layer = make_conv(kind, 4, 6, 3, stride=2, padding=2, dilation=2, groups=2).eval()
+    for p in layer.predictor.parameters():  # predictors may start at M = I: make the dynamic part matter
+        with torch.no_grad():
+            p.normal_(0, 0.3)
+    x = torch.randn(2, 4, 9, 7, generator=torch.Generator().manual_seed(3))
+    path = tmp_path / f"{kind}.onnx"
+    torch.onnx.export(layer, (x,), str(path), input_names=["input"], output_names=["output"], dynamo=True,
+                      external_data=False)
+    assert "Einsum" not in _ops(path)  # the reference formula's mix (full) is gone
+    assert 4 in _conv_groups(path)  # the one-hot shift conv (groups = C_in); the 1x1 contraction has groups 2
+    with torch.no_grad():
+        want = layer.double()(x.double()).float()
+    torch.testing.assert_close(_run_onnx(path, x), want, atol=1e-4, rtol=1e-4)

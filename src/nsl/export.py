@@ -5,9 +5,10 @@ classifier: ``logits = f(x)``) or by ``nsl fewshot train`` (the embedding backbo
 ``z = g(x)``, the part a few-shot head compares; prototypes are computed from support embeddings at
 run time), optionally folds every static NSL layer into the plain ``nn.Conv2d`` computing the same
 function (:func:`nsl.fold`: ``W'[o, c, q] = sum_p W[o, c, p] M[p, q]``), and writes it with
-``torch.onnx.export`` (the exporter PyTorch uses by default). Dynamic NSL layers export through their
-``reference`` formula, ``y = sum_p w_p^T M_p(x) x_p`` written as gathers of shifted views and matrix
-products, so the file holds standard ONNX operators only (no custom op).
+``torch.onnx.export`` (the exporter PyTorch uses by default). Dynamic NSL layers export through
+:mod:`nsl._export_math`: ``y = sum_p w_p^T M_p(x) x_p`` as a fixed one-hot grouped ``Conv`` (the ``P``
+shifted copies of the input), a ``Mul`` (diagonal ``M``) or ``Mul`` + ``ReduceSum`` (full ``M``), and a 1x1
+``Conv`` with the weight, so the file holds standard ONNX operators only (no custom op).
 
 The file is written atomically (a temporary file in the same folder, then ``os.replace``). When
 ``onnxruntime`` is installed, the exported graph is run on a seeded random input and compared with

@@ -37,8 +37,8 @@ C++ kernel is available, ``triton`` on CUDA when ``nsl._triton.unavailable_reaso
 None (otherwise ``ztrick`` or ``unfold`` by shape, with one warning per process saying why). It
 does so under ``torch.compile`` too: the compiled graph calls the operator (no graph break), and
 where no fused kernel applies the compiler gets ``reference``. ``torch.jit.trace`` and ONNX
-export get ``reference``, so an exported model is the reference formula in standard ops (gathers
-of shifted views, einsum/matmul). Select with :func:`set_backend` or the :func:`use_backend`
+export get :mod:`nsl._export_math` (the same formula as a one-hot grouped conv, a mix with ``M``
+and a 1x1 conv, in standard ops). Select with :func:`set_backend` or the :func:`use_backend`
 context manager.
 
 Gradients of any order on every backend (``create_graph=True``: MAML, gradient penalties,
@@ -63,7 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _ops
+from . import _export_math, _ops
 from ._torch_kernels import _reference, _UnfoldFn, _ZTrickFn
 
 __all__ = [
@@ -391,7 +391,7 @@ def _choose(backend: str, x: Tensor, weight: Tensor, sim: Tensor) -> str:
     if backend != "auto":
         return backend
     if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-        return "reference"  # exporters get the explicit formula in standard ops
+        return "export"  # exporters get the formula in standard Conv/Mul ops (nsl._export_math)
     fused = _auto_fused(x.device.type, x.device.index or 0, x.dtype)
     if fused:
         return fused
@@ -434,6 +434,8 @@ def _dynamic(x, weight, sim, stride, pads, dilation, groups, out_size) -> Tensor
     if any(pads):
         x = F.pad(x, (pads[2], pads[3], pads[0], pads[1]))
     geometry = (weight.shape[2], weight.shape[3], stride, dilation, out_size)
+    if backend == "export":
+        return _export_math.dynamic_ns_conv2d_export(x, weight, sim, groups, geometry)
     if backend == "reference":
         return _reference(x, weight, sim, groups, geometry)
     if backend == "unfold":
