@@ -234,8 +234,8 @@ def test_bad_inputs_have_clear_messages(tmp_path, capsys, data_root):
     assert code == 2 and "cifar-10" in err.lower()  # the data layer's message: where and how to get the files
     code, _, err = run(["train", "--dataset", "imagenet", "--out", str(tmp_path / "y"), *FAST], capsys)
     assert code == 2 and "unknown dataset 'imagenet'; valid names" in err
-    code, _, err = run([*base, "--out", str(tmp_path / "none"), "--resume"], capsys)  # a requeued job: starts fresh
-    assert code == 0 and "nothing to resume" in capsys.readouterr().out + err
+    code, out, err = run([*base, "--out", str(tmp_path / "none"), "--resume"], capsys)  # a requeued job: starts fresh
+    assert code == 0 and "nothing to resume" in out + err
     # a finished run: refuse to overwrite; refuse to resume with another layer kind
     run_dir = tmp_path / "done"
     assert run([*base, "--out", str(run_dir), "--model", "resnet20"], capsys)[0] == 0
