@@ -280,7 +280,8 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--eval-every", dest="eval_every", type=int, help="steps between test evaluations (0: at the end)")
     p.add_argument("--stop-at", dest="stop_at", type=int, help="stop after N steps as if interrupted")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config field (repeatable)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.pt")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.pt "
+                   "(fresh if none yet; SIGTERM/SIGUSR1 save it and exit 75)")
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="hide the progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON at the end")
     p.add_argument("--download", action="store_true", help="download the dataset into --data-dir first if it is "

@@ -119,7 +119,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--rotations", action="store_const", const=True, help="Omniglot: rotated characters as classes")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config field (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.pt "
-                   "(a larger --episodes extends it)")
+                   "(a larger --episodes extends it; fresh if none yet; SIGTERM/SIGUSR1 save it and exit 75)")
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="hide the progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON at the end")
     p.add_argument("--download", action="store_true", help="download the dataset into --data-dir first if it is "
