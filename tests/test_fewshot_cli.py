@@ -162,8 +162,6 @@ def test_bad_inputs(data_root, tmp_path, trained_run, capsys):
     assert f"data directory {tmp_path / 'nope'} does not exist" in err
     err = _err(capsys, [*base, "--dataset", "cifar-fs", "--set", "bogus=1"])
     assert "unknown config key 'bogus'" in err
-    err = _err(capsys, [*base, "--dataset", "cifar-fs", "--resume"])
-    assert "nothing to resume" in err
     err = _err(capsys, ["fewshot", "train", "--dataset", "cifar-fs", "--data-dir", str(data_root),
                         "--out", str(trained_run), *TINY])
     assert "already holds a run" in err and "--resume" in err

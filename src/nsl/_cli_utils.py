@@ -204,11 +204,13 @@ def run_training(command: str, args: argparse.Namespace, given: dict, config_cls
     false: the data layer then says what is missing), runs ``train(cfg, resume=...)`` and maps
     every expected failure to one ``nsl COMMAND: error: ...`` line (fields named by their flags:
     :func:`message_of`): exit 1 for a diverged run, 130
-    for Ctrl-C (with the command that resumes), 2 for bad settings, run directories or data.
+    for Ctrl-C (with the command that resumes), 75 (``EXIT_PREEMPTED``) for SIGTERM/SIGUSR1 (a checkpoint is
+    written first), 2 for bad settings, run directories or data.
     Prints the summary as JSON with ``--json``.
     """
     from .data.errors import DatasetError
     from .train import CheckpointError, ConfigError, TrainingDiverged
+    from .train.loop import EXIT_PREEMPTED, Preempted
 
     try:
         if args.out is None:
@@ -234,6 +236,8 @@ def run_training(command: str, args: argparse.Namespace, given: dict, config_cls
         summary = train(cfg, resume=args.resume)
     except TrainingDiverged as e:
         return error(command, message_of(e), 1)
+    except Preempted as e:
+        return error(command, f"{e} (nsl {command} --out {args.out} --resume)", EXIT_PREEMPTED)
     except KeyboardInterrupt:
         return error(command, f"interrupted; continue from the last checkpoint with: nsl {command} --out {args.out} "
                               "--resume", 130)

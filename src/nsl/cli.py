@@ -228,7 +228,8 @@ def _add_train_parser(sub) -> None:
     add_field_flags(p, TrainConfig, TRAIN_FLAGS[4:])
     add_field_flags(p.add_mutually_exclusive_group(), TrainConfig, TRAIN_LENGTH_FLAGS)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config field (repeatable)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.pt")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.pt "
+                   "(fresh if none yet; SIGTERM/SIGUSR1 save it and exit 75)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON at the end")
     p.add_argument("--download", action="store_true", help="download the dataset into --data-dir first if it is "
                    "not there (as nsl download NAME DIR)")

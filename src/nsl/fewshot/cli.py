@@ -95,7 +95,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_field_flags(p, FewShotConfig, FEWSHOT_TRAIN_FLAGS)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config field (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.pt "
-                   "(a larger --episodes extends it)")
+                   "(a larger --episodes extends it; fresh if none yet; SIGTERM/SIGUSR1 save it and exit 75)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON at the end")
     p.add_argument("--download", action="store_true", help="download the dataset into --data-dir first if it is "
                    "not there (CIFAR-FS and FC100: CIFAR-100; as nsl download NAME DIR)")

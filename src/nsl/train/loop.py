@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import math
 import random
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,7 +53,34 @@ from .run import (
     set_rng_state,
 )
 
-__all__ = ["fit", "Task", "TrainingDiverged"]
+__all__ = ["fit", "Task", "TrainingDiverged", "Preempted", "EXIT_PREEMPTED", "PREEMPT_SIGNALS"]
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: the exit code of a training command stopped by SIGTERM/SIGUSR1 after saving
+PREEMPT_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGUSR1") if hasattr(signal, n))
+
+
+class Preempted(Exception):
+    """Training was stopped by a preemption signal (:data:`PREEMPT_SIGNALS`): the current step finished and
+    ``checkpoints/last.pt`` was written; ``--resume`` continues bit-exactly. The CLI exits :data:`EXIT_PREEMPTED`."""
+
+
+class _SignalFlag:
+    """Sets :attr:`hit` (the signal number) on a preemption signal while installed (main thread only); restores
+    the previous handlers on :meth:`restore`."""
+
+    def __init__(self):
+        self.hit, self.saved = 0, {}
+        if threading.current_thread() is threading.main_thread():
+            for s in PREEMPT_SIGNALS:
+                self.saved[s] = signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.hit = signum
+
+    def restore(self) -> None:
+        for s, h in self.saved.items():
+            signal.signal(s, h)
+        self.saved = {}
 
 CHECKPOINT_VERSION = 1
 
@@ -274,15 +303,17 @@ def fit(task: Task, cfg, resume: bool = False, echo=print) -> dict:
             torch.cuda.set_device(process.device)
         dist.init_process_group("nccl" if process.device.type == "cuda" else "gloo")
         own_group = True
+    flag = _SignalFlag()
     try:
-        return _fit(task, cfg, resume, echo, run, process)
+        return _fit(task, cfg, resume, echo, run, process, flag)
     finally:
+        flag.restore()
         run.close()
         if own_group:
             dist.destroy_process_group()
 
 
-def _fit(task: Task, cfg, resume: bool, echo, run: RunDir, process: Process) -> dict:
+def _fit(task: Task, cfg, resume: bool, echo, run: RunDir, process: Process, flag: _SignalFlag) -> dict:
     main, world_size = process.main, process.world_size
     say = echo if main else (lambda *a, **k: None)
     unit = task.unit
@@ -291,6 +322,8 @@ def _fit(task: Task, cfg, resume: bool, echo, run: RunDir, process: Process) -> 
     if ckpt is not None and ckpt.get("world_size", 1) != world_size:
         raise ConfigError(f"the run was saved with {ckpt.get('world_size', 1)} processes; resume with the same "
                           f"number (now {world_size})")
+    if resume and ckpt is None:
+        say(f"nothing to resume in {run} (no checkpoint was written yet); starting fresh")
     task.setup(process, ckpt)
     total = task.total
     torch.manual_seed(cfg.seed)
@@ -448,7 +481,13 @@ def _fit(task: Task, cfg, resume: bool, echo, run: RunDir, process: Process) -> 
             eval_now = step == total or bool(task.eval_every and step % task.eval_every == 0)
             save_now = eval_now or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) \
                 or (cfg.stop_at and step == cfg.stop_at)
-            if not (log_now or save_now):
+            preempt = flag.hit
+            if process.distributed:  # every rank stops at the same step, so the checkpoint is consistent
+                hit = torch.tensor([preempt], dtype=torch.int64, device=process.device)
+                dist.all_reduce(hit, op=dist.ReduceOp.MAX)
+                preempt = int(hit.item())
+            preempt = preempt if step < total else 0  # the last step finishes the run as usual
+            if not (log_now or save_now or preempt):
                 continue
             flush()  # the divergence check comes before any record or checkpoint of this step
             if main and cfg.progress:
@@ -476,8 +515,11 @@ def _fit(task: Task, cfg, resume: bool, echo, run: RunDir, process: Process) -> 
                 if last_eval[task.score_key] > best_acc:
                     best_acc, best_step = last_eval[task.score_key], step
                     save("best")
-            if save_now:
+            if save_now or preempt:
                 save("last")
+            if preempt:
+                raise Preempted(f"stopped by {signal.Signals(preempt).name} at {unit} {step} of {total}; checkpoint "
+                                f"{run.last} written; continue with --resume")
             t_mark = time.perf_counter()  # evaluations and checkpoint writes are not training time
         flush()
     finally:

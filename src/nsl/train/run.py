@@ -201,9 +201,9 @@ class RunDir:
 
         With ``lock`` (the main process) the directory is created and locked first (``RunDirBusy`` when
         another process holds it; ``ConfigError`` naming ``out`` when it is a file or not writable), and stale
-        temporary files are removed. With ``resume``: ``last.pt`` must exist and the saved config must equal
-        ``cfg`` on every field in ``structural`` (``ConfigError`` listing the differences). Without: the
-        directory must not hold a run already. ``load`` reads the checkpoint (format-checked).
+        temporary files are removed. With ``resume``: a missing ``last.pt`` starts fresh (None); else the saved
+        config must equal ``cfg`` on every field in ``structural`` (``ConfigError`` listing the differences).
+        Without: the directory must not hold a run already. ``load`` reads the checkpoint (format-checked).
         """
         if lock:
             self.lock.acquire()
@@ -216,9 +216,9 @@ class RunDir:
         return self._check(cfg, resume, structural, load)
 
     def _check(self, cfg, resume, structural, load) -> dict | None:
+        if resume and not self.last.exists():  # a requeued job stopped before its first checkpoint
+            return None
         if resume:
-            if not self.last.exists():
-                raise CheckpointError(f"nothing to resume: {self.last} does not exist")
             ckpt = load(self.last)
             try:
                 saved = type(cfg).from_dict(ckpt["config"])
