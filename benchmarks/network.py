@@ -36,7 +36,6 @@ from common import ROOT, environment, print_table, time_cases, write_json  # noq
 
 sys.path.insert(0, str(ROOT / "src"))
 from nsl.layers import LAYER_KINDS  # noqa: E402
-
 from nsl.models import build_model  # noqa: E402
 from nsl.report import count_macs  # noqa: E402
 

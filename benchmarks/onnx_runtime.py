@@ -33,9 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, environment, print_table, time_cases, write_json  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "src"))
-from nsl.layers import LAYER_KINDS  # noqa: E402
-
 import nsl  # noqa: E402
+from nsl.layers import LAYER_KINDS  # noqa: E402
 from nsl.models import build_model  # noqa: E402
 
 DEFAULT_LAYERS = "conv,dynamic-diagonal,dynamic-diagonal-light"
