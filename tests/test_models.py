@@ -113,7 +113,7 @@ def test_native_nsl_equals_converted_conv_model(name):
     for kind, sim, dyn, pred in [("static-full", "full", False, None), ("static-diagonal", "diagonal", False, None),
                                  ("dynamic-diagonal", "diagonal", True, "sphere")]:
         native = build_model(name, kind)
-        extra = {"predictor": pred} if dyn else {}
+        extra = {"predictor": pred, "predictor_norm": "batch"} if dyn else {}  # the models' BatchNorm predictors
         converted = nsl.convert(base, sim, dynamic=dyn, include=keep, **extra)
         native.load_state_dict(converted.state_dict(), strict=True)  # same parameter names and shapes
         native.eval()
