@@ -129,3 +129,15 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
         print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
         if j == 0:
             print("  ".join("-" * w for w in widths))
+
+
+def layer_kinds_with_conv(parser, text: str) -> list[str]:
+    """``--layers`` (comma-separated layer kinds) as a list starting with the ``conv`` baseline; an unknown
+    kind is a one-line ``parser.error``."""
+    from nsl.layers import LAYER_KINDS
+
+    kinds = ["conv"] + [k for k in text.split(",") if k and k != "conv"]
+    for k in kinds:
+        if k not in LAYER_KINDS:
+            parser.error(f"--layers: unknown layer kind {k!r}; expected some of {', '.join(LAYER_KINDS)}")
+    return kinds

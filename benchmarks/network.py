@@ -32,10 +32,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, environment, print_table, time_cases, write_json  # noqa: E402
+from common import ROOT, environment, layer_kinds_with_conv, print_table, time_cases, write_json  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "src"))
-from nsl.layers import LAYER_KINDS  # noqa: E402
 from nsl.models import build_model  # noqa: E402
 from nsl.report import count_macs  # noqa: E402
 
@@ -93,10 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile", choices=["on", "off"], default="on", help="also time torch.compile (inductor)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "network.json")
     args = parser.parse_args(argv)
-    kinds = ["conv"] + [k for k in args.layers.split(",") if k and k != "conv"]
-    for k in kinds:
-        if k not in LAYER_KINDS:
-            parser.error(f"--layers: unknown layer kind {k!r}; expected some of {', '.join(LAYER_KINDS)}")
+    kinds = layer_kinds_with_conv(parser, args.layers)
     try:
         infer_batches = _ints(args.infer_batches)
     except ValueError:

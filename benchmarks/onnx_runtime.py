@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, environment, print_table, time_cases, write_json  # noqa: E402
+from common import ROOT, environment, layer_kinds_with_conv, print_table, time_cases, write_json  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "src"))
 import nsl  # noqa: E402
@@ -61,10 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-reference", action="store_true", help="skip the reference-formula exports")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "onnx_runtime.json")
     args = parser.parse_args(argv)
-    kinds = ["conv"] + [k for k in args.layers.split(",") if k and k != "conv"]
-    for k in kinds:
-        if k not in LAYER_KINDS:
-            parser.error(f"--layers: unknown layer kind {k!r}; expected some of {', '.join(LAYER_KINDS)}")
+    kinds = layer_kinds_with_conv(parser, args.layers)
     try:
         batches = [int(b) for b in args.batches.split(",") if b]
     except ValueError:
