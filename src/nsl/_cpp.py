@@ -69,11 +69,17 @@ def build_status() -> tuple[Path | None, str]:
     State: ``'built'``, ``'not built'``, ``'damaged: ...'`` (rebuilt on next use), or why it cannot be
     used at all (``NSL_DISABLE_CPP=1``, source missing; then the folder is None).
     """
+    why = _not_buildable()
+    return (None, why) if why else _build.status(_spec())
+
+
+def _not_buildable() -> str | None:
+    """Why the kernel is not to be built at all (``NSL_DISABLE_CPP=1``, source missing), else None."""
     if os.environ.get("NSL_DISABLE_CPP") == "1":
-        return None, "disabled by NSL_DISABLE_CPP=1"
+        return "disabled by NSL_DISABLE_CPP=1"
     if not _SOURCE.exists():
-        return None, f"kernel source not found at {_SOURCE}"
-    return _build.status(_spec())
+        return f"kernel source not found at {_SOURCE}"
+    return None
 
 
 def _compile():
@@ -99,11 +105,8 @@ def _load():
         if _tried:
             return _module
         try:
-            if os.environ.get("NSL_DISABLE_CPP") == "1":
-                _reason = "disabled by NSL_DISABLE_CPP=1"
-            elif not _SOURCE.exists():
-                _reason = f"kernel source not found at {_SOURCE}"
-            else:
+            _reason = _not_buildable()
+            if _reason is None:
                 _module = _compile()
         except Exception as e:  # noqa: BLE001 - any build failure just disables the kernel
             _module = None
