@@ -205,12 +205,14 @@ def run_training(command: str, args: argparse.Namespace, given: dict, config_cls
     every expected failure to one ``nsl COMMAND: error: ...`` line (fields named by their flags:
     :func:`message_of`): exit 1 for a diverged run, 130
     for Ctrl-C (with the command that resumes), 75 (``EXIT_PREEMPTED``) for SIGTERM/SIGUSR1 (a checkpoint is
-    written first), 2 for bad settings, run directories or data.
+    written first; under ``torchrun`` every rank exits 75 and only rank 0 prints the line), 2 for bad
+    settings, run directories or data.
     Prints the summary as JSON with ``--json``.
     """
     from .data.errors import DatasetError
     from .train import CheckpointError, ConfigError, TrainingDiverged
     from .train.loop import EXIT_PREEMPTED, Preempted
+    from .train.run import dist_env
 
     try:
         if args.out is None:
@@ -237,6 +239,8 @@ def run_training(command: str, args: argparse.Namespace, given: dict, config_cls
     except TrainingDiverged as e:
         return error(command, message_of(e), 1)
     except Preempted as e:
+        if dist_env()[0] != 0:  # every torchrun rank stops at the same step; rank 0 says so, once
+            return EXIT_PREEMPTED
         return error(command, f"{e} (nsl {command} --out {args.out} --resume)", EXIT_PREEMPTED)
     except KeyboardInterrupt:
         return error(command, f"interrupted; continue from the last checkpoint with: nsl {command} --out {args.out} "

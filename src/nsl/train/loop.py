@@ -518,6 +518,8 @@ def _fit(task: Task, cfg, resume: bool, echo, run: RunDir, process: Process, fla
             if save_now or preempt:
                 save("last")
             if preempt:
+                if process.distributed:  # no rank exits (torchrun then stops the others) before last.pt is written
+                    dist.barrier()
                 raise Preempted(f"stopped by {signal.Signals(preempt).name} at {unit} {step} of {total}; checkpoint "
                                 f"{run.last} written; continue with --resume")
             t_mark = time.perf_counter()  # evaluations and checkpoint writes are not training time
