@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 import nsl.functional as NF
+from cli_helpers import assert_same_training, run_to_end, signal_when_training
 from nsl.cli import main
 from nsl.fewshot import FewShotConfig, apply_fewshot_overrides, compare_results, load_fewshot_checkpoint
 from nsl.train import CheckpointError, ConfigError
@@ -89,6 +92,29 @@ def test_resume_gives_identical_weights(data_root, tmp_path, trained_run):
         assert torch.equal(a["model"][k], b["model"][k]), k
     recs = [json.loads(ln) for ln in (half / "metrics.jsonl").read_text().splitlines()]
     assert [r["episode"] for r in recs if r["kind"] == "val"] == [2, 4]
+
+
+def test_sigusr1_saves_exits_75_and_resume_equals_uninterrupted(data_root, tmp_path):
+    """``nsl fewshot train`` trains through the one loop (:func:`nsl.train.fit`), so a real SIGUSR1 to a real
+    process stops it as it stops ``nsl train``: the episode finishes, last.pt is written, one line says how to
+    resume, exit 75; the resumed run's weights and train records equal an uninterrupted run's, bitwise."""
+    from nsl.train.loop import EXIT_PREEMPTED
+
+    common = ["fewshot", "train", "--dataset", "cifar-fs", "--data-dir", str(data_root), "--backbone", "conv4",
+              "--layer", "static-diagonal", "--episodes", "30", "--val-every", "1000", *TINY, "--set", "log_every=1"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    code, _, err = signal_when_training([sys.executable, "-m", "nsl.cli", *common, "--out", str(b)], b,
+                                        signal.SIGUSR1)
+    assert code == EXIT_PREEMPTED, err
+    stopped = load_fewshot_checkpoint(b / "checkpoints/last.pt")["episode"]
+    assert err.strip().splitlines() == [
+        f"nsl fewshot train: error: stopped by SIGUSR1 at episode {stopped} of 30; checkpoint "
+        f"{b / 'checkpoints' / 'last.pt'} written; continue with --resume (nsl fewshot train --out {b} --resume)"]
+    assert 2 <= stopped < 30
+    for cmd in ([*common, "--out", str(a)], ["fewshot", "train", "--out", str(b), "--resume", "--no-progress"]):
+        run_to_end([sys.executable, "-m", "nsl.cli", *cmd])
+    assert load_fewshot_checkpoint(a / "checkpoints/last.pt")["episode"] == 30
+    assert_same_training(a, b, load_fewshot_checkpoint, "episode", "episodes_per_s")
 
 
 # -- evaluation ------------------------------------------------------------------------------------

@@ -5,16 +5,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 import nsl
-from cli_helpers import records, run
+from cli_helpers import TORCHRUN_NSL, assert_same_training, rank_pids, records, run, run_to_end, signal_when_training
 from nsl.layers import LAYER_KINDS
 from nsl.models import build_model
 from nsl.train import (
@@ -169,7 +169,7 @@ def test_resume_gives_identical_weights(tmp_path, capsys):
     assert [r["step"] for r in records(b, "train")] == [1, 2, 3, 4, 5, 6]
 
 
-def test_sigterm_saves_exits_75_and_resume_equals_uninterrupted(tmp_path, capsys):
+def test_sigterm_saves_exits_75_and_resume_equals_uninterrupted(tmp_path):
     """A real SIGTERM to a real ``nsl train``: the step finishes, last.pt is written, one line says --resume,
     exit EXIT_PREEMPTED; the resumed run's weights equal an uninterrupted run's, bitwise."""
     from nsl.train.loop import EXIT_PREEMPTED
@@ -177,32 +177,17 @@ def test_sigterm_saves_exits_75_and_resume_equals_uninterrupted(tmp_path, capsys
     common = ["train", "--dataset", "digits", "--model", "cnn9", "--layer", "static-full", "--iters", "40",
               "--batch-size", "16", "--eval-every", "1000", "--seed", "5", "--test-subset", "50", *FAST]
     a, b = tmp_path / "a", tmp_path / "b"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same float reductions in every part of both runs
-    proc = subprocess.Popen([sys.executable, "-m", "nsl.cli", *common, "--out", str(b)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
-    metrics = b / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while proc.poll() is None and time.monotonic() < deadline:  # wait until training has started
-        if metrics.exists() and metrics.read_text().count("\n") >= 2:
-            break
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == EXIT_PREEMPTED, err
+    code, _, err = signal_when_training([sys.executable, "-m", "nsl.cli", *common, "--out", str(b)], b,
+                                        signal.SIGTERM)
+    assert code == EXIT_PREEMPTED, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "stopped by SIGTERM" in lines[0] and "--resume" in lines[0], err
     stopped = load_checkpoint(b / "checkpoints" / "last.pt")["step"]
     assert 2 <= stopped < 40
     for cmd in ([*common, "--out", str(a)], ["train", "--out", str(b), "--resume", "--no-progress"]):
-        res = subprocess.run([sys.executable, "-m", "nsl.cli", *cmd], capture_output=True, text=True, env=env,
-                             timeout=300)
-        assert res.returncode == 0, res.stderr
-    ca, cb = (load_checkpoint(p / "checkpoints" / "last.pt") for p in (a, b))
-    assert ca["step"] == cb["step"] == 40
-    for k in ca["model"]:
-        assert torch.equal(ca["model"][k], cb["model"][k]), k
-    strip = [{k: v for k, v in r.items() if k not in ("time", "images_per_s")} for r in records(a, "train")]
-    assert strip == [{k: v for k, v in r.items() if k not in ("time", "images_per_s")} for r in records(b, "train")]
+        run_to_end([sys.executable, "-m", "nsl.cli", *cmd])
+    assert load_checkpoint(a / "checkpoints" / "last.pt")["step"] == 40
+    assert_same_training(a, b, load_checkpoint, "step", "images_per_s")
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
@@ -375,3 +360,70 @@ def test_ddp_resume_gives_identical_weights(tmp_path):
     assert ca["step"] == cb["step"] == 6
     for k in ca["model"]:
         assert torch.equal(ca["model"][k], cb["model"][k]), k
+
+
+# -- preemption of a torchrun job ------------------------------------------------------------------
+DDP_PREEMPT = ["train", "--dataset", "digits", "--model", "cnn9", "--layer", "static-full", "--iters", "24",
+               "--batch-size", "16", "--eval-every", "1000", "--seed", "2", "--test-subset", "50", *FAST]
+PREEMPT_LINE = re.compile(r"^nsl train: error: stopped by (SIG\w+) at step (\d+) of 24; .*--resume\)$", re.M)
+
+
+def _check_preempted_ddp_run(out, stdout: str, err: str, signame: str) -> int:
+    """Every rank stopped at the same step N (rank 0 wrote last.pt there, the ranks' collectives agreed),
+    exactly one preemption line, nothing else in the checkpoint folder; returns N."""
+    lines = PREEMPT_LINE.findall(stdout + err)
+    assert len(lines) == 1 and lines[0][0] == signame, stdout + err[-3000:]
+    ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert ckpt["world_size"] == 2 and [s["rank"] for s in ckpt["loader"]] == [0, 1]
+    assert ckpt["step"] == int(lines[0][1]) == records(out, "train")[-1]["step"] and 2 <= ckpt["step"] < 24
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.pt"]
+    return ckpt["step"]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not sys.platform.startswith("linux"),
+                    reason="needs torch.distributed and Linux signals")
+def test_torchrun_sigterm_to_the_agent_stops_every_rank_and_resume_equals_uninterrupted(tmp_path):
+    """What a scheduler does: a real SIGTERM to the torchrun agent, which passes it to its ranks. Every rank
+    finishes the same step, last.pt is written once, rank 0 prints the one line, the ranks exit 75 and torchrun
+    exits 1 (its own SignalException; it does not pass on the ranks' codes); ``--resume`` under torchrun
+    ends with the uninterrupted 2-rank run's weights and train records, bitwise."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    code, stdout, err = signal_when_training([*TORCHRUN_NSL, *DDP_PREEMPT, "--out", str(b)], b, signal.SIGTERM)
+    assert code == 1 and "SignalException" in err, err[-3000:]
+    _check_preempted_ddp_run(b, stdout, err, "SIGTERM")
+    run_to_end([*TORCHRUN_NSL, "train", "--out", str(b), "--resume", "--no-progress"])
+    run_to_end([*TORCHRUN_NSL, *DDP_PREEMPT, "--out", str(a)])
+    assert load_checkpoint(a / "checkpoints" / "last.pt")["step"] == 24
+    assert_same_training(a, b, load_checkpoint, "step", "images_per_s")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available() or not sys.platform.startswith("linux"),
+                    reason="needs torch.distributed and Linux signals")
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
+def test_torchrun_signal_to_one_rank_stops_every_rank_and_resume_equals_uninterrupted(tmp_path, sig):
+    """A real signal to rank 1 only: the ranks agree (all_reduce of the flag) and all stop at the same step;
+    rank 0 writes last.pt and prints the one line; the ranks exit 75, so torchrun reports a failed job (exit 1,
+    root cause exit code 75); the resumed run equals the uninterrupted one, bitwise."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    code, stdout, err = signal_when_training([*TORCHRUN_NSL, *DDP_PREEMPT, "--out", str(b)], b,
+                                             getattr(signal, sig), targets=lambda proc: [rank_pids(proc.pid)[1]])
+    assert code == 1 and re.search(r"exitcode\s*:\s*75 ", err), err[-3000:]
+    _check_preempted_ddp_run(b, stdout, err, sig)
+    run_to_end([*TORCHRUN_NSL, "train", "--out", str(b), "--resume", "--no-progress"])
+    run_to_end([*TORCHRUN_NSL, *DDP_PREEMPT, "--out", str(a)])
+    assert_same_training(a, b, load_checkpoint, "step", "images_per_s")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available() or not sys.platform.startswith("linux"),
+                    reason="needs torch.distributed and Linux signals")
+def test_torchrun_forwards_sigusr1_when_asked(tmp_path):
+    """torchrun handles SIGTERM, SIGINT, SIGHUP and SIGQUIT by default; with ``--signals-to-handle`` naming
+    SIGUSR1 (SLURM's ``--signal=USR1@T`` warning) it passes SIGUSR1 to the ranks, which stop as for SIGTERM."""
+    b = tmp_path / "b"
+    cmd = [*TORCHRUN_NSL[:-2], "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", *TORCHRUN_NSL[-2:],
+           *DDP_PREEMPT, "--out", str(b)]
+    code, stdout, err = signal_when_training(cmd, b, signal.SIGUSR1)
+    assert code == 1 and "SignalException" in err, err[-3000:]
+    _check_preempted_ddp_run(b, stdout, err, "SIGUSR1")
