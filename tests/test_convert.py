@@ -16,11 +16,7 @@ from nsl.convert import ConvAdaptation, register_conv_subclass
 from nsl.layers import LAYER_KINDS
 from nsl.layers.conv_transforms import StandardizedWeight
 
-
-@pytest.fixture(autouse=True)
-def _pure_pytorch_backend():
-    with nsl.functional.use_backend("unfold"):
-        yield
+pytestmark = pytest.mark.usefixtures("unfold_backend")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,13 +19,7 @@ from nsl.models import (
     make_conv,
 )
 
-
-@pytest.fixture(autouse=True)
-def _pure_pytorch_backend():
-    """Dynamic layers on the pure-PyTorch backend: the fused C++ kernel (tested in test_cpp_kernel.py) is
-    JIT-compiled on first use, which would dominate these files' run time."""
-    with nsl.functional.use_backend("unfold"):
-        yield
+pytestmark = pytest.mark.usefixtures("unfold_backend")
 
 
 SIZES = {"cnn9": 16, "resnet20": 8, "resnet32": 8, "resnet56": 8, "resnet18": 32, "resnet50": 32,

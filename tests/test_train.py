@@ -13,7 +13,6 @@ import time
 import pytest
 import torch
 
-import nsl
 from cli_helpers import records, run
 from nsl.layers import LAYER_KINDS
 from nsl.models import build_model
@@ -29,13 +28,7 @@ from nsl.train import (
     recalibrate_bn,
 )
 
-
-@pytest.fixture(autouse=True)
-def _pure_pytorch_backend():
-    """Dynamic layers on the pure-PyTorch backend: the fused C++ kernel (tested in test_cpp_kernel.py) is
-    JIT-compiled on first use, which would dominate these files' run time."""
-    with nsl.functional.use_backend("unfold"):
-        yield
+pytestmark = pytest.mark.usefixtures("unfold_backend")
 
 
 FAST = ["--no-progress", "--set", "log_every=1"]
