@@ -382,8 +382,8 @@ class _Training:
         """Open (and lock) the run directory; the checkpoint to resume from, or None."""
         ckpt = self.run_dir.open(self.cfg, resume, self.task.structural, load=self.task.load_checkpoint,
                                  lock=self.main)
-        if ckpt is not None and ckpt.get("world_size", 1) != self.world_size:
-            raise ConfigError(f"the run was saved with {ckpt.get('world_size', 1)} processes; resume with the same "
+        if ckpt is not None and ckpt["world_size"] != self.world_size:
+            raise ConfigError(f"the run was saved with {ckpt['world_size']} processes; resume with the same "
                               f"number (now {self.world_size})")
         if resume and ckpt is None:
             self.say(f"nothing to resume in {self.run_dir} (no checkpoint was written yet); starting fresh")
@@ -417,11 +417,9 @@ class _Training:
         if self.scaler is not None and "scaler" in ckpt:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.step, self.best_acc, self.best_step = int(ckpt[unit]), float(ckpt["best_acc"]), int(ckpt[task.best_key])
-        if "window" in ckpt:  # the logging window the checkpoint was taken in
-            self.window.load_state_dict(ckpt["window"])
-            self.ema_loss = ckpt.get("ema_loss")
-        if "collapse_watch" in ckpt:
-            self.collapse.load_state_dict(ckpt["collapse_watch"])
+        self.window.load_state_dict(ckpt["window"])  # the logging window the checkpoint was taken in
+        self.ema_loss = ckpt["ema_loss"]
+        self.collapse.load_state_dict(ckpt["collapse_watch"])
         if self.step >= self.total:
             self.say(f"the run in {self.run_dir} is already complete ({self.step} of {self.total} {unit}s)")
 
