@@ -4,6 +4,10 @@ Real-data tests read the packed datasets in ``../shared/data`` (or ``$NSL_SHARED
 materialise them once, in the standard on-disk layouts, into a cache folder
 (``$NSL_TEST_CACHE``, default ``~/.cache/nsl-test-data``). Where the packed data are absent
 the tests skip with the reason; with ``NSL_REQUIRE_DATA=1`` (set by ``.ci/run``) they fail.
+
+Tests of the compiled C++ kernel carry the ``cpp`` marker: they skip where it cannot be built, and fail
+with ``NSL_REQUIRE_CPP=1``. Files that train or convert models run the dynamic layers on the pure-PyTorch
+backend through the ``unfold_backend`` fixture (``pytestmark = pytest.mark.usefixtures("unfold_backend")``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,33 @@ def _missing(reason: str):
     if os.environ.get("NSL_REQUIRE_DATA") == "1":
         pytest.fail(f"NSL_REQUIRE_DATA=1 but {reason}")
     pytest.skip(reason)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cpp: needs the compiled C++ kernel (skipped where it cannot be built, "
+                                       "failed with NSL_REQUIRE_CPP=1)")
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("cpp") is None:
+        return
+    from nsl import _cpp
+
+    if not _cpp.is_available():
+        why = f"the C++ kernel is unavailable: {_cpp.unavailable_reason()}"
+        if os.environ.get("NSL_REQUIRE_CPP") == "1":
+            pytest.fail(f"NSL_REQUIRE_CPP=1 but {why}", pytrace=False)
+        pytest.skip(why)
+
+
+@pytest.fixture
+def unfold_backend():
+    """Dynamic layers on the pure-PyTorch 'unfold' backend: the fused C++ kernel (tested in test_cpp_kernel.py
+    and test_ops.py) is compiled on first use, which would dominate the run time of files that train models."""
+    import nsl.functional as NF
+
+    with NF.use_backend("unfold"):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -16,11 +16,7 @@ from nsl.convert import ConvAdaptation, register_conv_subclass
 from nsl.layers import LAYER_KINDS
 from nsl.layers.conv_transforms import StandardizedWeight
 
-
-@pytest.fixture(autouse=True)
-def _pure_pytorch_backend():
-    with nsl.functional.use_backend("unfold"):
-        yield
+pytestmark = pytest.mark.usefixtures("unfold_backend")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,7 +204,7 @@ def test_nothing_to_convert_is_said():
     assert type(twice[0].predictor.conv2) is nn.Conv2d
 
 
-def test_kind_and_old_keywords():
+def test_every_nsl_kind():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2))
     x = torch.randn(2, 3, 9, 9)
@@ -221,21 +217,16 @@ def test_kind_and_old_keywords():
         assert type(out[0]) is kind.module and type(out[2]) is kind.module
         assert getattr(out[0], "similarity_kind", None) == kind.similarity
         torch.testing.assert_close(out(x), model(x), rtol=1e-5, atol=1e-5)
-    # the older keywords name the same kinds
-    for args, kw, kind in [(("full",), {}, "static-full"), ((), {}, "static-diagonal"),
-                           (("diagonal",), {"dynamic": True, "predictor": "light"}, "dynamic-diagonal-light"),
-                           (("full",), {"dynamic": True}, "dynamic-full")]:
-        old, new = nsl.convert(model, *args, **kw), nsl.convert(model, kind=kind)
-        assert repr(old) == repr(new) and sorted(old.state_dict()) == sorted(new.state_dict())
-    assert nsl.convert(model, "identity")[0].similarity_kind == "identity"  # no kind has it; still built
-    assert nsl.convert(model, "full", dynamic=True, predictor="cosine")[0].predictor_name == "cosine"
+    # the default is static-diagonal; the kind may be given by position
+    assert repr(nsl.convert(model)) == repr(nsl.convert(model, kind="static-diagonal"))
+    assert repr(nsl.convert(model, "dynamic-full")) == repr(nsl.convert(model, kind="dynamic-full"))
     assert nsl.convert(model, kind="dynamic-diagonal", predictor_width=4)[0].predictor.hidden_channels == 4
-    with pytest.raises(ValueError, match="give kind= or the older similarity/dynamic/predictor, not both"):
-        nsl.convert(model, "full", kind="static-full")
     with pytest.raises(ValueError, match="unknown layer kind 'static-fol'"):
         nsl.convert(model, kind="static-fol")
-    with pytest.raises(ValueError, match="predictor='light' applies to dynamic layers"):
-        nsl.convert(model, "full", predictor="light")
+    with pytest.raises(ValueError, match="unknown layer kind 'full'"):  # the old similarity= names are not kinds
+        nsl.convert(model, "full")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'dynamic'"):  # nor are the old keywords
+        nsl.convert(model, kind="static-full", dynamic=True)
 
 
 # ---------------------------------------------------------------------------------------------

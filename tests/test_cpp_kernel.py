@@ -5,19 +5,13 @@ Skipped when the kernel cannot be compiled here, unless ``NSL_REQUIRE_CPP=1`` (t
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from nsl import _cpp
 
-if not _cpp.is_available():
-    _why = f"nsl CPU kernel unavailable: {_cpp.unavailable_reason()}"
-    if os.environ.get("NSL_REQUIRE_CPP") == "1":
-        pytest.fail(f"NSL_REQUIRE_CPP=1 but {_why}", pytrace=False)
-    pytest.skip(_why, allow_module_level=True)
+pytestmark = pytest.mark.cpp
 
 
 def reference(x, weight, sim, stride, padding, dilation, groups):

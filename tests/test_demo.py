@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 
-import nsl
+import pytest
+
 from nsl.cli import main
 from nsl.demo import FULL, VARIANTS, DemoConfig, run_demo
 
+pytestmark = pytest.mark.usefixtures("unfold_backend")  # no C++ compile wait
+
 
 def test_demo_cli_prints_every_variant_and_keeps_runs(tmp_path, capsys):
-    with nsl.functional.use_backend("unfold"):  # no C++ compile wait
-        code = main(["demo", "--epochs", "1", "--seeds", "2", "--no-progress", "--out", str(tmp_path)])
+    code = main(["demo", "--epochs", "1", "--seeds", "2", "--no-progress", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert code == 0
     for kind in VARIANTS:
@@ -27,8 +29,7 @@ def test_demo_cli_prints_every_variant_and_keeps_runs(tmp_path, capsys):
 def test_demo_default_is_one_seed_with_results_as_they_come(tmp_path):
     assert (DemoConfig().seeds, DemoConfig().epochs) == (1, 3) and FULL == {"epochs": 12, "seeds": 3}
     lines = []
-    with nsl.functional.use_backend("unfold"):
-        res = run_demo(DemoConfig(epochs=1, progress=False, out=str(tmp_path)), echo=lines.append)
+    res = run_demo(DemoConfig(epochs=1, progress=False, out=str(tmp_path)), echo=lines.append)
     # each variant's line comes right after its run, in VARIANTS order, before the convert/fold checks
     rows = [i for i, ln in enumerate(lines) if ln.strip().split(" ")[0] in VARIANTS]
     assert [lines[i].split()[0] for i in rows] == list(VARIANTS)
@@ -45,8 +46,7 @@ def test_demo_default_is_one_seed_with_results_as_they_come(tmp_path):
     assert res["fold"]["accuracy_static"] == res["fold"]["accuracy_folded"]
     assert res["seconds"] > 0 and f"done in {res['seconds']:.0f} s." in [ln.strip() for ln in lines]
     # the runs are reused (resumed as complete) when the demo is run again into the same folder
-    with nsl.functional.use_backend("unfold"):
-        again = run_demo(DemoConfig(epochs=1, progress=False, out=str(tmp_path)), echo=lambda *a: None)
+    again = run_demo(DemoConfig(epochs=1, progress=False, out=str(tmp_path)), echo=lambda *a: None)
     assert again["conv"]["accuracies"] == res["conv"]["accuracies"]
 
 

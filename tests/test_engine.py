@@ -13,7 +13,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import nsl
 from cli_helpers import records, run
 from nsl._cli_utils import message_of
 from nsl.fewshot import FewShotConfig
@@ -32,11 +31,7 @@ from nsl.train import (
     train,
 )
 
-
-@pytest.fixture(autouse=True)
-def _pure_pytorch_backend():
-    with nsl.functional.use_backend("unfold"):  # no C++ compile wait for the dynamic layers
-        yield
+pytestmark = pytest.mark.usefixtures("unfold_backend")
 
 
 class TinyTask(Task):

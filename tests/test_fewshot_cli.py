@@ -21,12 +21,7 @@ from nsl.train import CheckpointError, ConfigError
 TINY = ["--ways", "5", "--shots", "1", "--queries", "2", "--val-episodes", "2", "--device", "cpu", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def _unfold_backend():
-    previous = NF.get_backend()
-    NF.set_backend("unfold")  # no C++ compile wait for the dynamic layers
-    yield
-    NF.set_backend(previous)
+pytestmark = pytest.mark.usefixtures("unfold_backend")
 
 
 def _train(data_root, out, *extra) -> int:

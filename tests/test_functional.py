@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import os
 
 import pytest
 import torch
@@ -16,14 +15,10 @@ from reference import brute_ns_conv2d
 BACKENDS = ["reference", "unfold", "ztrick", "cpp", "auto"]
 
 
-def _backend(name):
-    if name == "cpp" and not NF._cpp_available():
-        from nsl import _cpp
-
-        if os.environ.get("NSL_REQUIRE_CPP") == "1":
-            pytest.fail(f"NSL_REQUIRE_CPP=1 but the C++ kernel is unavailable: {_cpp.unavailable_reason()}")
-        pytest.skip(f"C++ kernel unavailable: {_cpp.unavailable_reason()}")
-    return use_backend(name)
+def _params(cases):
+    """``cases`` (names or tuples) as pytest parameters; those on the 'cpp' backend carry the ``cpp`` marker."""
+    values = [case if isinstance(case, tuple) else (case,) for case in cases]
+    return [pytest.param(*v, marks=[pytest.mark.cpp] if "cpp" in v else []) for v in values]
 
 
 def _pads(padding, k, stride, dilation):
@@ -67,12 +62,12 @@ def test_padding_forms(padding, dynamic):
 
 
 @pytest.mark.parametrize("batch", [0, 1, 3])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", _params(BACKENDS))
 def test_batch_sizes(batch, backend):
     x = torch.randn(batch, 4, 7, 7, requires_grad=True)
     w = torch.randn(5, 4, 3, 3, requires_grad=True)
     m = torch.rand(batch, 9, 7, 7, requires_grad=True)
-    with _backend(backend):
+    with use_backend(backend):
         out = ns_conv2d(x, w, m, padding=1)
         assert out.shape == (batch, 5, 7, 7)
         out.sum().backward()
@@ -98,7 +93,7 @@ LAYOUT_BACKENDS = [("static-diagonal", "auto"), ("static-full", "auto")] + [
 
 
 @pytest.mark.parametrize("kernel,stride,padding,dilation,groups", CASES)
-@pytest.mark.parametrize("layout,backend", LAYOUT_BACKENDS)
+@pytest.mark.parametrize("layout,backend", _params(LAYOUT_BACKENDS))
 def test_against_brute_force(kernel, stride, padding, dilation, groups, layout, backend):
     torch.manual_seed(2)
     x = torch.randn(3, 4, 10, 9, dtype=torch.float64)
@@ -109,7 +104,7 @@ def test_against_brute_force(kernel, stride, padding, dilation, groups, layout, 
     shape = {"static-diagonal": (P,), "static-full": (P, P), "dynamic-diagonal": (3, P, oh, ow),
              "dynamic-full": (3, P, P, oh, ow)}[layout]
     sim = torch.randn(shape, dtype=torch.float64)
-    with _backend(backend):
+    with use_backend(backend):
         out = ns_conv2d(x, w, sim, b, stride, padding, dilation, groups)
     expected = brute_ns_conv2d(x, w, sim, b, stride, _pads(padding, kernel, stride, dilation), dilation, groups)
     assert out.dtype == torch.float64
@@ -118,7 +113,7 @@ def test_against_brute_force(kernel, stride, padding, dilation, groups, layout, 
 
 @pytest.mark.parametrize("kernel,stride,padding,dilation,groups", CASES[:4])
 @pytest.mark.parametrize("layout", ["dynamic-diagonal", "dynamic-full"])
-@pytest.mark.parametrize("backend", ["unfold", "ztrick", "cpp"])
+@pytest.mark.parametrize("backend", _params(["unfold", "ztrick", "cpp"]))
 def test_gradients_match_reference(kernel, stride, padding, dilation, groups, layout, backend):
     torch.manual_seed(3)
     x = torch.randn(2, 4, 9, 8, dtype=torch.float64)
@@ -130,14 +125,15 @@ def test_gradients_match_reference(kernel, stride, padding, dilation, groups, la
     grads = {}
     for name in ("reference", backend):
         leaves = [t.clone().requires_grad_() for t in (x, w, sim)]
-        with _backend(name):
+        with use_backend(name):
             out = ns_conv2d(*leaves, None, stride, padding, dilation, groups)
         grads[name] = torch.autograd.grad(out, leaves, g)
     for a, r in zip(grads[backend], grads["reference"]):
         torch.testing.assert_close(a, r, atol=1e-10, rtol=1e-10)
 
 
-@pytest.mark.parametrize("layout,backend", [lb for lb in LAYOUT_BACKENDS if lb[1] != "auto" or "static" in lb[0]])
+@pytest.mark.parametrize("layout,backend",
+                         _params(lb for lb in LAYOUT_BACKENDS if lb[1] != "auto" or "static" in lb[0]))
 def test_gradcheck(layout, backend):
     torch.manual_seed(4)
     x = torch.randn(2, 2, 5, 4, dtype=torch.float64, requires_grad=True)
@@ -147,12 +143,12 @@ def test_gradcheck(layout, backend):
     shape = {"static-diagonal": (6,), "static-full": (6, 6), "dynamic-diagonal": (2, 6, oh, ow),
              "dynamic-full": (2, 6, 6, oh, ow)}[layout]
     sim = torch.randn(shape, dtype=torch.float64, requires_grad=True)
-    with _backend(backend):
+    with use_backend(backend):
         assert torch.autograd.gradcheck(lambda *a: ns_conv2d(*a, stride=2, padding=1), (x, w, sim, b),
                                         fast_mode=True)
 
 
-@pytest.mark.parametrize("backend", ["reference", "unfold", "ztrick", "cpp"])
+@pytest.mark.parametrize("backend", _params(["reference", "unfold", "ztrick", "cpp"]))
 def test_noncontiguous_and_channels_last(backend):
     torch.manual_seed(5)
     x = torch.randn(3, 4, 22, 11)[:, :, ::2]  # strided along H
@@ -160,7 +156,7 @@ def test_noncontiguous_and_channels_last(backend):
     w = torch.randn(5, 4, 3, 3)
     m = torch.rand(3, 9, 11, 11).transpose(2, 3).contiguous().transpose(2, 3)
     full = torch.rand(3, 9, 9, 11, 11)[..., ::1]
-    with _backend(backend):
+    with use_backend(backend):
         ref = brute_ns_conv2d(x, w, m, pad=(1, 1, 1, 1))
         torch.testing.assert_close(ns_conv2d(x, w, m, padding=1).double(), ref, atol=1e-4, rtol=1e-4)
         xcl = x.contiguous(memory_format=torch.channels_last)

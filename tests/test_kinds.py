@@ -18,11 +18,7 @@ NO_PREDICTOR_KINDS = [n for n, k in LAYER_KINDS.items() if k.predictor is None]
 NEW_KINDS = ["static-lowrank", "dynamic-diagonal-light", "dynamic-full-light"]
 
 
-@pytest.fixture(autouse=True)
-def _pure_pytorch_backend():
-    """Dynamic layers on the pure-PyTorch backend (the fused C++ kernel is tested in test_cpp_kernel.py)."""
-    with nsl.functional.use_backend("unfold"):
-        yield
+pytestmark = pytest.mark.usefixtures("unfold_backend")
 
 
 def _hidden(predictor: nn.Module) -> int:

@@ -272,39 +272,37 @@ def _small_resnet() -> nn.Module:
                          Block(16, 16, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
 
 
-@pytest.mark.parametrize("similarity,dynamic,predictor", [
-    ("diagonal", False, "sphere"), ("full", False, "sphere"), ("lowrank", False, "sphere"),
-    ("diagonal", True, "sphere"), ("full", True, "cosine"), ("diagonal", True, "light"),
-])
-def test_convert_preserves_function(similarity, dynamic, predictor):
+@pytest.mark.parametrize("kind", ["static-diagonal", "static-full", "static-lowrank", "dynamic-diagonal",
+                                  "dynamic-full", "dynamic-diagonal-light"])
+def test_convert_preserves_function(kind):
     torch.manual_seed(6)
     model = _small_resnet()
     x = torch.randn(4, 3, 12, 12)
-    converted = nsl.convert(model, similarity, dynamic=dynamic, predictor=predictor)
-    kind = nsl.DynamicNSConv2d if dynamic else nsl.NSConv2d
-    assert sum(isinstance(m, kind) for m in converted.modules()) == 5  # the 3x3 convs, not the 1x1 shortcuts
+    converted = nsl.convert(model, kind)
+    layer = nsl.DynamicNSConv2d if kind.startswith("dynamic") else nsl.NSConv2d
+    assert sum(isinstance(m, layer) for m in converted.modules()) == 5  # the 3x3 convs, not the 1x1 shortcuts
     plain = [n for n, m in converted.named_modules() if type(m) is nn.Conv2d and "predictor" not in n]
     assert plain == ["3.down.0", "4.down.0"]
     for mode in (False, True):
         model.train(mode)
         converted.train(mode)
         torch.testing.assert_close(converted(x), model(x), atol=1e-5, rtol=1e-5)
-    assert not any(isinstance(m, kind) for m in model.modules())  # not in place by default
+    assert not any(isinstance(m, layer) for m in model.modules())  # not in place by default
 
 
 def test_convert_include_and_inplace():
     model = _small_resnet()
-    out = nsl.convert(model, "full", include=lambda name, conv: name.startswith("3."), inplace=True)
+    out = nsl.convert(model, "static-full", include=lambda name, conv: name.startswith("3."), inplace=True)
     assert out is model
     names = [n for n, m in model.named_modules() if isinstance(m, nsl.NSConv2d)]
     assert names == ["3.conv1", "3.conv2", "3.down.0"]
-    single = nsl.convert(nn.Conv2d(3, 4, 3), "diagonal")
+    single = nsl.convert(nn.Conv2d(3, 4, 3), "static-diagonal")
     assert isinstance(single, nsl.NSConv2d)
 
 
 def test_fold_is_a_plain_conv_with_same_outputs():
     torch.manual_seed(7)
-    model = nsl.convert(_small_resnet(), "full")
+    model = nsl.convert(_small_resnet(), "static-full")
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nsl.NSConv2d):
@@ -400,8 +398,8 @@ def test_layer_bad_arguments():
         nsl.NSConv2d(3, 4, 3, similarity_init="eye")
     with pytest.raises(ValueError, match="expected 3 input channels, got input of shape \\[1, 5, 6, 6\\]"):
         nsl.DynamicNSConv2d(3, 4, 3)(torch.randn(1, 5, 6, 6))
-    with pytest.raises(ValueError, match="unknown similarity 'lowrank' for a dynamic layer"):
-        nsl.convert(nn.Conv2d(3, 4, 3), "lowrank", dynamic=True)
+    with pytest.raises(ValueError, match="unknown layer kind 'dynamic-lowrank'"):
+        nsl.convert(nn.Conv2d(3, 4, 3), "dynamic-lowrank")
     with pytest.raises(TypeError, match="fold expects an nn.Module, got Tensor"):
         nsl.fold(torch.zeros(1))
 

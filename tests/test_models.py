@@ -19,13 +19,7 @@ from nsl.models import (
     make_conv,
 )
 
-
-@pytest.fixture(autouse=True)
-def _pure_pytorch_backend():
-    """Dynamic layers on the pure-PyTorch backend: the fused C++ kernel (tested in test_cpp_kernel.py) is
-    JIT-compiled on first use, which would dominate these files' run time."""
-    with nsl.functional.use_backend("unfold"):
-        yield
+pytestmark = pytest.mark.usefixtures("unfold_backend")
 
 
 SIZES = {"cnn9": 16, "resnet20": 8, "resnet32": 8, "resnet56": 8, "resnet18": 32, "resnet50": 32,
@@ -110,11 +104,11 @@ def test_native_nsl_equals_converted_conv_model(name):
     ref = base(x)
     keep = (lambda n, c: c.kernel_size == (3, 3) and not n.startswith("stem")) if name == "cnn9" else \
         (lambda n, c: c.kernel_size == (3, 3) and n != "conv1")
-    for kind, sim, dyn, pred in [("static-full", "full", False, None), ("static-diagonal", "diagonal", False, None),
-                                 ("dynamic-diagonal", "diagonal", True, "sphere")]:
+    for kind in ("static-full", "static-diagonal", "dynamic-diagonal"):
+        dyn = kind.startswith("dynamic")
         native = build_model(name, kind)
-        extra = {"predictor": pred, "predictor_norm": "batch"} if dyn else {}  # the models' BatchNorm predictors
-        converted = nsl.convert(base, sim, dynamic=dyn, include=keep, **extra)
+        extra = {"predictor_norm": "batch"} if dyn else {}  # the models' BatchNorm predictors
+        converted = nsl.convert(base, kind, include=keep, **extra)
         native.load_state_dict(converted.state_dict(), strict=True)  # same parameter names and shapes
         native.eval()
         torch.testing.assert_close(native(x), ref, rtol=1e-5, atol=1e-5)

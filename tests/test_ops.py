@@ -4,7 +4,6 @@ opcheck, values against the float64 brute force, the PyTorch fallback, autocast,
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import pytest
@@ -19,15 +18,6 @@ from reference import brute_ns_conv2d
 
 OP = torch.ops.nsl.dynamic_ns_conv2d.default
 BACKWARD = torch.ops.nsl.dynamic_ns_conv2d_backward.default
-
-
-def _need_cpp():
-    if not NF._cpp_available():
-        from nsl import _cpp
-
-        if os.environ.get("NSL_REQUIRE_CPP") == "1":
-            pytest.fail(f"NSL_REQUIRE_CPP=1 but the C++ kernel is unavailable: {_cpp.unavailable_reason()}")
-        pytest.skip(f"C++ kernel unavailable: {_cpp.unavailable_reason()}")
 
 
 # (N, C_in, C_out, H, W, kernel, stride, padding, dilation, groups)
@@ -67,11 +57,11 @@ def _brute(x, weight, sim, geo):
 OPCHECK_CASES = [(g, torch.float64) for g in GEOMETRIES] + [(GEOMETRIES[i], torch.float32) for i in (0, 3)]
 
 
+@pytest.mark.cpp
 @pytest.mark.parametrize("layout", ["diagonal", "full"])
 @pytest.mark.parametrize("geom,dtype", OPCHECK_CASES, ids=[f"{_gid(g)}-{str(d)[6:]}" for g, d in OPCHECK_CASES])
 def test_opcheck(geom, layout, dtype):
     """Schema, autograd registration, fake kernels and AOT dispatch (static and dynamic shapes)."""
-    _need_cpp()
     (x, weight, sim), geo = _inputs(geom, layout, dtype, requires_grad=True)
     torch.library.opcheck(OP, (x, weight, sim, *geo))
     gout = torch.randn(x.shape[0], weight.shape[0], *sim.shape[-2:], dtype=dtype)
@@ -79,14 +69,12 @@ def test_opcheck(geom, layout, dtype):
         torch.library.opcheck(BACKWARD, (gout, x.detach(), weight.detach(), sim.detach(), *geo, *needs))
 
 
-@pytest.mark.parametrize("kernel", ["cpp", "unfold"])
+@pytest.mark.parametrize("kernel", [pytest.param("cpp", marks=pytest.mark.cpp), "unfold"])
 @pytest.mark.parametrize("layout", ["diagonal", "full"])
 @pytest.mark.parametrize("geom", GEOMETRIES, ids=_gid)
 def test_values_and_gradients(geom, layout, kernel, monkeypatch):
     """The operator (C++ kernel, or the PyTorch fallback used without it) against the brute force."""
-    if kernel == "cpp":
-        _need_cpp()
-    else:
+    if kernel != "cpp":
         monkeypatch.setattr(_ops, "_cpp_ready", lambda: False)
     (x, weight, sim), geo = _inputs(geom, layout, torch.float64, requires_grad=True, seed=1)
     out = OP(x, weight, sim, *geo)
@@ -101,8 +89,8 @@ def test_values_and_gradients(geom, layout, kernel, monkeypatch):
         torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
 
 
+@pytest.mark.cpp
 def test_backward_returns_empty_for_gradients_not_asked():
-    _need_cpp()
     (x, weight, sim), geo = _inputs(GEOMETRIES[0], "diagonal", torch.float64)
     gout = torch.randn(3, 5, 7, 6, dtype=torch.float64)
     full = BACKWARD(gout, x, weight, sim, *geo, True, True, True)
@@ -116,10 +104,10 @@ def test_backward_returns_empty_for_gradients_not_asked():
                 assert t.numel() == 0
 
 
+@pytest.mark.cpp
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_on_cpu_computes_in_float32(dtype):
     """bfloat16/float16 CPU inputs run the C++ kernel in float32 and come back in their dtype."""
-    _need_cpp()
     assert _ops.cpu_kernel(dtype) == "cpp-float32"
     (x, weight, sim), geo = _inputs(GEOMETRIES[1], "diagonal", dtype, requires_grad=True, seed=2)
     out = OP(x, weight, sim, *geo)
@@ -130,10 +118,10 @@ def test_low_precision_on_cpu_computes_in_float32(dtype):
     assert x.grad.dtype == weight.grad.dtype == sim.grad.dtype == dtype
 
 
+@pytest.mark.cpp
 def test_autocast_runs_in_the_autocast_dtype():
     """Under autocast the operator casts float32 inputs to the autocast dtype (not float32 as
     torchvision's deform_conv2d does); float64 is left alone; gradients reach float32 leaves."""
-    _need_cpp()
     (x, weight, sim), geo = _inputs(GEOMETRIES[0], "full", torch.float32, requires_grad=True, seed=3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = OP(x, weight, sim, *geo)
@@ -158,8 +146,8 @@ def test_meta_shapes_and_bad_sim():
 # ---------------------------------------------------------------------------------------------
 # backend selection
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.cpp
 def test_auto_uses_the_operator_on_cpu():
-    _need_cpp()
     x, w, m = torch.randn(2, 3, 6, 6), torch.randn(4, 3, 3, 3), torch.rand(2, 9, 6, 6)
     assert NF._choose("auto", x, w, m) == "cpp"
     assert NF._choose("auto", x.bfloat16(), w.bfloat16(), m.bfloat16()) == "cpp"
@@ -234,8 +222,8 @@ def _dynamic_model():
     )
 
 
+@pytest.mark.cpp
 def test_compile_calls_the_operator_without_graph_break():
-    _need_cpp()
     torch._dynamo.reset()
     model = _dynamic_model()
     x = torch.randn(2, 3, 9, 8)
@@ -256,8 +244,8 @@ def test_compile_calls_the_operator_without_graph_break():
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.cpp
 def test_compile_aot_eager_matches_eager():
-    _need_cpp()
     torch._dynamo.reset()
     model = _dynamic_model().eval()
     x = torch.randn(3, 3, 8, 8)
@@ -265,9 +253,9 @@ def test_compile_aot_eager_matches_eager():
     torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.cpp
 @pytest.mark.slow
 def test_compile_inductor_training_step_calls_the_operator():
-    _need_cpp()
     torch._dynamo.reset()
     model = _dynamic_model()
     x = torch.randn(2, 3, 9, 8)

@@ -415,7 +415,7 @@ def test_shape_learning_on_digits(similarity, one_thread):
     """
     data = _digits()
     torch.manual_seed(0)
-    model = nsl.convert(small_cnn(width=8), similarity)
+    model = nsl.convert(small_cnn(width=8), f"static-{similarity}")
     _train(model, data, 200, seed=100)
     dense = _accuracy(model, data[2], data[3])
     assert dense > 0.8

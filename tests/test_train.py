@@ -13,7 +13,6 @@ import sys
 import pytest
 import torch
 
-import nsl
 from cli_helpers import TORCHRUN_NSL, assert_same_training, rank_pids, records, run, run_to_end, signal_when_training
 from nsl.layers import LAYER_KINDS
 from nsl.models import build_model
@@ -29,13 +28,7 @@ from nsl.train import (
     recalibrate_bn,
 )
 
-
-@pytest.fixture(autouse=True)
-def _pure_pytorch_backend():
-    """Dynamic layers on the pure-PyTorch backend: the fused C++ kernel (tested in test_cpp_kernel.py) is
-    JIT-compiled on first use, which would dominate these files' run time."""
-    with nsl.functional.use_backend("unfold"):
-        yield
+pytestmark = pytest.mark.usefixtures("unfold_backend")
 
 
 FAST = ["--no-progress", "--set", "log_every=1"]
@@ -49,7 +42,8 @@ def test_paper_protocol_values():
     assert (c.label_smoothing, c.input, c.augment, c.pad, c.flip) == (0.01, "raw", True, 4, True)
     assert (c.bn_momentum, c.bn_eps, c.bn_recalibrate, c.warmup_iters, c.paper_init) == (0.001, 1e-3, 0, 0, True)
     assert c.bn_zero_init is False and c.bias is False  # the authors' convs have no bias
-    assert make_config("demo").bias is True and TrainConfig().bias is True  # old config.json files: biases kept
+    assert TrainConfig() == make_config("paper")  # the paper protocol is the defaults
+    assert make_config("demo").bias is make_config("fast").bias is True
     # lr x 0.1 at 20k, 30k and 37.5k of 42.5k
     f = [lr_factor(c, s, 42_500) for s in (0, 19_999, 20_000, 29_999, 30_000, 37_499, 37_500, 42_499)]
     assert f == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001])

@@ -11,14 +11,10 @@ import torch
 import torch.nn as nn
 
 from .layers import (
-    DYNAMIC_SIMILARITIES,
     LAYER_KINDS,
     PREDICTOR_NORMS,
-    PREDICTORS,
-    STATIC_SIMILARITIES,
     DynamicFilterConv2d,
     DynamicNSConv2d,
-    LayerKind,
     NSConv2d,
     SphereConv2d,
     layer_kind,
@@ -211,39 +207,9 @@ def fold(module: nn.Module, inplace: bool = False) -> nn.Module:
 # ---------------------------------------------------------------------------------------------
 # convert
 # ---------------------------------------------------------------------------------------------
-def _legacy_target(similarity, dynamic, predictor) -> tuple[LayerKind | None, type, dict]:
-    """The kind (or, where no kind has them, the module and options) the old keywords name."""
-    similarity = "diagonal" if similarity is None else similarity
-    dynamic = bool(dynamic)
-    valid = DYNAMIC_SIMILARITIES if dynamic else STATIC_SIMILARITIES
-    if similarity not in valid:
-        raise ValueError(f"unknown similarity {similarity!r} for a {'dynamic' if dynamic else 'static'} layer; "
-                         f"expected one of {', '.join(valid)}")
-    if not dynamic:
-        if predictor not in (None, "sphere"):  # 'sphere' was the old default, ignored by static layers
-            raise ValueError(f"predictor={predictor!r} applies to dynamic layers; pass dynamic=True or a dynamic "
-                             "kind=")
-        options = {"similarity": similarity}
-        module: type = NSConv2d
-    else:
-        predictor = "sphere" if predictor is None else predictor
-        if not isinstance(predictor, str):
-            raise TypeError("convert builds one predictor per layer: pass a predictor name "
-                            f"({', '.join(PREDICTORS)}), not a module")
-        if predictor not in PREDICTORS:
-            raise ValueError(f"unknown predictor {predictor!r}; expected one of {', '.join(PREDICTORS)}")
-        options = {"similarity": similarity, "predictor": predictor}
-        module = DynamicNSConv2d
-    for k in LAYER_KINDS.values():
-        if k.module is module and dict(k.options) == options:
-            return k, module, options
-    return None, module, options  # e.g. static 'identity', dynamic full M with the cosine predictor
-
-
 @torch.no_grad()
-def convert(module: nn.Module, similarity: str | None = None, dynamic: bool | None = None,
-            predictor: str | None = None, include: Callable[[str, nn.Conv2d], bool] | None = None,
-            inplace: bool = False, *, kind: str | None = None,
+def convert(module: nn.Module, kind: str = "static-diagonal", *,
+            include: Callable[[str, nn.Conv2d], bool] | None = None, inplace: bool = False,
             predictor_norm: str | Callable[[str, nn.Conv2d], str] | None = None, **layer_kwargs) -> nn.Module:
     """Replace the convolutions of any model by NSL layers computing the same function.
 
@@ -272,13 +238,10 @@ def convert(module: nn.Module, similarity: str | None = None, dynamic: bool | No
 
     Args:
         module: any model, e.g. a torchvision-style ResNet.
-        similarity, dynamic, predictor: the older way to name the layer (``similarity`` one of
-            ``'identity' | 'diagonal' | 'full' | 'lowrank'`` static, ``'diagonal' | 'full'`` dynamic;
-            ``predictor`` ``'sphere' | 'cosine' | 'light'``); mapped to the kind they name. Default:
-            ``static-diagonal``.
+        kind: the layer kind to build, a name of :data:`nsl.layers.LAYER_KINDS` other than ``'conv'``
+            (default ``'static-diagonal'``).
         include: ``(name, conv) -> bool`` selecting the layers to convert.
         inplace: modify ``module`` itself instead of a deep copy.
-        kind: the layer kind to build (not together with ``similarity`` / ``dynamic`` / ``predictor``).
         predictor_norm: the predictors' normalisation (dynamic kinds only): ``'group'`` (default),
             ``'batch'`` or ``'none'`` (:data:`nsl.layers.PREDICTOR_NORMS`), or a callable
             ``(name, conv) -> str`` choosing it per layer.
@@ -296,27 +259,20 @@ def convert(module: nn.Module, similarity: str | None = None, dynamic: bool | No
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"convert expects an nn.Module, got {type(module).__name__}")
-    if kind is not None:
-        if similarity is not None or dynamic is not None or predictor is not None:
-            raise ValueError("convert: give kind= or the older similarity/dynamic/predictor, not both")
-        target = layer_kind(kind)
-        if target.module not in _NSL_LAYERS:
-            nsl_kinds = ", ".join(n for n, k in LAYER_KINDS.items() if k.module in _NSL_LAYERS)
-            raise ValueError(f"convert: layer kind {target.name!r} is a plain nn.Conv2d, nothing to convert to; "
-                             f"choose an NSL kind ({nsl_kinds})")
-        target_module, options = target.module, dict(target.options)
-    else:
-        target, target_module, options = _legacy_target(similarity, dynamic, predictor)
+    target = layer_kind(kind)
+    if target.module not in _NSL_LAYERS:
+        nsl_kinds = ", ".join(n for n, k in LAYER_KINDS.items() if k.module in _NSL_LAYERS)
+        raise ValueError(f"convert: layer kind {target.name!r} is a plain nn.Conv2d, nothing to convert to; "
+                         f"choose an NSL kind ({nsl_kinds})")
     if include is not None and not callable(include):
         raise TypeError(f"include must be a callable (name, conv) -> bool, got {type(include).__name__}")
-    has_predictor = target.predictor is not None if target is not None else target_module is DynamicNSConv2d
+    has_predictor = target.predictor is not None
     if predictor_norm is None:
         predictor_norm = "group"
     elif not has_predictor:
         with_predictor = ", ".join(n for n, k in LAYER_KINDS.items() if k.predictor is not None)
-        label = target.name if target is not None else f"{target_module.__name__}({options})"
         raise ValueError(f"convert: predictor_norm applies to layer kinds with a predictor ({with_predictor}); "
-                         f"{label!r} has none")
+                         f"{target.name!r} has none")
     elif not callable(predictor_norm):
         check_predictor_norm("convert", predictor_norm)
     if not inplace:
@@ -336,11 +292,8 @@ def convert(module: nn.Module, similarity: str | None = None, dynamic: bool | No
 
     def build(name: str, child: nn.Conv2d, adaptation: ConvAdaptation | None) -> nn.Module:
         args = {**_conv_args(child), **norm_for(name, child)}
-        if target is not None:
-            geo = {k: args.pop(k) for k in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "bias")}
-            new = make_conv(target, **geo, **args, **layer_kwargs)
-        else:
-            new = target_module(**args, **options, **layer_kwargs)
+        geo = {k: args.pop(k) for k in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "bias")}
+        new = make_conv(target, **geo, **args, **layer_kwargs)
         new.weight.copy_(child.weight)
         if child.bias is not None:
             new.bias.copy_(child.bias)
@@ -373,11 +326,11 @@ def convert(module: nn.Module, similarity: str | None = None, dynamic: bool | No
             if isinstance(adaptation, str):
                 skipped.append(f"{label} ({type(child).__qualname__}: {adaptation})")
                 return None
-            if target_module is DynamicFilterConv2d:
+            if target.module is DynamicFilterConv2d:
                 skipped.append(f"{label} ({type(child).__qualname__}: dynamic-filter layers take plain convolutions "
                                "only)")
                 return None
-        if target_module is DynamicFilterConv2d and (child.groups != 1 or child.padding_mode != "zeros"
+        if target.module is DynamicFilterConv2d and (child.groups != 1 or child.padding_mode != "zeros"
                                                      or isinstance(child.padding, str)):
             skipped.append(f"{label} (dynamic-filter needs groups=1, numeric zero padding; got groups={child.groups}, "
                            f"padding={child.padding!r}, padding_mode={child.padding_mode!r})")

@@ -127,8 +127,8 @@ def _run(cfg: DemoConfig, root: Path, echo) -> dict:
     ref = _logits(conv_model, x)
     echo("\n2. nsl.convert on the trained conv model (seed 0): same function, now with NSL layers")
     conv_diffs = {}
-    for name, model in (("static full M = I", convert(conv_model, "full")),
-                        ("dynamic diagonal, zero-init predictor", convert(conv_model, "diagonal", dynamic=True))):
+    for name, model in (("static full M = I", convert(conv_model, "static-full")),
+                        ("dynamic diagonal, zero-init predictor", convert(conv_model, "dynamic-diagonal"))):
         diff = (_logits(model, x) - ref).abs().max().item()
         conv_diffs[name] = diff
         echo(f"   {name:<38} max |logit - conv logit| = {diff:.1e}")

@@ -106,12 +106,6 @@ class RunRecord:
         return json.dumps({k: v for k, v in self.config.items() if k not in _NOT_A_VARIANT}, sort_keys=True)
 
 
-def _config_defaults() -> dict:
-    from .train import TrainConfig
-
-    return TrainConfig().to_dict()
-
-
 def load_run(path: str | Path) -> RunRecord:
     """Read ``RUN_DIR/config.json``, ``RUN_DIR/metrics.jsonl`` and (if present) a checkpoint's meta."""
     path = Path(path).expanduser()
@@ -131,7 +125,6 @@ def load_run(path: str | Path) -> RunRecord:
             raise ValueError("not a training config (no 'model' / 'layer')")
     except ValueError as e:
         raise RunError(f"{cfg_path} is not a valid run config: {e}") from None
-    config = {**_config_defaults(), **config}  # fields added after the run was made: their default (off)
     records = []
     for i, line in enumerate(met_path.read_text().splitlines(), 1):
         if not line.strip():

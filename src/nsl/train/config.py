@@ -106,7 +106,7 @@ class TrainConfig(ConfigBase):
     # (the paper's shared parametrisation; layer kinds with a predictor)
     predictor_norm: str = "batch"  # the predictors' normalisation (layer kinds with a predictor): batch (authors'),
     # group (GroupNorm: no batch statistics, trains at batch 1) or none
-    bias: bool = True  # authors: no bias in any conv (False: none in cnn9's classifier or any predictor conv)
+    bias: bool = False  # authors: no bias in any conv (none in cnn9's classifier or any predictor conv either)
     out: str | None = None  # run directory
     paper_init: bool = True  # authors' inits: static diagonal M = eye(3) flattened; predictor He x 0.1 / He x 0.001
     train_subset: int = 0  # train on N samples of a fixed seeded subset, the same for every run seed (0: all)

@@ -5,7 +5,10 @@ supplies the data (batches or episodes), the model, the optimizer and its lr sch
 its training metrics, and its evaluation. :func:`fit` owns the rest: the run directory
 (:class:`~nsl.train.run.RunDir`), seeding, device, DDP, AMP, ``torch.compile``, the steps, the lr
 schedule's application, gradient clipping, the divergence stop, the progress bar, metrics records,
-the evaluation cadence, best/last atomic checkpoints and bit-exact resume.
+the evaluation cadence, best/last atomic checkpoints and bit-exact resume. The loop itself is
+``_Training.run``, which reads as the sequence of its named parts: ``open``, ``build``, ``restore``,
+``wrap``, then per step ``train_step``, ``due``, ``preempt_signal``, ``flush``, ``log``, ``evaluate``,
+``save``, and ``finish``.
 
 One step ``s`` (0-based) of ``total``: ``batch = next(batches)``; ``lr_g = base_lr_g * task.lr_factor(s)``;
 ``loss, stats, items = task.loss(net, batch, autocast)``; backward (scaled under fp16),
@@ -305,7 +308,7 @@ def fit(task: Task, cfg, resume: bool = False, echo=print) -> dict:
         own_group = True
     flag = _SignalFlag()
     try:
-        return _fit(task, cfg, resume, echo, run, process, flag)
+        return _Training(task, cfg, echo, run, process, flag).run(resume)
     finally:
         flag.restore()
         run.close()
@@ -313,108 +316,184 @@ def fit(task: Task, cfg, resume: bool = False, echo=print) -> dict:
             dist.destroy_process_group()
 
 
-def _fit(task: Task, cfg, resume: bool, echo, run: RunDir, process: Process, flag: _SignalFlag) -> dict:
-    main, world_size = process.main, process.world_size
-    say = echo if main else (lambda *a, **k: None)
-    unit = task.unit
+class _Training:
+    """One run of :func:`fit`: its state (step, best score, logging window, pending losses, clocks) and the
+    named parts of the loop, called in order by :meth:`run`."""
 
-    ckpt = run.open(cfg, resume, task.structural, load=task.load_checkpoint, lock=main)
-    if ckpt is not None and ckpt.get("world_size", 1) != world_size:
-        raise ConfigError(f"the run was saved with {ckpt.get('world_size', 1)} processes; resume with the same "
-                          f"number (now {world_size})")
-    if resume and ckpt is None:
-        say(f"nothing to resume in {run} (no checkpoint was written yet); starting fresh")
-    task.setup(process, ckpt)
-    total = task.total
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    model = task.build_model()
-    params = sum(p.numel() for p in model.parameters())
-    opt = task.optimizer(model)
-    task.attach(model, opt)
-    base_lrs = [g["lr"] for g in opt.param_groups]
-    autocast, scaler = autocast_and_scaler(cfg.amp, process.device)
-    step, best_acc, best_step = 0, -1.0, -1
-    if ckpt is not None:
-        load_model_state(model, ckpt["model"], run.last)
-        opt.load_state_dict(ckpt["optimizer"])
+    def __init__(self, task: Task, cfg, echo, run: RunDir, process: Process, flag: _SignalFlag):
+        self.task, self.cfg, self.run_dir, self.process, self.flag = task, cfg, run, process, flag
+        self.main, self.world_size, self.unit = process.main, process.world_size, task.unit
+        self.say = echo if process.main else (lambda *a, **k: None)
+        self.step, self.best_acc, self.best_step = 0, -1.0, -1
+        self.window, self.ema_loss, self.collapse = _Window(), None, _CollapseWatch(task.chance_loss)
+        self.pending: list[tuple[int, float, torch.Tensor, dict]] = []  # steps not yet synchronised with the host
+        self.train_time, self.trained, self.last_eval = 0.0, 0, None
+
+    # -- the loop ---------------------------------------------------------------------------------------
+    def run(self, resume: bool) -> dict:
+        """Open the run directory, build (and restore), train to ``task.total``, return the run summary."""
+        task, cfg, unit = self.task, self.cfg, self.unit
+        ckpt = self.open(resume)
+        self.build()
+        if ckpt is not None:
+            self.restore(ckpt)
+        self.wrap()
+        if self.main:
+            self.run_dir.start(cfg, ckpt, self.step, unit)
+        self.say(f"run {self.run_dir}: {task.describe(self.params)}, device {self.process.device}"
+                 + (f", resuming at {unit} {self.step}" if ckpt else ""))
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=self.total, initial=min(self.step, self.total), disable=not (cfg.progress and self.main),
+                        unit=task.bar_unit, dynamic_ncols=True, desc=task.name)
+        stream = task.batches(self.step)
+        self.net.train()
+        self.t_start = self.t_mark = time.perf_counter()  # t_mark: start of the training time not yet counted
+        stopped = False
+        try:
+            while self.step < self.total:
+                if cfg.stop_at and self.step >= cfg.stop_at:
+                    stopped = True
+                    break
+                self.train_step(next(stream))
+                log_now, eval_now, save_now = self.due()
+                preempt = self.preempt_signal()
+                if not (log_now or save_now or preempt):
+                    continue
+                self.flush()  # the divergence check comes before any record or checkpoint of this step
+                self.show_progress()
+                if log_now:
+                    self.log()
+                if eval_now:
+                    self.evaluate()
+                if save_now or preempt:
+                    self.save("last")
+                if preempt:
+                    if self.process.distributed:  # no rank exits (torchrun then stops the others) before last.pt
+                        dist.barrier()
+                    raise Preempted(f"stopped by {signal.Signals(preempt).name} at {unit} {self.step} of "
+                                    f"{self.total}; checkpoint {self.run_dir.last} written; continue with --resume")
+                self.t_mark = time.perf_counter()  # evaluations and checkpoint writes are not training time
+            self.flush()
+        finally:
+            self.bar.close()
+        return self.finish(stopped, ckpt)
+
+    # -- before the first step ----------------------------------------------------------------------------
+    def open(self, resume: bool) -> dict | None:
+        """Open (and lock) the run directory; the checkpoint to resume from, or None."""
+        ckpt = self.run_dir.open(self.cfg, resume, self.task.structural, load=self.task.load_checkpoint,
+                                 lock=self.main)
+        if ckpt is not None and ckpt["world_size"] != self.world_size:
+            raise ConfigError(f"the run was saved with {ckpt['world_size']} processes; resume with the same "
+                              f"number (now {self.world_size})")
+        if resume and ckpt is None:
+            self.say(f"nothing to resume in {self.run_dir} (no checkpoint was written yet); starting fresh")
+        self.task.setup(self.process, ckpt)
+        self.total = self.task.total
+        return ckpt
+
+    def build(self) -> None:
+        """Seed, then build the model, its optimizer, and the autocast context and gradient scaler."""
+        task = self.task
+        torch.manual_seed(self.cfg.seed)
+        random.seed(self.cfg.seed)
+        self.model = task.build_model()
+        self.params = sum(p.numel() for p in self.model.parameters())
+        self.opt = task.optimizer(self.model)
+        task.attach(self.model, self.opt)
+        self.base_lrs = [g["lr"] for g in self.opt.param_groups]
+        self.autocast, self.scaler = autocast_and_scaler(self.cfg.amp, self.process.device)
+
+    def restore(self, ckpt: dict) -> None:
+        """Continue from checkpoint ``ckpt``: weights, optimizer, data position, RNG, task, scaler, counters, and
+        the logging window and collapse watch it was taken in."""
+        task, unit = self.task, self.unit
+        load_model_state(self.model, ckpt["model"], self.run_dir.last)
+        self.opt.load_state_dict(ckpt["optimizer"])
         if "loader" in ckpt:
             states = ckpt["loader"]
-            task.load_loader_state(states[process.rank] if isinstance(states, list) else states)
+            task.load_loader_state(states[self.process.rank] if isinstance(states, list) else states)
         set_rng_state(ckpt["rng"])
         task.load_state_dict(ckpt)
-        if scaler is not None and "scaler" in ckpt:
-            scaler.load_state_dict(ckpt["scaler"])
-        step, best_acc, best_step = int(ckpt[unit]), float(ckpt["best_acc"]), int(ckpt[task.best_key])
-        if step >= total:
-            say(f"the run in {run} is already complete ({step} of {total} {unit}s)")
-    net = model
-    if process.distributed:
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[process.device.index] if process.device.type == "cuda" else None)
-    if cfg.compile != "none":  # the uncompiled ``model`` is what checkpoints save and evaluations run
-        net = torch.compile(net, backend=cfg.compile_backend, mode=None if cfg.compile == "default" else cfg.compile)
-    if main:
-        run.start(cfg, ckpt, step, unit)
+        if self.scaler is not None and "scaler" in ckpt:
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.step, self.best_acc, self.best_step = int(ckpt[unit]), float(ckpt["best_acc"]), int(ckpt[task.best_key])
+        self.window.load_state_dict(ckpt["window"])  # the logging window the checkpoint was taken in
+        self.ema_loss = ckpt["ema_loss"]
+        self.collapse.load_state_dict(ckpt["collapse_watch"])
+        if self.step >= self.total:
+            self.say(f"the run in {self.run_dir} is already complete ({self.step} of {self.total} {unit}s)")
 
-    def last_good() -> str:
-        kept_step = run.last_step(unit)
-        return f"{run.last} ({unit} {kept_step})" if kept_step is not None else "none (no checkpoint was written yet)"
+    def wrap(self) -> None:
+        """``self.net``: the model in DistributedDataParallel and/or ``torch.compile`` (the uncompiled
+        ``self.model`` is what checkpoints save and evaluations run)."""
+        cfg, process = self.cfg, self.process
+        self.net = self.model
+        if process.distributed:
+            self.net = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[process.device.index] if process.device.type == "cuda" else None)
+        if cfg.compile != "none":
+            self.net = torch.compile(self.net, backend=cfg.compile_backend,
+                                     mode=None if cfg.compile == "default" else cfg.compile)
 
-    def save(which: str) -> None:
-        loader_state = task.loader_state()
-        if process.distributed and loader_state is not None:
-            gathered = [None] * world_size
-            dist.all_gather_object(gathered, loader_state)
-            loader_state = gathered
-        bad = nonfinite_tensors(list(model.named_parameters()) + list(model.named_buffers()))
-        if bad:  # a loss can stay finite while weights or BN statistics overflow: never save that state
-            raise TrainingDiverged(
-                f"{len(bad)} parameter or buffer tensor(s) became NaN or inf by {unit} {step} (first {bad[0]}); "
-                f"stopped without saving. Last good checkpoint: {last_good()}. Try {task.divergence_hint}.")
-        if not main:
-            return
-        state = {"format": task.checkpoint_format, "version": CHECKPOINT_VERSION, unit: step, task.total_key: total,
-                 "config": cfg.to_dict(), "meta": task.meta, "model": model.state_dict(),
-                 "optimizer": opt.state_dict(), **task.state_dict(step)}
-        if loader_state is not None:
-            state["loader"] = loader_state
-        state.update({"rng": rng_state(), "best_acc": best_acc, task.best_key: best_step, "world_size": world_size,
-                      "params": params, "window": window.state_dict(), "ema_loss": ema_loss,
-                      "collapse_watch": collapse.state_dict()})
+    # -- each step ------------------------------------------------------------------------------------------
+    def train_step(self, batch) -> None:
+        """One optimizer step on ``batch`` at the scheduled lr; its loss and metrics stay on the device."""
+        task, opt, scaler, step = self.task, self.opt, self.scaler, self.step
+        task.before_step(step)
+        f = self.lr_factor = task.lr_factor(step)
+        for g, base in zip(opt.param_groups, self.base_lrs):
+            g["lr"] = base * f
+        loss, stats, items = task.loss(self.net, batch, self.autocast)
+        loss_value = loss.detach().clone()
+        if self.process.distributed:
+            dist.all_reduce(loss_value)
+            loss_value /= self.world_size
+        opt.zero_grad(set_to_none=True)
         if scaler is not None:
-            state["scaler"] = scaler.state_dict()
-        run.save(state, which)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+        else:
+            loss.backward()
+        if self.cfg.grad_clip:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        task.after_step(step)
+        self.pending.append((step, f, loss_value, {k: (v.detach() if torch.is_tensor(v) else v, n)
+                                                   for k, (v, n) in stats.items()}))
+        self.step += 1
+        self.trained += items * self.world_size
+        self.window.items += items
+        self.bar.update(1)
 
-    def log(record: dict) -> None:
-        if main:
-            run.log(record)
+    def due(self) -> tuple[bool, bool, bool]:
+        """``(log, evaluate, save)``: what the step just taken is due for."""
+        cfg, step, total = self.cfg, self.step, self.total
+        log_now = bool(cfg.log_every and (step % cfg.log_every == 0 or step == total))
+        eval_now = step == total or bool(self.task.eval_every and step % self.task.eval_every == 0)
+        save_now = eval_now or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) \
+            or (cfg.stop_at and step == cfg.stop_at)
+        return log_now, eval_now, bool(save_now)
 
-    say(f"run {run}: {task.describe(params)}, device {process.device}"
-        + (f", resuming at {unit} {step}" if ckpt else ""))
-    from tqdm import tqdm
+    def preempt_signal(self) -> int:
+        """The preemption signal received (0: none), agreed by all ranks so that every rank stops at the same
+        step and the checkpoint is consistent; the last step finishes the run as usual."""
+        preempt = self.flag.hit
+        if self.process.distributed:
+            hit = torch.tensor([preempt], dtype=torch.int64, device=self.process.device)
+            dist.all_reduce(hit, op=dist.ReduceOp.MAX)
+            preempt = int(hit.item())
+        return preempt if self.step < self.total else 0
 
-    bar = tqdm(total=total, initial=min(step, total), disable=not (cfg.progress and main), unit=task.bar_unit,
-               dynamic_ncols=True, desc=task.name)
-    stream = task.batches(step)
-    net.train()
-    window = _Window()
-    ema_loss = None
-    if ckpt is not None and "window" in ckpt:  # the logging window the checkpoint was taken in
-        window.load_state_dict(ckpt["window"])
-        ema_loss = ckpt.get("ema_loss")
-    collapse = _CollapseWatch(task.chance_loss)
-    if ckpt is not None and "collapse_watch" in ckpt:
-        collapse.load_state_dict(ckpt["collapse_watch"])
-    pending: list[tuple[int, float, torch.Tensor, dict]] = []  # steps not yet synchronised with the host
-    t_start, train_time, trained, last_eval = time.perf_counter(), 0.0, 0, None
-    t_mark = t_start  # start of the training time not yet counted
-    stopped = False
-
-    def flush() -> None:
+    def flush(self) -> None:
         """Bring the pending steps' losses and metrics to the host (the only synchronisation of a window),
         stop if a loss is not finite, and add them to the window."""
-        nonlocal ema_loss, train_time, t_mark
+        pending, window = self.pending, self.window
         if not pending:
             return
         losses = torch.stack([lv for _, _, lv, _ in pending]).tolist()
@@ -424,12 +503,12 @@ def _fit(task: Task, cfg, resume: bool, echo, run: RunDir, process: Process, fla
         for (k, f, _, _), lv in zip(pending, losses):
             if not math.isfinite(lv):
                 raise TrainingDiverged(
-                    f"loss became {lv} at {unit} {k + 1} (lr {base_lrs[0] * f:g}); stopped. Last good checkpoint: "
-                    f"{last_good()}. Try {task.divergence_hint}.")
+                    f"loss became {lv} at {self.unit} {k + 1} (lr {self.base_lrs[0] * f:g}); stopped. Last good "
+                    f"checkpoint: {self.last_good()}. Try {self.task.divergence_hint}.")
         counts = {k: [st[k][1] for *_, st in pending if k in st] for k in names}
         for lv in losses:
             window.loss += lv
-            ema_loss = lv if ema_loss is None else 0.9 * ema_loss + 0.1 * lv
+            self.ema_loss = lv if self.ema_loss is None else 0.9 * self.ema_loss + 0.1 * lv
         for k in names:
             acc = window.stats.setdefault(k, [0.0, 0])
             for v, n in zip(values[k], counts[k]):
@@ -438,104 +517,98 @@ def _fit(task: Task, cfg, resume: bool, echo, run: RunDir, process: Process, fla
         window.steps += len(pending)
         pending.clear()
         now = time.perf_counter()
-        window.train_time += now - t_mark
-        train_time += now - t_mark
-        t_mark = now
+        window.train_time += now - self.t_mark
+        self.train_time += now - self.t_mark
+        self.t_mark = now
 
-    try:
-        while step < total:
-            if cfg.stop_at and step >= cfg.stop_at:
-                stopped = True
-                break
-            batch = next(stream)
-            task.before_step(step)
-            f = task.lr_factor(step)
-            for g, base in zip(opt.param_groups, base_lrs):
-                g["lr"] = base * f
-            loss, stats, items = task.loss(net, batch, autocast)
-            loss_value = loss.detach().clone()
-            if process.distributed:
-                dist.all_reduce(loss_value)
-                loss_value /= world_size
-            opt.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(opt)
-            else:
-                loss.backward()
-            if cfg.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            if scaler is not None:
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.step()
-            task.after_step(step)
-            pending.append((step, f, loss_value, {k: (v.detach() if torch.is_tensor(v) else v, n)
-                                                  for k, (v, n) in stats.items()}))
-            step += 1
-            trained += items * world_size
-            window.items += items
-            bar.update(1)
-            log_now = bool(cfg.log_every and (step % cfg.log_every == 0 or step == total))
-            eval_now = step == total or bool(task.eval_every and step % task.eval_every == 0)
-            save_now = eval_now or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) \
-                or (cfg.stop_at and step == cfg.stop_at)
-            preempt = flag.hit
-            if process.distributed:  # every rank stops at the same step, so the checkpoint is consistent
-                hit = torch.tensor([preempt], dtype=torch.int64, device=process.device)
-                dist.all_reduce(hit, op=dist.ReduceOp.MAX)
-                preempt = int(hit.item())
-            preempt = preempt if step < total else 0  # the last step finishes the run as usual
-            if not (log_now or save_now or preempt):
-                continue
-            flush()  # the divergence check comes before any record or checkpoint of this step
-            if main and cfg.progress:
-                acc = window.stats.get("acc")
-                bar.set_postfix(loss=f"{ema_loss:.3f}", **({"acc": f"{acc[0] / max(1, acc[1]):.3f}"} if acc else {}),
-                                rate=f"{trained / max(train_time, 1e-9):.1f}/s", refresh=False)
-            if log_now:
-                record = window.record(unit, step, base_lrs[0] * f, task.throughput_key, world_size,
-                                       round(time.perf_counter() - t_start, 3), task.record_extras())
-                log(record)
-                window = _Window()
-                collapsed = collapse.update(step, record["loss"])
-                if collapsed is not None:
-                    (bar.write if main and cfg.progress else say)(
-                        f"warning: the training loss has stayed at {record['loss']:.4f}, the loss of a prediction "
-                        f"that ignores its input ({task.chance_loss:.4f}), since {unit} {collapsed[1]}, after "
-                        f"reaching {collapsed[0]:.4f}: the run looks collapsed and rarely recovers. Checkpoints up to "
-                        f"{unit} {collapsed[1] - cfg.log_every} predate it; try {task.divergence_hint}.")
-            if eval_now:
-                last_eval = task.evaluate(model, autocast)
-                log({"kind": task.eval_kind, unit: step, **last_eval, "time": round(time.perf_counter() - t_start, 3),
-                     **task.record_extras()})
-                if main and cfg.progress:
-                    bar.write(f"{unit} {step}: {task.eval_message(last_eval)}")
-                if last_eval[task.score_key] > best_acc:
-                    best_acc, best_step = last_eval[task.score_key], step
-                    save("best")
-            if save_now or preempt:
-                save("last")
-            if preempt:
-                if process.distributed:  # no rank exits (torchrun then stops the others) before last.pt is written
-                    dist.barrier()
-                raise Preempted(f"stopped by {signal.Signals(preempt).name} at {unit} {step} of {total}; checkpoint "
-                                f"{run.last} written; continue with --resume")
-            t_mark = time.perf_counter()  # evaluations and checkpoint writes are not training time
-        flush()
-    finally:
-        bar.close()
-    seconds = time.perf_counter() - t_start
-    if stopped or (cfg.stop_at and step == cfg.stop_at and step < total):
-        stopped = True
-        say(f"stopped at {unit} {step} of {total} (stop_at); continue with --resume")
-    if last_eval is None and not stopped and ckpt is not None and step >= total:
-        last_eval = task.evaluate(model, autocast)
-    summary = {"run_dir": str(run), unit: step, task.total_key: total, "params": params, "seconds": round(seconds, 3),
-               "train_seconds": round(train_time, 3), task.throughput_key: trained / max(train_time, 1e-9),
-               "best_acc": best_acc, task.best_key: best_step, "stopped": stopped, **task.summary(last_eval)}
-    if not stopped and last_eval is not None:
-        say(f"done: {unit} {step}, {task.eval_message(last_eval)} (best {100 * best_acc:.2f}% at {unit} {best_step}), "
-            f"{summary[task.throughput_key]:.{task.rate_digits}f} {task.items}/s")
-    return summary
+    def show_progress(self) -> None:
+        if self.main and self.cfg.progress:
+            acc = self.window.stats.get("acc")
+            self.bar.set_postfix(loss=f"{self.ema_loss:.3f}",
+                                 **({"acc": f"{acc[0] / max(1, acc[1]):.3f}"} if acc else {}),
+                                 rate=f"{self.trained / max(self.train_time, 1e-9):.1f}/s", refresh=False)
+
+    def log(self) -> None:
+        """Write the window's train record, start a new window, and warn once if the run has collapsed."""
+        task, unit = self.task, self.unit
+        record = self.window.record(unit, self.step, self.base_lrs[0] * self.lr_factor, task.throughput_key,
+                                    self.world_size, round(time.perf_counter() - self.t_start, 3),
+                                    task.record_extras())
+        self.write(record)
+        self.window = _Window()
+        collapsed = self.collapse.update(self.step, record["loss"])
+        if collapsed is not None:
+            (self.bar.write if self.main and self.cfg.progress else self.say)(
+                f"warning: the training loss has stayed at {record['loss']:.4f}, the loss of a prediction "
+                f"that ignores its input ({task.chance_loss:.4f}), since {unit} {collapsed[1]}, after "
+                f"reaching {collapsed[0]:.4f}: the run looks collapsed and rarely recovers. Checkpoints up to "
+                f"{unit} {collapsed[1] - self.cfg.log_every} predate it; try {task.divergence_hint}.")
+
+    def evaluate(self) -> None:
+        """Evaluate, write the record, and save ``best.pt`` when the score improved."""
+        task, unit, step = self.task, self.unit, self.step
+        self.last_eval = result = task.evaluate(self.model, self.autocast)
+        self.write({"kind": task.eval_kind, unit: step, **result,
+                    "time": round(time.perf_counter() - self.t_start, 3), **task.record_extras()})
+        if self.main and self.cfg.progress:
+            self.bar.write(f"{unit} {step}: {task.eval_message(result)}")
+        if result[task.score_key] > self.best_acc:
+            self.best_acc, self.best_step = result[task.score_key], step
+            self.save("best")
+
+    def write(self, record: dict) -> None:
+        if self.main:
+            self.run_dir.log(record)
+
+    def save(self, which: str) -> None:
+        """Write checkpoint ``which`` (``'last'``, ``'best'``) from rank 0: everything :meth:`restore` reads.
+        A state with a non-finite parameter or buffer is never saved (:class:`TrainingDiverged`)."""
+        task, unit, model = self.task, self.unit, self.model
+        loader_state = task.loader_state()
+        if self.process.distributed and loader_state is not None:
+            gathered = [None] * self.world_size
+            dist.all_gather_object(gathered, loader_state)
+            loader_state = gathered
+        bad = nonfinite_tensors(list(model.named_parameters()) + list(model.named_buffers()))
+        if bad:  # a loss can stay finite while weights or BN statistics overflow: never save that state
+            raise TrainingDiverged(
+                f"{len(bad)} parameter or buffer tensor(s) became NaN or inf by {unit} {self.step} (first {bad[0]}); "
+                f"stopped without saving. Last good checkpoint: {self.last_good()}. Try {task.divergence_hint}.")
+        if not self.main:
+            return
+        state = {"format": task.checkpoint_format, "version": CHECKPOINT_VERSION, unit: self.step,
+                 task.total_key: self.total, "config": self.cfg.to_dict(), "meta": task.meta,
+                 "model": model.state_dict(), "optimizer": self.opt.state_dict(), **task.state_dict(self.step)}
+        if loader_state is not None:
+            state["loader"] = loader_state
+        state.update({"rng": rng_state(), "best_acc": self.best_acc, task.best_key: self.best_step,
+                      "world_size": self.world_size, "params": self.params, "window": self.window.state_dict(),
+                      "ema_loss": self.ema_loss, "collapse_watch": self.collapse.state_dict()})
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        self.run_dir.save(state, which)
+
+    def last_good(self) -> str:
+        kept_step = self.run_dir.last_step(self.unit)
+        return (f"{self.run_dir.last} ({self.unit} {kept_step})" if kept_step is not None
+                else "none (no checkpoint was written yet)")
+
+    # -- after the last step ------------------------------------------------------------------------------
+    def finish(self, stopped: bool, ckpt: dict | None) -> dict:
+        """The run summary (evaluating a resumed run that was already complete), and the closing message."""
+        task, unit, cfg, step, total = self.task, self.unit, self.cfg, self.step, self.total
+        seconds = time.perf_counter() - self.t_start
+        if stopped or (cfg.stop_at and step == cfg.stop_at and step < total):
+            stopped = True
+            self.say(f"stopped at {unit} {step} of {total} (stop_at); continue with --resume")
+        if self.last_eval is None and not stopped and ckpt is not None and step >= total:
+            self.last_eval = task.evaluate(self.model, self.autocast)
+        train_time = self.train_time
+        summary = {"run_dir": str(self.run_dir), unit: step, task.total_key: total, "params": self.params,
+                   "seconds": round(seconds, 3), "train_seconds": round(train_time, 3),
+                   task.throughput_key: self.trained / max(train_time, 1e-9), "best_acc": self.best_acc,
+                   task.best_key: self.best_step, "stopped": stopped, **task.summary(self.last_eval)}
+        if not stopped and self.last_eval is not None:
+            self.say(f"done: {unit} {step}, {task.eval_message(self.last_eval)} (best {100 * self.best_acc:.2f}% at "
+                     f"{unit} {self.best_step}), {summary[task.throughput_key]:.{task.rate_digits}f} {task.items}/s")
+        return summary

@@ -19,14 +19,13 @@ ATTENTION_MILESTONES = (34_000 / ATTENTION_ITERS, 54_000 / ATTENTION_ITERS)
 
 # Protocol defaults, each a set of TrainConfig values.
 PROTOCOLS: dict[str, dict] = {
-    # the authors' CIFAR protocol: the TrainConfig defaults, and no bias in any conv (the default keeps biases, so
-    # that a config.json written before the field existed builds the same model)
-    "paper": dict(bias=False),
+    # the authors' CIFAR protocol: the TrainConfig defaults
+    "paper": dict(),
     # a modern short schedule for CPU-budget runs and quick comparisons (not from the paper)
     "fast": dict(iters=None, epochs=15, lr=0.1, nesterov=True, weight_decay=5e-4, decay_bn=False,
                  wd_static_diagonal=0.0, wd_static_full=5e-4, schedule="onecycle", onecycle_pct=0.2,
                  label_smoothing=0.1, input="normalize", bn_momentum=0.1, bn_eps=1e-5, paper_init=False,
-                 amp="auto", eval_every=0, checkpoint_every=200),
+                 amp="auto", eval_every=0, checkpoint_every=200, bias=True),
     # the authors' global-neural-similarity CIFAR model and its training (wy1iu/NSL nsl_global_ns: spherenet.py,
     # train_sa.py; method notes, section 5): Adam (TF defaults = PyTorch's), lr 1e-3, batch 128, 64k iterations,
     # lr / 10 at 34k and 54k; L2 5e-4 (tf l2_regularizer, coupled: optimizer adam) where the authors put it: the
@@ -41,8 +40,10 @@ PROTOCOLS: dict[str, dict] = {
     "demo": dict(dataset="digits", model="cnn9", width=8, iters=None, epochs=12, batch_size=64, optimizer="adam",
                  lr=3e-3, weight_decay=0.0, decay_bn=False, wd_static_diagonal=0.0, wd_static_full=0.0,
                  schedule="onecycle", onecycle_pct=0.25, label_smoothing=0.0, input="normalize", augment=False,
-                 bn_momentum=0.1, bn_eps=1e-5, paper_init=False, amp="none", eval_every=0, checkpoint_every=0),
+                 bn_momentum=0.1, bn_eps=1e-5, paper_init=False, amp="none", eval_every=0, checkpoint_every=0,
+                 bias=True),
     "paper-attention": dict(model="sphere-attention", layer="conv", optimizer="adam", lr=1e-3,
                             iters=ATTENTION_ITERS, lr_milestones=ATTENTION_MILESTONES, lr_gamma=0.1, batch_size=128,
-                            weight_decay=5e-4, decay_bn=True, orthogonality=2e-4, input="raw", paper_init=True),
+                            weight_decay=5e-4, decay_bn=True, orthogonality=2e-4, input="raw", paper_init=True,
+                            bias=True),
 }
