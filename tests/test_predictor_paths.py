@@ -125,11 +125,14 @@ def test_inference_paths_match_frozen_math(predictor, similarity):
         torch.testing.assert_close(layer(x), _frozen_layer(layer, x), rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("predictor", ["sphere", "light"])
-def test_float32_channels_last_path_matches_frozen_math(predictor):
-    """The float32 CPU path (where the fast layouts apply) against the frozen math, train and eval."""
+@pytest.mark.parametrize("similarity", ["diagonal", "full"])
+@pytest.mark.parametrize("predictor", ["sphere", "cosine", "light"])
+def test_float32_channels_last_path_matches_frozen_math(predictor, similarity):
+    """The float32 CPU path (where the predictors run channels-last) against the frozen math, train and
+    eval; ``g`` comes back contiguous."""
     torch.manual_seed(0)
-    layer = nsl.DynamicNSConv2d(8, 8, 3, padding=1, predictor=predictor, predictor_init="authors")
+    layer = nsl.DynamicNSConv2d(8, 8, 3, padding=1, similarity=similarity, predictor=predictor,
+                                predictor_init="authors")
     _randomise(layer, 4)
     frozen = copy.deepcopy(layer)
     x = torch.randn(4, 8, 12, 12)
@@ -138,8 +141,8 @@ def test_float32_channels_last_path_matches_frozen_math(predictor):
         frozen.train(training)
         xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
         out, expected = layer(xa), _frozen_layer(frozen, xb)
-        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
         out.sum().backward()
         expected.sum().backward()
-        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
-        assert out.is_contiguous()
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-4)
+    assert layer.predictor(x).is_contiguous()  # (eval mode: changes no running statistics)

@@ -6,10 +6,11 @@
   map. The fold is computed at every call from the current parameters and buffers (a few
   ``C_out x C_in x k x k`` multiply-adds), so nothing is cached that could go stale, and training
   mode (batch statistics, running-statistics updates) is never folded.
-* CPU, float32 / bfloat16: the light predictor runs channels-last. PyTorch's contiguous (NCHW)
-  depthwise convolution on CPU takes a slow path; channels-last goes to oneDNN (measured,
-  ``benchmarks/layers.py`` ``pred-diag/light``). Its ``g`` (``P`` or ``P * P`` channels) is made
-  contiguous again for the op.
+* CPU, float32 / bfloat16: the predictors run channels-last. PyTorch's contiguous (NCHW)
+  depthwise convolution on CPU takes a slow path, channels-last goes to oneDNN; oneDNN's
+  convolutions with few output channels (the last conv's ``P`` = 9) and its batch norms are faster
+  channels-last too (measured, ``benchmarks/layers.py`` ``pred-diag/*``). ``g`` (``P`` or ``P * P``
+  channels) is made contiguous again for the op.
 """
 
 from __future__ import annotations
@@ -53,15 +54,20 @@ def conv_then_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
     return conv._conv_forward(x, weight, bias)
 
 
+def _to_channels_last(x: Tensor) -> tuple[Tensor, bool]:
+    """``x`` channels-last where that layout is the faster one (CPU, float32 / bfloat16), and whether it is."""
+    if x.device.type == "cpu" and x.dtype in _CHANNELS_LAST_DTYPES:
+        return x.contiguous(memory_format=torch.channels_last), True
+    return x, False
+
+
 def light_predictor_forward(p, x: Tensor) -> Tensor:
     """:class:`~nsl.layers.dynamic.LightPredictor`'s ``g = tanh(out(ReLU(N(pw(ReLU(N(dw(x))))))))``,
-    channels-last on CPU (float32 / bfloat16), norms folded in eval mode.
+    channels-last on CPU (float32 / bfloat16), the norms folded in eval mode.
 
     Shapes: ``x [N, C_in, H, W]`` -> ``g [N, P or P*P, H_out, W_out]`` (contiguous).
     """
-    channels_last = x.device.type == "cpu" and x.dtype in _CHANNELS_LAST_DTYPES
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    x, channels_last = _to_channels_last(x)
     h = F.relu(conv_then_norm(p.dw, p.bn0, x), inplace=True)  # in place: nothing saves the norm's output
     h = F.relu(conv_then_norm(p.pw, p.bn1, h), inplace=True)
     g = torch.tanh(p.out(h))
@@ -69,12 +75,12 @@ def light_predictor_forward(p, x: Tensor) -> Tensor:
 
 
 def sphere_predictor_forward(p, x: Tensor) -> Tensor:
-    """:class:`~nsl.layers.dynamic.SimilarityPredictor`'s ``g = N(conv2(ReLU(N(SphereConv(x)))))``, the
-    last norm folded into a plain ``conv2`` in eval mode.
+    """:class:`~nsl.layers.dynamic.SimilarityPredictor`'s ``g = N(conv2(ReLU(N(SphereConv(x)))))``,
+    channels-last on CPU (float32 / bfloat16), the last norm folded into a plain ``conv2`` in eval mode.
 
-    Shapes: ``x [N, C_in, H, W]`` -> ``g [N, P or P*P, H_out, W_out]``.
+    Shapes: ``x [N, C_in, H, W]`` -> ``g [N, P or P*P, H_out, W_out]`` (contiguous).
     """
+    x, channels_last = _to_channels_last(x)
     h = F.relu(p.bn1(p.conv1(x)), inplace=True)  # in place: nothing saves the norm's output
-    if type(p.conv2) is nn.Conv2d:
-        return conv_then_norm(p.conv2, p.bn2, h)
-    return p.bn2(p.conv2(h))
+    g = conv_then_norm(p.conv2, p.bn2, h) if type(p.conv2) is nn.Conv2d else p.bn2(p.conv2(h))
+    return g.contiguous() if channels_last else g
