@@ -11,6 +11,7 @@ from torch import Tensor
 
 from ..functional import ns_conv2d
 from ._checks import batched_input, check_conv_args, check_positive_int
+from ._predictor_paths import light_predictor_forward, sphere_predictor_forward
 from .sphere import SphereConv2d
 
 __all__ = ["DynamicNSConv2d", "SimilarityPredictor", "LightPredictor", "DYNAMIC_SIMILARITIES", "PREDICTORS",
@@ -161,7 +162,7 @@ class SimilarityPredictor(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x, unbatched = batched_input(type(self).__name__, x, self.in_channels, self.conv1.weight.dtype)
-        g = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)), inplace=True)))  # in place: nothing saves it
+        g = sphere_predictor_forward(self, x)  # bn2(conv2(ReLU(bn1(conv1(x))))), eval norms folded
         return g.squeeze(0) if unbatched else g
 
 
@@ -222,7 +223,7 @@ class LightPredictor(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x, unbatched = batched_input(type(self).__name__, x, self.in_channels, self.dw.weight.dtype)
-        g = torch.tanh(self.out(F.relu(self.bn1(self.pw(F.relu(self.bn0(self.dw(x)), inplace=True))), inplace=True)))
+        g = light_predictor_forward(self, x)  # tanh(out(ReLU(bn1(pw(ReLU(bn0(dw(x)))))))), CPU channels-last
         return g.squeeze(0) if unbatched else g
 
 
