@@ -13,7 +13,7 @@ run_one() {
   local resume=()
   if [ -f "$dir/checkpoints/last.pt" ]; then resume=(--resume); fi
   nsl train --dataset cifar10 --data-dir "$data" --model cnn9 --set width=16 --layer "$kind" --protocol fast \
-    --seed "$seed" --out "$dir" --no-progress "$@" "${resume[@]}"
+    --seed "$seed" --out "$dir" --no-progress "$@" "${resume[@]}" || return
   touch "$dir/done"
 }
 

@@ -14,8 +14,9 @@ OUT=${2:-runs/predictor-study-cpu}
 SEEDS=${SEEDS:-0 1 2}
 VARIANTS=${VARIANTS:-"conv conv
 sphere64-half dynamic-diagonal predictor_stride=2
-sphere16 dynamic-diagonal predictor_width=16
+sphere64-stage-half dynamic-diagonal share_prediction=true predictor_stride=2
 sphere64-stage dynamic-diagonal share_prediction=true
+sphere16 dynamic-diagonal predictor_width=16
 light-group dynamic-diagonal-light predictor_norm=group
 light64 dynamic-diagonal-light predictor_width=64"}
 # shellcheck source=experiments/_cifar10_grid.sh
