@@ -167,7 +167,8 @@ def main(argv: list[str] | None = None) -> None:
                        ("macs", "MACs/image", ",d"), ("macs_x_conv", "MACs x conv", ".2f"),
                        ("first_call_s", "first call s", ".1f")])
     write_json(args.out, {"environment": environment(), "model": "cnn9", "width": args.width, "size": args.size,
-                          "repeat": args.repeat, "modes": modes, "rows": rows})
+                          "repeat": args.repeat, "modes": modes, "rows": rows,
+                          "variants": dict(spec.partition("=")[::2] for spec in args.variant)})
     print(f"\nwrote {args.out}")
 
 

@@ -92,8 +92,14 @@ def paired(variants: dict) -> None:
 
 def add_bench(variants: dict, bench: dict) -> None:
     """Eager ``train`` / ``infer-b1`` / ``infer-b128`` ms and x conv of ``benchmarks/network.py`` rows named as the
-    variants (or as a known variant's layer kind)."""
+    variants (or as a known variant's layer kind); a benchmarked name without finished runs gets a cost-only row."""
     rows = {(r["kind"], r["phase"]): r for r in bench["rows"] if r["mode"] == "eager"}
+    covered = set(variants) | {v["layer"] for v in variants.values() if v.get("known")}
+    for name in dict.fromkeys(k for k, _ in rows):  # benchmarked, no finished run yet: a cost-only row
+        if name not in covered:
+            kind, *sets = bench.get("variants", {}).get(name, name).split(",")  # KIND,KEY=VALUE,... (--variant)
+            variants[name] = {"layer": kind, "options": dict(kv.split("=", 1) for kv in sets), "params": None,
+                              "macs": None, "runs": {}, "diffs": {}}
     for name, v in variants.items():
         key = name if (name, "train") in rows else v["layer"] if v.get("known") or name == "conv" else name
         for phase in ("train", "infer-b1", "infer-b128"):
@@ -122,11 +128,12 @@ def markdown(variants: dict) -> str:
                 ("train", "infer-b1", "infer-b128")]
         accs = ", ".join(f"{r['acc']:.2f}" for _, r in sorted(v["runs"].items()))
         seeds = ",".join(str(s) for s in sorted(v["runs"]))
+        accs = f"{accs} (seeds {seeds})" if v["runs"] else "no finished run"
         diffs = ", ".join(f"{d:+.2f}" for d in v.get("diffs", {}).values())
         mean = (f"{v['mean']:+.2f} +- {_fmt(v['ci95'], '.2f', 'n/a (1 seed)')}" if "mean" in v else "")
         known = " (known)" if v.get("known") else ""
         lines.append(f"| {name}{known} | {label} | {_fmt(v['params'], ',d')} | {macs} | {' | '.join(cost)} | "
-                     f"{accs} (seeds {seeds}) | {diffs} | {mean} |")
+                     f"{accs} | {diffs} | {mean} |")
     return "\n".join(lines)
 
 
@@ -154,7 +161,7 @@ def figure(variants: dict, path: Path) -> Path:
     ax.axvline(1.5, color="C3", lw=0.8, ls=":")
     ax.set(xlabel=("training-step time" if timed else "multiply-adds") + " / conv's (CNN-9 width 16)",
            ylabel="test accuracy - conv's, same seed (points)")
-    ax.set_xscale("log")
+    ax.set_xlim(left=min(1.0, ax.get_xlim()[0]))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     ax.set_title("CIFAR-10, 5 epochs: gain vs cost of dynamic predictors (dots: seeds; bar: mean, 95% CI)\n"

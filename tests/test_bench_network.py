@@ -22,6 +22,7 @@ def test_network_benchmark_tiny(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     data = json.loads(out.read_text())
     assert data["modes"] == ["eager"]
+    assert data["variants"] == {"half": "dynamic-diagonal-light,predictor_stride=2,predictor_width=4"}
     keys = {(r["phase"], r["kind"], r["mode"]) for r in data["rows"]}
     assert keys == {(p, k, "eager") for p in ("train", "infer-b1", "infer-b2")
                     for k in ("conv", "dynamic-diagonal", "half")}
