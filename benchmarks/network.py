@@ -11,13 +11,17 @@ width=--width)``, seed 0) and times, in one run:
 each ``eager`` and, with ``--compile on``, ``compiled`` (``torch.compile(model)``, inductor). All kinds
 and modes of one phase are timed together by :func:`common.time_cases` (min over ``--repeat``
 interleaved rounds after warm-up), so ``x_conv`` (time over the conv model's, same phase and mode) is
-a ratio from the same run. The first call (where compilation happens) is excluded from the timing
-and reported as ``first_call_s``. MACs per image are :func:`nsl.report.count_macs`, with
-``macs_x_conv`` beside the time ratio. Inputs are random (the cost does not depend on the data).
+a ratio from the same run. ``--variant NAME=KIND[,KEY=VALUE...]`` (repeatable) adds a named model: CNN-9 of
+layer kind ``KIND`` with training-config options (the ``nsl train --set`` names, e.g.
+``sphere64-half=dynamic-diagonal,predictor_stride=2``), built as ``nsl train`` builds it. The first call
+(where compilation happens) is excluded from the timing and reported as ``first_call_s``. MACs per image
+are :func:`nsl.report.count_macs`, with ``macs_x_conv`` beside the time ratio, and ``params`` the model's
+parameters. Inputs are random (the cost does not depend on the data).
 Writes JSON to ``--out``.
 
     python benchmarks/network.py [--layers conv,static-full,dynamic-diagonal,dynamic-diagonal-light]
         [--width 16] [--train-batch 128] [--infer-batches 1,128] [--repeat 3] [--threads 2] [--compile on|off]
+        [--variant NAME=KIND[,KEY=VALUE...]]...
 """
 
 from __future__ import annotations
@@ -35,14 +39,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, environment, layer_kinds_with_conv, print_table, time_cases, write_json  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "src"))
-from nsl.models import build_model  # noqa: E402
+from nsl.models import build_model, count_parameters  # noqa: E402
 from nsl.report import count_macs  # noqa: E402
+from nsl.train import build_model_for  # noqa: E402
+from nsl.train.config import ConfigError, apply_overrides, make_config  # noqa: E402
 
 DEFAULT_LAYERS = "conv,static-full,dynamic-diagonal,dynamic-diagonal-light"
 
 
 def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v]
+
+
+def variant_model(parser, spec: str, width: int, size: int) -> tuple[str, torch.nn.Module]:
+    """``NAME=KIND[,KEY=VALUE...]`` as ``(NAME, CNN-9 of kind KIND with the config options KEY=VALUE)``, built by
+    :func:`nsl.train.build_model_for` from a ``fast``-protocol config; a bad spec is a one-line ``parser.error``."""
+    name, _, rest = spec.partition("=")
+    kind, *sets = rest.split(",")
+    if not name or not kind:
+        parser.error(f"--variant: expected NAME=KIND[,KEY=VALUE...], got {spec!r}")
+    try:
+        cfg = apply_overrides(make_config("fast", layer=kind, width=width), sets)
+    except ConfigError as e:
+        parser.error(f"--variant {name}: {e}")
+    return name, build_model_for(cfg, dict(num_classes=10, in_channels=3, image_size=size))
 
 
 def train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
@@ -90,6 +110,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compile", choices=["on", "off"], default="on", help="also time torch.compile (inductor)")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=KIND[,KEY=VALUE...]",
+                        help="also time CNN-9 of layer kind KIND with these training-config options (nsl train "
+                             "--set names), under NAME, e.g. sphere64-half=dynamic-diagonal,predictor_stride=2")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "network.json")
     args = parser.parse_args(argv)
     kinds = layer_kinds_with_conv(parser, args.layers)
@@ -107,6 +130,13 @@ def main(argv: list[str] | None = None) -> None:
         torch.manual_seed(0)
         models[k] = build_model("cnn9", k, num_classes=10, width=args.width)
         macs[k] = count_macs(models[k], shape)
+    for spec in args.variant:
+        torch.manual_seed(0)
+        name, model = variant_model(parser, spec, args.width, args.size)
+        if name in models:
+            parser.error(f"--variant: the name {name!r} is taken (a layer kind or an earlier variant)")
+        models[name], macs[name] = model, count_macs(model, shape)
+        kinds.append(name)
 
     def variant(k: str, mode: str, train: bool) -> torch.nn.Module:
         m = copy.deepcopy(models[k]).train(train)
@@ -129,14 +159,16 @@ def main(argv: list[str] | None = None) -> None:
             rows.append({"phase": phase, "batch": args.train_batch if batch is None else batch, "kind": k,
                          "mode": mode, "ms": 1e3 * t, "x_conv": t / result[("conv", mode)][0],
                          "x_eager": t / result[(k, "eager")][0], "macs": macs[k],
-                         "macs_x_conv": macs[k] / macs["conv"], "first_call_s": first})
+                         "macs_x_conv": macs[k] / macs["conv"], "params": count_parameters(models[k]),
+                         "first_call_s": first})
         print(f"[{phase} done]", flush=True)
     print_table(rows, [("phase", "phase", ""), ("kind", "layer kind", ""), ("mode", "mode", ""),
                        ("ms", "ms", ".1f"), ("x_conv", "x conv", ".2f"), ("x_eager", "x eager", ".2f"),
                        ("macs", "MACs/image", ",d"), ("macs_x_conv", "MACs x conv", ".2f"),
                        ("first_call_s", "first call s", ".1f")])
     write_json(args.out, {"environment": environment(), "model": "cnn9", "width": args.width, "size": args.size,
-                          "repeat": args.repeat, "modes": modes, "rows": rows})
+                          "repeat": args.repeat, "modes": modes, "rows": rows,
+                          "variants": dict(spec.partition("=")[::2] for spec in args.variant)})
     print(f"\nwrote {args.out}")
 
 

@@ -16,15 +16,18 @@ def test_network_benchmark_tiny(tmp_path):
     out = tmp_path / "network.json"
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "network.py"), "--layers", "dynamic-diagonal",
                           "--width", "2", "--train-batch", "2", "--infer-batches", "1,2", "--repeat", "1",
-                          "--threads", "1", "--compile", "off", "--out", str(out)],
+                          "--threads", "1", "--compile", "off", "--out", str(out),
+                          "--variant", "half=dynamic-diagonal-light,predictor_stride=2,predictor_width=4"],
                          capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     data = json.loads(out.read_text())
     assert data["modes"] == ["eager"]
+    assert data["variants"] == {"half": "dynamic-diagonal-light,predictor_stride=2,predictor_width=4"}
     keys = {(r["phase"], r["kind"], r["mode"]) for r in data["rows"]}
-    assert keys == {(p, k, "eager") for p in ("train", "infer-b1", "infer-b2") for k in ("conv", "dynamic-diagonal")}
+    assert keys == {(p, k, "eager") for p in ("train", "infer-b1", "infer-b2")
+                    for k in ("conv", "dynamic-diagonal", "half")}
     for r in data["rows"]:
-        assert r["ms"] > 0 and r["x_conv"] > 0 and r["first_call_s"] >= 0 and r["macs"] > 0
+        assert r["params"] > 0 and r["ms"] > 0 and r["x_conv"] > 0 and r["first_call_s"] >= 0 and r["macs"] > 0
         if r["kind"] == "conv":
             assert r["x_conv"] == 1.0 and r["macs_x_conv"] == 1.0
         else:
@@ -55,3 +58,16 @@ def test_onnx_runtime_benchmark_tiny(tmp_path):
         assert r["ms"] > 0 and r["x_conv"] > 0 and r["x_eager"] > 0
         if r["runtime"] == "ort":
             assert r["max_abs_diff"] < 1e-4
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("half=dynamic-diagonal,predictor_stride=3", "--variant half: predictor_stride must be 1 or 2"),
+    ("nokind", "--variant: expected NAME=KIND[,KEY=VALUE...], got 'nokind'"),
+    ("conv=dynamic-diagonal", "--variant: the name 'conv' is taken"),
+])
+def test_network_benchmark_rejects_bad_variant(tmp_path, spec, message):
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "network.py"), "--layers", "conv",
+                          "--variant", spec, "--out", str(tmp_path / "n.json")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 2 and message in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "n.json").exists()

@@ -20,6 +20,13 @@ from .kinds import (
     predictor_scope,
 )
 from .ns_conv import STATIC_SIMILARITIES, NSConv2d
+from .predictor_grid import (
+    PREDICTOR_STRIDES,
+    PooledPredictor,
+    PredictionView,
+    SharedPrediction,
+    SharedPredictionStage,
+)
 from .sphere import SphereConv2d
 
 __all__ = [
@@ -41,4 +48,9 @@ __all__ = [
     "check_layer_kind",
     "make_conv",
     "predictor_scope",
+    "PREDICTOR_STRIDES",
+    "PooledPredictor",
+    "SharedPrediction",
+    "PredictionView",
+    "SharedPredictionStage",
 ]

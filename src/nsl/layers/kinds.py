@@ -27,9 +27,10 @@ for diagonal and 128 for full sphere/cosine predictors, 16 for the light one) an
 geometry, the paper's shared parametrisation) and ``predictor_norm`` (the predictor's normalisation,
 :data:`~nsl.layers.dynamic.PREDICTOR_NORMS`: ``'batch'``, the authors' BatchNorm and the default of
 the models; ``'group'``, GroupNorm, which needs no batch statistics and is :func:`nsl.convert`'s
-default; ``'none'``). ``paper=True`` selects the authors'
-initialisations (:attr:`LayerKind.paper_options`); otherwise every NSL layer starts exactly as
-its plain convolution.
+default; ``'none'``) and ``predictor_stride`` (1, or 2: ``g`` predicted on a half-resolution grid and
+upsampled, :class:`~nsl.layers.predictor_grid.PooledPredictor`; the ``DynamicNSConv2d`` kinds).
+``paper=True`` selects the authors' initialisations (:attr:`LayerKind.paper_options`); otherwise every
+NSL layer starts exactly as its plain convolution.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from ._checks import check_positive_int
 from .dynamic import DynamicNSConv2d, check_predictor_norm
 from .dynamic_filter import DynamicFilterConv2d
 from .ns_conv import NSConv2d
+from .predictor_grid import PooledPredictor, check_predictor_stride
 
 __all__ = ["LayerKind", "LAYER_KINDS", "SharedPredictors", "layer_kind", "check_layer_kind", "make_conv",
            "predictor_scope"]
@@ -202,13 +204,14 @@ def _geometry_key(kind: LayerKind, in_channels, kernel_size, stride, padding, op
     return (kind.name, in_channels, _pair(kernel_size), _pair(stride), pad, _pair(options.get("dilation", 1)),
             options.get("hidden_channels"), options.get("predictor_init", "zero"), options.get("predictor_bias", True),
             options.get("predictor_norm", "batch"), options.get("padding_mode", "zeros"),
+            options.get("predictor_stride", 1),
             str(options.get("device")), str(options.get("dtype")))
 
 
 def make_conv(kind: str | LayerKind, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
               bias: bool = True, paper: bool = False, predictor_width: int | None = None,
               shared: SharedPredictors | None = None, predictor_bias: bool = True, predictor_norm: str = "batch",
-              **options) -> nn.Module:
+              predictor_stride: int = 1, **options) -> nn.Module:
     """A convolution of layer kind ``kind`` (see :data:`LAYER_KINDS`) with ``nn.Conv2d``'s geometry.
 
     Args:
@@ -225,18 +228,27 @@ def make_conv(kind: str | LayerKind, in_channels: int, out_channels: int, kernel
         predictor_norm: the predictor's normalisation, ``'batch'`` (default: the authors' BatchNorm),
             ``'group'`` (GroupNorm, no batch statistics: trains at batch 1) or ``'none'``; kinds with
             a predictor only (another value than ``'batch'`` for a kind without one is an error).
+        predictor_stride: 1 (default: ``g`` predicted at every output location) or 2: the predictor reads
+            the input average-pooled by 2 and its ``g`` is upsampled (nearest) to the output grid
+            (:class:`~nsl.layers.predictor_grid.PooledPredictor`, about 4x fewer predictor multiply-adds);
+            kinds built on :class:`DynamicNSConv2d` only.
         **options: passed to the layer (e.g. ``dilation``, ``groups``, ``rank``, ``similarity_groups``).
 
     Returns:
         ``kind.module(in_channels, out_channels, kernel_size, stride=, padding=, bias=, **kind.options, ...)``.
 
     Raises:
-        ValueError: unknown kind, unknown ``predictor_norm``, or a predictor option for a kind without a
-            predictor.
+        ValueError: unknown kind, unknown ``predictor_norm`` or ``predictor_stride``, or a predictor option for a
+            kind without a predictor.
     """
     k = layer_kind(kind)
     options = dict(options)
     check_predictor_norm("make_conv", predictor_norm)
+    check_predictor_stride("make_conv", predictor_stride)
+    if predictor_stride != 1 and k.module is not DynamicNSConv2d:
+        raise ValueError(f"make_conv: predictor_stride={predictor_stride} applies to the dynamic NSL kinds ("
+                         f"{', '.join(n for n, v in LAYER_KINDS.items() if v.module is DynamicNSConv2d)}), "
+                         f"got {k.name!r}")
     if predictor_width is not None:
         check_positive_int("make_conv", "predictor_width", predictor_width)
         if options.get("hidden_channels", predictor_width) != predictor_width:
@@ -263,7 +275,8 @@ def make_conv(kind: str | LayerKind, in_channels: int, out_channels: int, kernel
         options = {**k.paper_options, **options}
     key = None
     if shared is not None:
-        key = _geometry_key(k, in_channels, kernel_size, stride, padding, options)
+        key = _geometry_key(k, in_channels, kernel_size, stride, padding, {**options, "predictor_stride":
+                                                                             predictor_stride})
         predictor = shared.get(key)
         if predictor is not None:
             options["predictor"] = predictor
@@ -271,6 +284,9 @@ def make_conv(kind: str | LayerKind, in_channels: int, out_channels: int, kernel
             options.pop("predictor_norm", None)
     layer = k.module(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias,
                      **{**k.options, **options})
+    if predictor_stride != 1 and not isinstance(layer.predictor, PooledPredictor):  # not a shared one, wrapped
+        layer.predictor = PooledPredictor(layer.predictor, layer.kernel_size, layer.stride, layer.padding,
+                                          layer.dilation, predictor_stride)
     if key is not None and shared.get(key) is None:
         shared.add(key, layer.predictor)
     return layer

@@ -62,7 +62,7 @@ MODEL_LAYERS: dict[str, tuple[str, ...]] = {"sphere-attention": SPHERE_ATTENTION
 
 def build_model(name: str, layer: str = "conv", num_classes: int = 10, in_channels: int = 3, *,
                 predictor_width: int | None = None, share_predictor: bool = False, bias: bool = True,
-                predictor_norm: str = "batch", **kw) -> nn.Module:
+                predictor_norm: str = "batch", share_prediction: bool = False, **kw) -> nn.Module:
     """Build model ``name`` with its NSL convolutions of kind ``layer``.
 
     Args:
@@ -79,6 +79,8 @@ def build_model(name: str, layer: str = "conv", num_classes: int = 10, in_channe
             their state_dict keys as they were.
         predictor_norm: the predictors' normalisation (kinds with a predictor): ``'batch'`` (default,
             the authors' BatchNorm), ``'group'`` (GroupNorm, no batch statistics) or ``'none'``.
+        share_prediction: cnn9 only: one prediction per stage, computed once from the stage's input and
+            used by all its NSL layers (kinds built on ``DynamicNSConv2d``; see :class:`CNN9`).
         **kw: ``paper`` (the authors' inits of ``M`` and predictors), ``bn_eps``, ``image_size``
             (cnn9, sphere-attention: input side, default 32), ``raw_input`` (sphere-attention: apply the
             authors' ``(x - 127.5) / 128``), ``width`` (cnn9, CIFAR ResNets), ``zero_init_residual``
@@ -101,6 +103,10 @@ def build_model(name: str, layer: str = "conv", num_classes: int = 10, in_channe
         kw.update(predictor_width=predictor_width, share_predictor=share_predictor)
         if predictor_norm != "batch":
             kw["predictor_norm"] = predictor_norm
+    if share_prediction:
+        if name != "cnn9":
+            raise ValueError(f"share_prediction applies to model cnn9 only (its stages keep one grid), got {name!r}")
+        kw["share_prediction"] = share_prediction
     if not isinstance(bias, bool):
         raise ValueError(f"bias must be True or False, got {bias!r}")
     if not bias and name != "sphere-attention":  # its convs and classifier have no bias

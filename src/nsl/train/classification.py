@@ -35,7 +35,8 @@ __all__ = ["ClassificationTask", "train", "evaluate", "evaluate_checkpoint", "lo
            "build_from_checkpoint", "STRUCTURAL"]
 
 #: TrainConfig fields a resumed run must keep
-STRUCTURAL = ("dataset", "model", "layer", "width", "predictor_width", "share_predictor", "predictor_norm", "bias",
+STRUCTURAL = ("dataset", "model", "layer", "width", "predictor_width", "share_predictor", "predictor_norm",
+              "predictor_stride", "share_prediction", "bias",
               "paper_init", "train_subset", "batch_size", "seed", "bn_eps", "input", "shape_active", "shape_method",
               "shape_per_filter")
 
@@ -232,6 +233,10 @@ def build_model_for(cfg: TrainConfig, meta: dict) -> nn.Module:
         kw["share_predictor"] = True
     if cfg.predictor_norm != "batch":
         kw["predictor_norm"] = cfg.predictor_norm
+    if cfg.predictor_stride != 1:
+        kw["predictor_stride"] = cfg.predictor_stride
+    if cfg.share_prediction:
+        kw["share_prediction"] = True
     if not cfg.bias:
         kw["bias"] = False
     model = build_model(cfg.model, cfg.layer, meta["num_classes"], meta["in_channels"], **kw)

@@ -106,6 +106,10 @@ class TrainConfig(ConfigBase):
     # (the paper's shared parametrisation; layer kinds with a predictor)
     predictor_norm: str = "batch"  # the predictors' normalisation (layer kinds with a predictor): batch (authors'),
     # group (GroupNorm: no batch statistics, trains at batch 1) or none
+    predictor_stride: int = 1  # 2: the dynamic layers' predictors read the input average-pooled by 2 and their g
+    # is upsampled (nearest) to the layer's grid (about 4x fewer predictor MACs); kinds built on DynamicNSConv2d
+    share_prediction: bool = False  # cnn9: one prediction g per stage, computed from the stage's input and used
+    # by all its NSL layers (the prediction shared, not only the predictor); kinds built on DynamicNSConv2d
     bias: bool = False  # authors: no bias in any conv (none in cnn9's classifier or any predictor conv either)
     out: str | None = None  # run directory
     paper_init: bool = True  # authors' inits: static diagonal M = eye(3) flattened; predictor He x 0.1 / He x 0.001
@@ -207,13 +211,27 @@ class TrainConfig(ConfigBase):
 
 def check_predictor_options(cfg) -> None:
     """``cfg.predictor_width``, ``cfg.share_predictor`` and a ``cfg.predictor_norm`` other than ``'batch'`` only
-    for layer kinds with a predictor."""
-    from ..layers import LAYER_KINDS
+    for layer kinds with a predictor; ``cfg.predictor_stride`` 2 and ``cfg.share_prediction`` (cnn9, without
+    ``share_predictor``; read with ``getattr``: a few-shot config has neither) only for ``DynamicNSConv2d`` kinds."""
+    from ..layers import LAYER_KINDS, DynamicNSConv2d
 
     if (cfg.predictor_width or cfg.share_predictor) and LAYER_KINDS[cfg.layer].predictor is None:
         with_predictor = [k for k, v in LAYER_KINDS.items() if v.predictor is not None]
         raise ConfigError(f"predictor_width and share_predictor apply to layer kinds with a predictor "
                           f"({', '.join(with_predictor)}), got layer {cfg.layer!r}")
+    stride, share_prediction = getattr(cfg, "predictor_stride", 1), getattr(cfg, "share_prediction", False)
+    if stride != 1 or share_prediction:
+        option = "predictor_stride" if stride != 1 else "share_prediction"
+        dynamic_ns = [k for k, v in LAYER_KINDS.items() if v.module is DynamicNSConv2d]
+        if cfg.layer not in dynamic_ns:
+            raise ConfigError(f"{{{option}}} applies to the dynamic NSL layer kinds ({', '.join(dynamic_ns)}), got "
+                              f"layer {cfg.layer!r}", option)
+        if share_prediction and cfg.model != "cnn9":
+            raise ConfigError(f"{{share_prediction}} applies to model cnn9 only, got {cfg.model!r}",
+                              "share_prediction")
+        if share_prediction and cfg.share_predictor:
+            raise ConfigError("{share_prediction} shares the predictor too: set {share_predictor} false with it",
+                              "share_prediction", "share_predictor")
     if cfg.predictor_norm != "batch" and LAYER_KINDS[cfg.layer].predictor is None:
         with_predictor = [k for k, v in LAYER_KINDS.items() if v.predictor is not None]
         raise ConfigError(f"{{predictor_norm}}={cfg.predictor_norm!r} applies to layer kinds with a predictor "
