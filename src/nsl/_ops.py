@@ -124,7 +124,16 @@ def _torch_backward(grad, x, weight, sim, stride, padding, dilation, groups, nee
 # --------------------------------------------------------------------------------------------
 # the operators
 # --------------------------------------------------------------------------------------------
-@torch.library.custom_op("nsl::dynamic_ns_conv2d", mutates_args=())
+_FORWARD_SCHEMA = ("(Tensor x, Tensor weight, Tensor sim, SymInt[] stride, SymInt[] padding, SymInt[] dilation, "
+                   "SymInt groups) -> Tensor")
+_BACKWARD_SCHEMA = ("(Tensor grad_out, Tensor x, Tensor weight, Tensor sim, SymInt[] stride, SymInt[] padding, "
+                    "SymInt[] dilation, SymInt groups, bool need_dx, bool need_dweight, bool need_dsim) "
+                    "-> (Tensor, Tensor, Tensor)")
+
+
+# The schemas are spelled out: custom_op cannot infer them from this module's postponed annotations
+# on torch < 2.5 (``from __future__ import annotations`` makes every annotation a string).
+@torch.library.custom_op("nsl::dynamic_ns_conv2d", mutates_args=(), schema=_FORWARD_SCHEMA)
 def dynamic_ns_conv2d(x: Tensor, weight: Tensor, sim: Tensor, stride: Sequence[int], padding: Sequence[int],
                       dilation: Sequence[int], groups: int) -> Tensor:
     """``out[n, o](y) = sum_{c, p, q} W[o, c, p] M[n, p, q](y) x[n, c, y * s + d * offset(q) - pad]``
@@ -133,7 +142,7 @@ def dynamic_ns_conv2d(x: Tensor, weight: Tensor, sim: Tensor, stride: Sequence[i
     return _torch_forward(x, weight, sim, list(stride), list(padding), list(dilation), groups)
 
 
-@torch.library.custom_op("nsl::dynamic_ns_conv2d_backward", mutates_args=())
+@torch.library.custom_op("nsl::dynamic_ns_conv2d_backward", mutates_args=(), schema=_BACKWARD_SCHEMA)
 def dynamic_ns_conv2d_backward(grad_out: Tensor, x: Tensor, weight: Tensor, sim: Tensor, stride: Sequence[int],
                                padding: Sequence[int], dilation: Sequence[int], groups: int, need_dx: bool,
                                need_dweight: bool, need_dsim: bool) -> tuple[Tensor, Tensor, Tensor]:
