@@ -138,7 +138,9 @@ def dynamic_ns_conv2d(x: Tensor, weight: Tensor, sim: Tensor, stride: Sequence[i
                       dilation: Sequence[int], groups: int) -> Tensor:
     """``out[n, o](y) = sum_{c, p, q} W[o, c, p] M[n, p, q](y) x[n, c, y * s + d * offset(q) - pad]``
     (see the module docstring for shapes); this default implementation (devices without a fused
-    kernel) runs the PyTorch ``unfold`` math."""
+    kernel, CPU without the C++ kernel) runs the PyTorch ``unfold`` math."""
+    if _cpp_loaded_now(x):
+        return torch.ops.nsl.dynamic_ns_conv2d(x, weight, sim, stride, padding, dilation, groups)
     return _torch_forward(x, weight, sim, list(stride), list(padding), list(dilation), groups)
 
 
@@ -148,6 +150,9 @@ def dynamic_ns_conv2d_backward(grad_out: Tensor, x: Tensor, weight: Tensor, sim:
                                need_dweight: bool, need_dsim: bool) -> tuple[Tensor, Tensor, Tensor]:
     """``(dx, dweight, dsim)`` of :func:`dynamic_ns_conv2d` for ``grad_out = dL/dout``; a gradient
     not asked for is an empty tensor. Default implementation: the PyTorch ``unfold`` math."""
+    if _cpp_loaded_now(x):
+        return torch.ops.nsl.dynamic_ns_conv2d_backward(grad_out, x, weight, sim, stride, padding, dilation, groups,
+                                                        need_dx, need_dweight, need_dsim)
     grads = _torch_backward(grad_out.contiguous(), x, weight, sim, list(stride), list(padding), list(dilation),
                             groups, (need_dx, need_dweight, need_dsim))
     return _fill(grads, x)
@@ -158,38 +163,21 @@ def _fill(grads, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return tuple(x.new_empty(0) if g is None else g for g in grads)
 
 
-# ---- CPU: the fused C++ kernel -------------------------------------------------------------
-@dynamic_ns_conv2d.register_kernel("cpu")
-def _forward_cpu(x, weight, sim, stride, padding, dilation, groups):
-    kernel = cpu_kernel(x.dtype)
-    if kernel == "unfold":
-        return _torch_forward(x, weight, sim, list(stride), list(padding), list(dilation), groups)
+# ---- CPU: the fused C++ kernel, registered from C++ (csrc/dynamic_ns_conv.cpp) once loaded ----------
+def _cpp_loaded_now(x: Tensor) -> bool:
+    """True when ``x`` is a CPU tensor and this call has just loaded the C++ kernel.
+
+    The C++ library registers the operators' CPU kernels with the dispatcher when it is loaded
+    (``TORCH_LIBRARY_IMPL(nsl, CPU, m)``); until then, and wherever it cannot be built, CPU tensors
+    reach the default implementations above, which load it on the first call (compiling on first
+    use) and then call the operator again, now dispatched to C++. Once loaded, CPU calls never come
+    back here; if it cannot be loaded, the PyTorch ``unfold`` math runs."""
+    if x.device.type != "cpu":
+        return False
     from . import _cpp
 
-    dtype = x.dtype
-    if kernel == "cpp-float32":
-        x, weight, sim = x.float(), weight.float(), sim.float()
-    out = _cpp._ext().forward(x.contiguous(), weight.contiguous(), sim.contiguous(), list(stride), list(padding),
-                              list(dilation), groups)
-    return out.to(dtype)
-
-
-@dynamic_ns_conv2d_backward.register_kernel("cpu")
-def _backward_cpu(grad_out, x, weight, sim, stride, padding, dilation, groups, need_dx, need_dweight, need_dsim):
-    needs = (need_dx, need_dweight, need_dsim)
-    kernel = cpu_kernel(x.dtype)
-    if kernel == "unfold":
-        return _fill(_torch_backward(grad_out.contiguous(), x, weight, sim, list(stride), list(padding),
-                                     list(dilation), groups, needs), x)
-    from . import _cpp
-
-    dtypes = (x.dtype, weight.dtype, sim.dtype)
-    tensors = (grad_out, x, weight, sim)
-    if kernel == "cpp-float32":
-        tensors = tuple(t.float() for t in tensors)
-    grads = _cpp._ext().backward(*(t.contiguous() for t in tensors), list(stride), list(padding), list(dilation),
-                                 groups, *needs)
-    return _fill([None if g is None else g.to(d) for g, d in zip(grads, dtypes)], x)
+    first = not _cpp._tried
+    return _cpp.is_available() and first
 
 
 # ---- CUDA: the Triton kernels --------------------------------------------------------------
