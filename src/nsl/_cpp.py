@@ -8,8 +8,8 @@ cache of :mod:`nsl._build` (``$NSL_EXTENSIONS_DIR``, default ``~/.cache/nsl/exte
 the source's hash, torch/Python versions and flags; built in a temporary folder, published
 atomically, verified by size and sha256 before it is loaded, guarded by a flock that dies with
 its holder), and loaded with :func:`torch.ops.load_library` after that check; from then on the
-dispatcher sends CPU tensors to the C++ kernels. Later processes reuse the build. When compiling is impossible (no compiler, no
-ninja) or ``NSL_DISABLE_CPP=1`` is set, :func:`is_available` returns False and
+dispatcher sends CPU tensors to the C++ kernels. Later processes reuse the build. When compiling
+is impossible (no compiler, no ninja) or ``NSL_DISABLE_CPP=1`` is set, :func:`is_available` returns False and
 :func:`unavailable_reason` says why (with one ``RuntimeWarning`` per process unless disabled on
 purpose); importing this module never raises. :func:`build_status` reports the cache without building.
 

@@ -22,15 +22,21 @@ symmetric, ``(ph, pw)``)::
 (diagonal: ``M = diag(m)``; zero padding). The backward returns ``(dx, dweight, dsim)``; a gradient
 not asked for is an empty tensor (``numel() == 0``; custom ops cannot return ``None``).
 
-What runs where:
+What runs where (the operator is the one dispatch point: ``ns_conv2d``'s ``'auto'`` backend calls it,
+and it alone picks the kernel, from the one table :data:`KERNELS`; :func:`kernel_for` says which):
 
-* CPU, float32/float64: the fused C++ kernel (:mod:`nsl._cpp`); CPU bfloat16/float16: the same
-  kernel in float32, results cast back to the input dtype (it has no low-precision path). Where the
-  C++ kernel is unavailable (no compiler, ``NSL_DISABLE_CPP=1``): the PyTorch ``unfold`` math.
+* CPU: the fused C++ kernel (:mod:`nsl._cpp`), registered with the dispatcher from C++
+  (``TORCH_LIBRARY_IMPL(nsl, CPU, m)`` in ``csrc/dynamic_ns_conv.cpp``) once the library is loaded;
+  float32/float64, and bfloat16/float16 computed in float32 and cast back. Until it is loaded (the
+  first CPU call loads it, compiling on first use) and wherever it cannot be (no compiler,
+  ``NSL_DISABLE_CPP=1``), the default implementation here runs the PyTorch ``unfold`` math.
 * CUDA, float32/bfloat16/float16: the Triton kernels of :mod:`nsl._triton` (imported on first use)
-  when ``_triton.unavailable_reason(device)`` is None; otherwise (and for float64) ``unfold`` math.
+  when ``_triton.unavailable_reason(device)`` is None (otherwise one warning per process, and the
+  ``unfold`` math); float64: the ``unfold`` math.
 * Any other device: the ``unfold`` math (memory-lean: saves only x, w and M).
 * Fake/meta tensors (``torch.compile``, ``torch.export``, shape propagation): shape-only kernels.
+
+The schemas are spelled out (not inferred from annotations), so torch 2.4 can define the operators.
 
 Autograd: ``register_autograd`` saves only ``x``, ``weight`` and ``sim`` and calls the backward
 operator. The backward operator has its own ``register_autograd`` (the op is linear in each of
@@ -38,16 +44,24 @@ x, weight, sim, so the derivatives of its backward are calls of the two operator
 ``_backward_backward``): derivatives of any order (MAML, gradient penalties, Hessian-vector
 products) on every device and kernel.
 
-Autocast (``torch.autocast`` on CUDA or CPU): floating inputs other than float64 are cast to the
-autocast dtype and the operator runs in it, so the output has the autocast dtype (unlike
-``torchvision.ops.deform_conv2d``, which computes in float32). On CUDA the Triton kernels then
-run in bfloat16/float16 with float32 accumulation; on CPU the C++ kernel computes in float32 and
-casts its results to the autocast dtype.
+Autocast, one rule (:func:`autocast_inputs`): under ``torch.autocast(device_type)`` every floating
+tensor on that device except float64 is cast to the autocast dtype *in force at call time*, and the
+computation runs in it (so the output has the autocast dtype, unlike ``torchvision.ops.deform_conv2d``,
+which computes in float32); float64 is never cast. On CUDA the Triton kernels then run in
+bfloat16/float16 with float32 accumulation; on CPU the C++ kernel computes in float32 and casts its
+results to the autocast dtype. Where it holds: the operator's autocast kernels for CPU and CUDA
+(registered below with the public ``Library.impl`` under the ``AutocastCPU``/``AutocastCUDA`` keys;
+``torch.library.register_autocast`` is not used because it casts to one dtype fixed at registration,
+and is missing from torch 2.4), and :func:`nsl.functional.ns_conv2d`, which applies the same rule to
+the input, weight, similarity and bias before any backend (also on XPU and MPS). No private
+``torch._C`` API is used at import time.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -55,13 +69,8 @@ from torch import Tensor
 
 from ._torch_kernels import _reference, _unfold_backward, _unfold_forward, linear_vjp
 
-__all__ = ["dynamic_ns_conv2d", "dynamic_ns_conv2d_backward", "triton_dynamic_ns_conv2d", "cpu_kernel",
-           "cuda_kernel"]
-
-_CPP_DTYPES = (torch.float32, torch.float64)
-_CPP_CASTS = (torch.bfloat16, torch.float16)
-_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
+__all__ = ["dynamic_ns_conv2d", "dynamic_ns_conv2d_backward", "triton_dynamic_ns_conv2d", "KERNELS", "Kernel",
+           "kernel_for", "unavailable_reason", "require", "autocast_enabled", "autocast_inputs"]
 
 def _geometry(x: Tensor, weight: Tensor, stride, padding, dilation):
     kh, kw = weight.shape[2], weight.shape[3]
@@ -70,28 +79,75 @@ def _geometry(x: Tensor, weight: Tensor, stride, padding, dilation):
     return kh, kw, oh, ow
 
 
-def _cpp_ready() -> bool:
-    from . import _cpp
+class Kernel(NamedTuple):
+    """A fused kernel of the operator: the device type it runs on and the dtypes it serves."""
 
-    return _cpp.is_available()
+    device_type: str
+    dtypes: tuple[torch.dtype, ...]
 
 
-def cpu_kernel(dtype: torch.dtype) -> str:
-    """The kernel the CPU implementation uses for ``dtype``: ``'cpp'``, ``'cpp-float32'`` or ``'unfold'``."""
-    if dtype in _CPP_DTYPES + _CPP_CASTS and _cpp_ready():
-        return "cpp" if dtype in _CPP_DTYPES else "cpp-float32"
+#: The fused kernels and their dtypes, the one table (read by the operator, ``ns_conv2d``'s explicit
+#: ``'cpp'``/``'triton'`` backends, ``nsl doctor`` and the benchmarks). ``cpp``: bfloat16/float16 are
+#: computed in float32 and cast back. Everything else runs the PyTorch ``unfold`` math.
+KERNELS = {
+    "cpp": Kernel("cpu", (torch.float32, torch.float64, torch.bfloat16, torch.float16)),
+    "triton": Kernel("cuda", (torch.float32, torch.bfloat16, torch.float16)),
+}
+
+
+def unavailable_reason(kernel: str, device: torch.device | str = "cpu") -> str | None:
+    """Why the fused ``kernel`` (a key of :data:`KERNELS`) cannot run on ``device`` (None when it can).
+
+    ``'cpp'``: the C++ kernel is loaded, compiled first if needed (the first call may take a minute);
+    ``'triton'``: :func:`nsl._triton.unavailable_reason` (on CPU tensors: only under ``TRITON_INTERPRET=1``).
+    """
+    if kernel == "cpp":
+        from . import _cpp
+
+        return _cpp.unavailable_reason()
+    try:
+        from . import _triton
+    except ImportError as e:
+        return f"nsl._triton could not be imported ({e})"
+    return _triton.unavailable_reason(torch.device(device))
+
+
+_triton_warned = False
+
+
+def kernel_for(device: torch.device | str, dtype: torch.dtype) -> str:
+    """The kernel the operator runs for tensors of ``dtype`` on ``device``: ``'cpp'``, ``'triton'`` or
+    ``'unfold'`` (the PyTorch math). A CUDA dtype Triton serves whose kernels cannot run warns once per
+    process, saying why."""
+    global _triton_warned
+    device = torch.device(device)
+    for name, kernel in KERNELS.items():
+        if device.type == kernel.device_type and dtype in kernel.dtypes:
+            reason = unavailable_reason(name, device)
+            if reason is None:
+                return name
+            if name == "triton" and not _triton_warned:
+                _triton_warned = True
+                warnings.warn(f"nsl: dynamic similarity on CUDA falls back to the PyTorch 'unfold' math (slower, "
+                              f"more memory): the Triton kernels are unavailable: {reason}", RuntimeWarning,
+                              stacklevel=2)
     return "unfold"
 
 
-def cuda_kernel(device: torch.device, dtype: torch.dtype) -> str:
-    """The kernel the CUDA implementation uses: ``'triton'`` or ``'unfold'``."""
-    if dtype not in _TRITON_DTYPES:
-        return "unfold"
-    try:
-        from . import _triton
-    except ImportError:
-        return "unfold"
-    return "triton" if _triton.unavailable_reason(device) is None else "unfold"
+def require(kernel: str, x: Tensor) -> None:
+    """Raise unless the fused ``kernel`` serves ``x``'s dtype and can run on its device (``ns_conv2d``'s
+    explicit ``'cpp'``/``'triton'`` backends): ``TypeError`` for a dtype (or, for ``'cpp'``, a device) it
+    does not serve, ``RuntimeError`` saying why it is unavailable. ``'triton'`` also takes CPU tensors
+    (under ``TRITON_INTERPRET=1``)."""
+    spec = KERNELS[kernel]
+    names = "/".join(str(d).replace("torch.", "") for d in spec.dtypes)
+    if x.dtype not in spec.dtypes or (kernel == "cpp" and x.device.type != "cpu"):
+        where = "on CPU " if kernel == "cpp" else ""
+        raise TypeError(f"the {kernel!r} backend runs {where}{names} tensors, got {x.dtype} on {x.device}; use "
+                        f"backend 'auto'")
+    reason = unavailable_reason(kernel, x.device)
+    if reason is not None:
+        raise RuntimeError(f"the {kernel!r} backend is unavailable on {x.device}: {reason}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,7 +239,7 @@ def _cpp_loaded_now(x: Tensor) -> bool:
 # ---- CUDA: the Triton kernels --------------------------------------------------------------
 @dynamic_ns_conv2d.register_kernel("cuda")
 def _forward_cuda(x, weight, sim, stride, padding, dilation, groups):
-    if cuda_kernel(x.device, x.dtype) == "unfold":
+    if kernel_for(x.device, x.dtype) != "triton":
         return _torch_forward(x, weight, sim, list(stride), list(padding), list(dilation), groups)
     from . import _triton
 
@@ -194,7 +250,7 @@ def _forward_cuda(x, weight, sim, stride, padding, dilation, groups):
 @dynamic_ns_conv2d_backward.register_kernel("cuda")
 def _backward_cuda(grad_out, x, weight, sim, stride, padding, dilation, groups, need_dx, need_dweight, need_dsim):
     needs = (need_dx, need_dweight, need_dsim)
-    if cuda_kernel(x.device, x.dtype) == "unfold":
+    if kernel_for(x.device, x.dtype) != "triton":
         return _fill(_torch_backward(grad_out.contiguous(), x, weight, sim, list(stride), list(padding),
                                      list(dilation), groups, needs), x)
     from . import _triton
@@ -305,23 +361,40 @@ dynamic_ns_conv2d_backward.register_autograd(_backward_backward, setup_context=_
 
 
 # ---- autocast ------------------------------------------------------------------------------
+#: Device types whose autocast state ``ns_conv2d`` reads (``torch.is_autocast_enabled(device_type)``).
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """True when ``torch.autocast(device_type)`` is in force (False for device types without autocast)."""
+    return device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type)
+
+
+def autocast_inputs(device_type: str, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """The autocast rule: each floating tensor on ``device_type`` except float64 cast to the autocast
+    dtype in force now (``torch.get_autocast_dtype``); float64, other tensors and None unchanged."""
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t):
+        eligible = t is not None and t.is_floating_point() and t.dtype != torch.float64
+        return t.to(dtype) if eligible and t.device.type == device_type else t
+
+    return tuple(cast(t) for t in tensors)
+
+
 def _register_autocast(device_type: str) -> None:
-    """Under ``torch.autocast(device_type)``: cast floating inputs (not float64) to the autocast
-    dtype in force at call time, then run the operator with autocast off."""
-    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
-    keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+    """The operator's ``Autocast<Device>`` kernel: :func:`autocast_inputs`, then the operator with autocast off.
+
+    Public API only: ``Library.impl`` under the dispatch key's name, and ``torch.autocast(enabled=False)``,
+    which excludes that key for the call (autocast's on/off state *is* the key's exclusion)."""
     op = torch.ops.nsl.dynamic_ns_conv2d.default
 
-    def kernel(_keyset, x, weight, sim, stride, padding, dilation, groups):
-        dtype = torch.get_autocast_dtype(device_type)
+    def kernel(x, weight, sim, stride, padding, dilation, groups):
+        x, weight, sim = autocast_inputs(device_type, x, weight, sim)
+        with torch.autocast(device_type, enabled=False):
+            return op(x, weight, sim, stride, padding, dilation, groups)
 
-        def cast(t):
-            return t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
-
-        with torch._C._ExcludeDispatchKeyGuard(keyset):
-            return op(cast(x), cast(weight), cast(sim), stride, padding, dilation, groups)
-
-    _AUTOCAST_LIB.impl("dynamic_ns_conv2d", kernel, key, with_keyset=True)
+    _AUTOCAST_LIB.impl("dynamic_ns_conv2d", kernel, {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}[device_type])
 
 
 _AUTOCAST_LIB = torch.library.Library("nsl", "FRAGMENT")
