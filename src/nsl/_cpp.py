@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from . import _build
+from ._geometry import pair
 
 __all__ = ["dynamic_ns_conv2d", "is_available", "unavailable_reason", "build_status"]
 
@@ -146,15 +147,6 @@ def _ext():
     return torch.ops.nsl_cpu
 
 
-def _pair(v) -> list[int]:
-    if isinstance(v, int):
-        return [v, v]
-    v = [int(e) for e in v]
-    if len(v) != 2:
-        raise ValueError(f"expected an int or a pair, got {v}")
-    return v
-
-
 def dynamic_ns_conv2d(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -182,4 +174,5 @@ def dynamic_ns_conv2d(
             f"{x.dtype}, {weight.dtype}, {sim.dtype}"
         )
     _ext()  # the CPU kernel is loaded (registered with the dispatcher), or RuntimeError saying why not
-    return torch.ops.nsl.dynamic_ns_conv2d(x, weight, sim, _pair(stride), _pair(padding), _pair(dilation), int(groups))
+    return torch.ops.nsl.dynamic_ns_conv2d(x, weight, sim, pair(stride, "stride"), pair(padding, "padding"),
+                                    pair(dilation, "dilation"), int(groups))

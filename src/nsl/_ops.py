@@ -67,17 +67,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._geometry import ConvGeometry, check_shapes, pair
 from ._torch_kernels import _reference, _unfold_backward, _unfold_forward, linear_vjp
 
 __all__ = ["dynamic_ns_conv2d", "dynamic_ns_conv2d_backward", "triton_dynamic_ns_conv2d", "KERNELS", "Kernel",
            "kernel_for", "unavailable_reason", "require", "autocast_enabled", "autocast_inputs"]
-
-def _geometry(x: Tensor, weight: Tensor, stride, padding, dilation):
-    kh, kw = weight.shape[2], weight.shape[3]
-    oh = (x.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    ow = (x.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return kh, kw, oh, ow
-
 
 class Kernel(NamedTuple):
     """A fused kernel of the operator: the device type it runs on and the dtypes it serves."""
@@ -154,24 +148,21 @@ def require(kernel: str, x: Tensor) -> None:
 # the PyTorch math (unfold formulation), used where no fused kernel applies
 # --------------------------------------------------------------------------------------------
 def _torch_forward(x, weight, sim, stride, padding, dilation, groups) -> Tensor:
-    kh, kw, oh, ow = _geometry(x, weight, stride, padding, dilation)
     xpad = F.pad(x, (padding[1], padding[1], padding[0], padding[0])) if any(padding) else x
-    return _unfold_forward(xpad, weight, sim, groups, (kh, kw, tuple(stride), tuple(dilation), (oh, ow)))
+    return _unfold_forward(xpad, weight, sim, groups, ConvGeometry.of(x, weight, stride, padding, dilation))
 
 
 def _torch_reference(x, weight, sim, stride, padding, dilation, groups) -> Tensor:
     """The operator by the explicit ``reference`` formula (plain autograd, differentiable to any order)."""
-    kh, kw, oh, ow = _geometry(x, weight, stride, padding, dilation)
     xpad = F.pad(x, (padding[1], padding[1], padding[0], padding[0])) if any(padding) else x
-    return _reference(xpad, weight, sim, groups, (kh, kw, tuple(stride), tuple(dilation), (oh, ow)))
+    return _reference(xpad, weight, sim, groups, ConvGeometry.of(x, weight, stride, padding, dilation))
 
 
 def _torch_backward(grad, x, weight, sim, stride, padding, dilation, groups, needs):
-    kh, kw, oh, ow = _geometry(x, weight, stride, padding, dilation)
     ph, pw = padding
     xpad = F.pad(x, (pw, pw, ph, ph)) if any(padding) else x
     dx, dw, dsim = _unfold_backward(grad, xpad, weight, sim, groups,
-                                    (kh, kw, tuple(stride), tuple(dilation), (oh, ow)), needs)
+                                    ConvGeometry.of(x, weight, stride, padding, dilation), needs)
     if dx is not None and any(padding):
         dx = dx[:, :, ph: ph + x.shape[2], pw: pw + x.shape[3]].contiguous()
     return dx, dw, dsim
@@ -261,30 +252,15 @@ def _backward_cuda(grad_out, x, weight, sim, stride, padding, dilation, groups, 
 
 
 # ---- shapes (FakeTensor / meta) ------------------------------------------------------------
-def _check_shapes(x, weight, sim, stride, padding, dilation, groups):
-    torch._check(x.dim() == 4 and weight.dim() == 4, lambda: "x and weight must be 4-D")
-    torch._check(len(stride) == 2 and len(padding) == 2 and len(dilation) == 2,
-                 lambda: "stride, padding and dilation must have two entries")
-    kh, kw, oh, ow = _geometry(x, weight, stride, padding, dilation)
-    torch._check(x.shape[1] == weight.shape[1] * groups, lambda: "x.size(1) must be weight.size(1) * groups")
-    P = kh * kw
-    n = x.shape[0]
-    expected = [n, P, oh, ow] if sim.dim() == 4 else [n, P, P, oh, ow]
-    torch._check(sim.dim() in (4, 5) and list(sim.shape) == expected,
-                 lambda: f"sim has shape {list(sim.shape)}; expected {expected}")
-    torch._check(x.dtype == weight.dtype == sim.dtype, lambda: "x, weight and sim must share a dtype")
-    return oh, ow
-
-
 @dynamic_ns_conv2d.register_fake
 def _forward_fake(x, weight, sim, stride, padding, dilation, groups):
-    oh, ow = _check_shapes(x, weight, sim, stride, padding, dilation, groups)
+    oh, ow = check_shapes(x, weight, sim, stride, padding, dilation, groups)
     return x.new_empty(x.shape[0], weight.shape[0], oh, ow)
 
 
 @dynamic_ns_conv2d_backward.register_fake
 def _backward_fake(grad_out, x, weight, sim, stride, padding, dilation, groups, need_dx, need_dweight, need_dsim):
-    _check_shapes(x, weight, sim, stride, padding, dilation, groups)
+    check_shapes(x, weight, sim, stride, padding, dilation, groups)
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) if need else t.new_empty(0)
                  for t, need in ((x, need_dx), (weight, need_dweight), (sim, need_dsim)))
 
@@ -293,7 +269,7 @@ def _backward_fake(grad_out, x, weight, sim, stride, padding, dilation, groups, 
 def _setup_context(ctx, inputs, output):
     x, weight, sim, stride, padding, dilation, groups = inputs
     ctx.save_for_backward(x, weight, sim)
-    ctx.geometry = (list(stride), list(padding), list(dilation), groups)
+    ctx.conv_args = (list(stride), list(padding), list(dilation), groups)
 
 
 def _backward(ctx, grad_out):
@@ -301,7 +277,7 @@ def _backward(ctx, grad_out):
     needs = ctx.needs_input_grad[:3]
     if not any(needs):
         return None, None, None, None, None, None, None
-    grads = torch.ops.nsl.dynamic_ns_conv2d_backward(grad_out, x, weight, sim, *ctx.geometry, *needs)
+    grads = torch.ops.nsl.dynamic_ns_conv2d_backward(grad_out, x, weight, sim, *ctx.conv_args, *needs)
     return (*(g if need else None for g, need in zip(grads, needs)), None, None, None, None)
 
 
@@ -311,7 +287,7 @@ dynamic_ns_conv2d.register_autograd(_backward, setup_context=_setup_context)
 def _setup_context_backward(ctx, inputs, output):
     grad_out, x, weight, sim, stride, padding, dilation, groups, need_dx, need_dweight, need_dsim = inputs
     ctx.save_for_backward(grad_out, x, weight, sim)
-    ctx.geometry = (list(stride), list(padding), list(dilation), groups)
+    ctx.conv_args = (list(stride), list(padding), list(dilation), groups)
     ctx.computed = (need_dx, need_dweight, need_dsim)
 
 
@@ -329,7 +305,7 @@ def _backward_backward(ctx, u_x, u_w, u_s):
     where nothing contributes).
     """
     g, x, weight, sim = ctx.saved_tensors
-    geometry = ctx.geometry
+    conv_args = ctx.conv_args
     us = [u if (done and u is not None and u.numel()) else None
           for u, done in zip((u_x, u_w, u_s), ctx.computed)]
     need_g, need_x, need_w, need_s = ctx.needs_input_grad[:4]
@@ -340,7 +316,7 @@ def _backward_backward(ctx, u_x, u_w, u_s):
             if u is not None:
                 args = list(tensors)
                 args[k] = u
-                term = torch.ops.nsl.dynamic_ns_conv2d(*args, *geometry)
+                term = torch.ops.nsl.dynamic_ns_conv2d(*args, *conv_args)
                 dg = term if dg is None else dg + term
     wanted = (need_x, need_w, need_s)
     grads = [None, None, None]
@@ -350,7 +326,7 @@ def _backward_backward(ctx, u_x, u_w, u_s):
             continue
         args = list(tensors)
         args[k] = u
-        parts = torch.ops.nsl.dynamic_ns_conv2d_backward(g, *args, *geometry, *needs)
+        parts = torch.ops.nsl.dynamic_ns_conv2d_backward(g, *args, *conv_args, *needs)
         for j in range(3):
             if needs[j]:
                 grads[j] = parts[j] if grads[j] is None else grads[j] + parts[j]
@@ -417,7 +393,7 @@ class _TritonFn(torch.autograd.Function):
         from . import _triton
 
         ctx.save_for_backward(x, weight, sim)
-        ctx.geometry = (stride, padding, dilation, groups)
+        ctx.conv_args = (stride, padding, dilation, groups)
         return _triton.forward(x, weight, sim, stride, padding, dilation, groups)
 
     @staticmethod
@@ -426,18 +402,18 @@ class _TritonFn(torch.autograd.Function):
 
         x, weight, sim = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: exact differentiable path (PyTorch reference math)
-            stride, padding, dilation, groups = ctx.geometry
+            stride, padding, dilation, groups = ctx.conv_args
 
             def fn(a, b, c):
                 return _torch_reference(a, b, c, stride, padding, dilation, groups)
 
             return (*linear_vjp(fn, grad_out, (x, weight, sim), ctx.needs_input_grad[:3]), None, None, None, None)
-        grads = _triton.backward(grad_out.contiguous(), x, weight, sim, *ctx.geometry, *ctx.needs_input_grad[:3])
+        grads = _triton.backward(grad_out.contiguous(), x, weight, sim, *ctx.conv_args, *ctx.needs_input_grad[:3])
         return (*grads, None, None, None, None)
 
 
 def triton_dynamic_ns_conv2d(x: Tensor, weight: Tensor, sim: Tensor, stride, padding, dilation, groups: int) -> Tensor:
     """:func:`dynamic_ns_conv2d` computed by the Triton kernels on any device they run on (CUDA, or CPU
     tensors under ``TRITON_INTERPRET=1``), bypassing the operator's per-device dispatch."""
-    return _TritonFn.apply(x.contiguous(), weight.contiguous(), sim.contiguous(), tuple(stride), tuple(padding),
-                           tuple(dilation), int(groups))
+    return _TritonFn.apply(x.contiguous(), weight.contiguous(), sim.contiguous(), pair(stride, "stride"),
+                           pair(padding, "padding"), pair(dilation, "dilation"), int(groups))

@@ -58,13 +58,14 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import _export_math, _ops
+from ._geometry import ConvGeometry, output_size, pair
 from ._torch_kernels import _reference, _UnfoldFn, _ZTrickFn
 
 __all__ = [
@@ -123,18 +124,8 @@ def _check_backend(name: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# geometry and argument checks
+# argument checks (the geometry's rules: nsl._geometry)
 # --------------------------------------------------------------------------------------------
-def _pair(value, name: str) -> tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return (value, value)
-    if isinstance(value, Sequence) and len(value) == 2 and all(
-        isinstance(v, int) and not isinstance(v, bool) for v in value
-    ):
-        return (int(value[0]), int(value[1]))
-    raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-
-
 def _resolve_padding(padding, kernel: tuple[int, int], stride: tuple[int, int],
                      dilation: tuple[int, int]) -> tuple[int, int, int, int]:
     """Padding as ``(top, bottom, left, right)`` for ints, pairs, ``'same'`` and ``'valid'``."""
@@ -147,7 +138,7 @@ def _resolve_padding(padding, kernel: tuple[int, int], stride: tuple[int, int],
             total = [d * (k - 1) for d, k in zip(dilation, kernel)]
             return (total[0] // 2, total[0] - total[0] // 2, total[1] // 2, total[1] - total[1] // 2)
         raise ValueError(f"padding must be an int, a pair of ints, 'same' or 'valid', got {padding!r}")
-    ph, pw = _pair(padding, "padding")
+    ph, pw = pair(padding, "padding")
     if ph < 0 or pw < 0:
         raise ValueError(f"padding must be non-negative, got {padding!r}")
     return (ph, ph, pw, pw)
@@ -158,12 +149,9 @@ def conv_output_size(size: tuple[int, int], kernel_size, stride=1, padding=0, di
 
     ``H_out = floor((H + pad_top + pad_bottom - dilation * (kh - 1) - 1) / stride) + 1``.
     """
-    kernel = _pair(kernel_size, "kernel_size")
-    stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
-    pt, pb, pl, pr = _resolve_padding(padding, kernel, stride, dilation)
-    h = (size[0] + pt + pb - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
-    w = (size[1] + pl + pr - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
-    return (h, w)
+    kernel = pair(kernel_size, "kernel_size")
+    stride, dilation = pair(stride, "stride"), pair(dilation, "dilation")
+    return output_size(size, kernel, stride, _resolve_padding(padding, kernel, stride, dilation), dilation)
 
 
 def similarity_kind(similarity: Tensor, positions: int) -> str:
@@ -295,7 +283,7 @@ def ns_conv2d(input: Tensor, weight: Tensor, similarity: Tensor, bias: Tensor | 
         )
     if bias is not None and tuple(bias.shape) != (out_c,):
         raise ValueError(f"bias must have shape [C_out] = [{out_c}], got {list(bias.shape)}")
-    stride_, dilation_ = _pair(stride, "stride"), _pair(dilation, "dilation")
+    stride_, dilation_ = pair(stride, "stride"), pair(dilation, "dilation")
     if min(stride_) < 1 or min(dilation_) < 1:
         raise ValueError(f"stride and dilation must be >= 1, got stride {stride!r}, dilation {dilation!r}")
     pads = _resolve_padding(padding, (kh, kw), stride_, dilation_)
@@ -315,8 +303,7 @@ def ns_conv2d(input: Tensor, weight: Tensor, similarity: Tensor, bias: Tensor | 
                         padding if isinstance(padding, str) else (pads[0], pads[2]), dilation_, groups)
 
     n, _, h, w = input.shape
-    out_h = (h + pads[0] + pads[1] - dilation_[0] * (kh - 1) - 1) // stride_[0] + 1
-    out_w = (w + pads[2] + pads[3] - dilation_[1] * (kw - 1) - 1) // stride_[1] + 1
+    out_h, out_w = output_size((h, w), (kh, kw), stride_, pads, dilation_)
     if out_h < 1 or out_w < 1:
         raise ValueError(f"input of spatial size {h}x{w} is too small for kernel {kh}x{kw} with padding "
                          f"{padding!r} and dilation {dilation_} (output would be {out_h}x{out_w})")
@@ -353,13 +340,13 @@ def _dynamic(x, weight, sim, stride, pads, dilation, groups, out_size) -> Tensor
         if pads[0] != pads[1] or pads[2] != pads[3]:
             x = F.pad(x, (pads[2], pads[3], pads[0], pads[1]))
             pads = (0, 0, 0, 0)
-        geometry = (list(stride), [pads[0], pads[2]], list(dilation), groups)
+        conv_args = (list(stride), [pads[0], pads[2]], list(dilation), groups)
         if named == "triton" and x.device.type != "cuda":
-            return _ops.triton_dynamic_ns_conv2d(x, weight, sim, *geometry)
-        return torch.ops.nsl.dynamic_ns_conv2d(x, weight, sim, *geometry)
+            return _ops.triton_dynamic_ns_conv2d(x, weight, sim, *conv_args)
+        return torch.ops.nsl.dynamic_ns_conv2d(x, weight, sim, *conv_args)
     if any(pads):
         x = F.pad(x, (pads[2], pads[3], pads[0], pads[1]))
-    geometry = (weight.shape[2], weight.shape[3], stride, dilation, out_size)
+    geometry = ConvGeometry(weight.shape[2], weight.shape[3], stride, dilation, out_size)
     if backend == "export":
         return _export_math.dynamic_ns_conv2d_export(x, weight, sim, groups, geometry)
     if backend == "reference":
@@ -406,8 +393,8 @@ def sphere_conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, str
     sq = input * input
     sq = sq.sum(1, keepdim=True) if groups == 1 else sq.view(n, groups, c // groups, h, w).sum(2)  # [N, G, H, W]
     kh, kw = weight.shape[2], weight.shape[3]
-    pads = (0, 0) if padding == "valid" else padding if isinstance(padding, str) else _pair(padding, "padding")
-    if (not isinstance(pads, str) and _pair(dilation, "dilation") == (1, 1) and pads[0] <= kh // 2
+    pads = (0, 0) if padding == "valid" else padding if isinstance(padding, str) else pair(padding, "padding")
+    if (not isinstance(pads, str) and pair(dilation, "dilation") == (1, 1) and pads[0] <= kh // 2
             and pads[1] <= kw // 2):  # a box sum is a pooling (much faster than a 1-channel convolution)
         box = F.avg_pool2d(sq, (kh, kw), stride, pads, count_include_pad=True) * (kh * kw)  # (ONNX-exportable)
     else:
