@@ -73,6 +73,7 @@ from ._torch_kernels import _reference, _unfold_backward, _unfold_forward, linea
 __all__ = ["dynamic_ns_conv2d", "dynamic_ns_conv2d_backward", "triton_dynamic_ns_conv2d", "KERNELS", "Kernel",
            "kernel_for", "unavailable_reason", "require", "autocast_enabled", "autocast_inputs"]
 
+
 class Kernel(NamedTuple):
     """A fused kernel of the operator: the device type it runs on and the dtypes it serves."""
 
