@@ -13,7 +13,8 @@ and the layers. Imports nothing from ``nsl``.
 
 from __future__ import annotations
 
-import operator
+import numbers
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -21,23 +22,21 @@ import torch
 __all__ = ["pair", "output_size", "ConvGeometry", "check_shapes"]
 
 
-def pair(value, name: str = "value") -> tuple[int, int]:
-    """``(v, v)`` for an integer ``v``, ``(a, b)`` for a sequence of two integers (bools are refused).
+def _is_integer(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
-    Raises ``TypeError`` naming ``name`` and the value otherwise.
+
+def pair(value, name: str = "value") -> tuple[int, int]:
+    """``(v, v)`` for an integer ``v``, ``(a, b)`` for a sequence of two integers (bools are refused;
+    numpy integers are taken). Raises ``TypeError`` naming ``name`` and the value otherwise.
+
+    Plain ``isinstance`` checks (no exceptions on the common path), so ``torch.compile`` traces it.
     """
-    if not isinstance(value, bool):
-        try:
-            v = operator.index(value)
-            return (v, v)
-        except TypeError:
-            pass
-        try:
-            items = list(value)
-            if len(items) == 2 and not any(isinstance(v, bool) for v in items):
-                return (operator.index(items[0]), operator.index(items[1]))
-        except TypeError:
-            pass
+    if _is_integer(value):
+        return (int(value), int(value))
+    if isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2 and all(
+            _is_integer(v) for v in value):
+        return (int(value[0]), int(value[1]))
     raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
 
 
