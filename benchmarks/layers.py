@@ -33,6 +33,7 @@ from common import ROOT, environment, print_table, rss_child, rss_delta, saved_b
 
 sys.path.insert(0, str(ROOT / "src"))
 import nsl  # noqa: E402
+from nsl import _ops  # noqa: E402
 from nsl import functional as NF  # noqa: E402
 
 SHAPES = {  # name: (N, C_in, C_out, H = W)
@@ -44,7 +45,7 @@ SHAPES = {  # name: (N, C_in, C_out, H = W)
 
 
 def _backends() -> list[str]:
-    names = ["cpp"] if NF._cpp_available() else []
+    names = ["cpp"] if _ops.unavailable_reason("cpp") is None else []
     return names + ["unfold", "ztrick", "reference"]
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-import nsl.functional as NF
+from nsl import _ops
 from nsl.fewshot import build_backbone
 from nsl.functional import conv_output_size, ns_conv2d, use_backend
 
@@ -21,7 +21,7 @@ BACKENDS = ["reference", "unfold", "ztrick", "cpp"]
 
 
 def _need(backend):
-    if backend == "cpp" and not NF._cpp_available():
+    if backend == "cpp" and _ops.unavailable_reason("cpp") is not None:
         from nsl import _cpp
 
         if os.environ.get("NSL_REQUIRE_CPP") == "1":

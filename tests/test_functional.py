@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import nsl.functional as NF
+from nsl import _ops
 from nsl.functional import conv_output_size, ns_conv2d, use_backend
 from reference import brute_ns_conv2d
 
@@ -244,9 +245,9 @@ def test_bad_inputs():
 # ---------------------------------------------------------------------------------------------
 def _fused_backends(monkeypatch):
     """'cpp' where it compiled; 'triton' on CPU tensors through the interpreter where triton imports."""
-    names = ["cpp"] if NF._cpp_available() else []
+    names = ["cpp"] if _ops.unavailable_reason("cpp") is None else []
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    if NF._triton_reason(torch.device("cpu")) is None:
+    if _ops.unavailable_reason("triton", "cpu") is None:
         names.append("triton")
     return names
 

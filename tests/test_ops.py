@@ -72,19 +72,25 @@ def test_opcheck(geom, layout, dtype):
 @pytest.mark.parametrize("kernel", [pytest.param("cpp", marks=pytest.mark.cpp), "unfold"])
 @pytest.mark.parametrize("layout", ["diagonal", "full"])
 @pytest.mark.parametrize("geom", GEOMETRIES, ids=_gid)
-def test_values_and_gradients(geom, layout, kernel, monkeypatch):
-    """The operator (C++ kernel, or the PyTorch fallback used without it) against the brute force."""
-    if kernel != "cpp":
-        monkeypatch.setattr(_ops, "_cpp_ready", lambda: False)
+def test_values_and_gradients(geom, layout, kernel):
+    """The operator (C++ kernel, or the PyTorch fallback its default implementation runs without it:
+    once the C++ kernel is loaded the dispatcher no longer reaches that, so it is called directly)
+    against the brute force."""
     (x, weight, sim), geo = _inputs(geom, layout, torch.float64, requires_grad=True, seed=1)
-    out = OP(x, weight, sim, *geo)
+    if kernel == "cpp":
+        out = OP(x, weight, sim, *geo)
+    else:
+        out = _ops._torch_forward(x.detach(), weight.detach(), sim.detach(), *geo)
     torch.testing.assert_close(out, _brute(x.detach(), weight.detach(), sim.detach(), geo), rtol=1e-10, atol=1e-10)
     g = torch.randn_like(out)
     leaves = [t.detach().clone().requires_grad_() for t in (x, weight, sim)]
     with NF.use_backend("reference"):
         ref = NF.ns_conv2d(*leaves, stride=geo[0], padding=geo[1], dilation=geo[2], groups=geo[3])
     expected = torch.autograd.grad(ref, leaves, g)
-    got = torch.autograd.grad(out, (x, weight, sim), g)
+    if kernel == "cpp":
+        got = torch.autograd.grad(out, (x, weight, sim), g)
+    else:
+        got = _ops._torch_backward(g, x.detach(), weight.detach(), sim.detach(), *geo, (True, True, True))
     for name, a, r in zip(("dx", "dweight", "dsim"), got, expected):
         torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
 
@@ -108,7 +114,7 @@ def test_backward_returns_empty_for_gradients_not_asked():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_on_cpu_computes_in_float32(dtype):
     """bfloat16/float16 CPU inputs run the C++ kernel in float32 and come back in their dtype."""
-    assert _ops.cpu_kernel(dtype) == "cpp-float32"
+    assert _ops.kernel_for("cpu", dtype) == "cpp"  # KERNELS["cpp"] serves it, computing in float32
     (x, weight, sim), geo = _inputs(GEOMETRIES[1], "diagonal", dtype, requires_grad=True, seed=2)
     out = OP(x, weight, sim, *geo)
     assert out.dtype == dtype
@@ -149,35 +155,35 @@ def test_meta_shapes_and_bad_sim():
 @pytest.mark.cpp
 def test_auto_uses_the_operator_on_cpu():
     x, w, m = torch.randn(2, 3, 6, 6), torch.randn(4, 3, 3, 3), torch.rand(2, 9, 6, 6)
-    assert NF._choose("auto", x, w, m) == "cpp"
-    assert NF._choose("auto", x.bfloat16(), w.bfloat16(), m.bfloat16()) == "cpp"
+    assert NF._choose("auto") == NF._choose("cpp") == "op" and NF._choose("unfold") == "unfold"
+    assert _ops.kernel_for(x.device, x.dtype) == _ops.kernel_for(x.device, torch.bfloat16) == "cpp"
     out = NF.ns_conv2d(x.requires_grad_(), w, m, padding=1)
     assert "nsl_dynamic_ns_conv2d" in type(out.grad_fn).__name__
 
 
 def test_auto_on_cuda_without_triton_warns_once(monkeypatch):
-    """No usable Triton on a CUDA device: fall back to unfold/ztrick with one warning per process
-    (exercised without a GPU by asking the chooser directly)."""
-    monkeypatch.setattr(NF, "_triton_reason", lambda device: "triton is not installed")
-    monkeypatch.setattr(NF, "_triton_warned", False)
-    with pytest.warns(RuntimeWarning, match="falls back to the PyTorch 'unfold'/'ztrick' backends.*triton is not "
-                                            "installed"):
-        assert NF._auto_fused("cuda", 0, torch.float32) == ""
+    """No usable Triton on a CUDA device: the operator falls back to the unfold math with one warning
+    per process (exercised without a GPU by asking the operator's chooser directly)."""
+    reasons = {"triton": "triton is not installed", "cpp": None}
+    monkeypatch.setattr(_ops, "unavailable_reason", lambda kernel, device="cpu": reasons[kernel])
+    monkeypatch.setattr(_ops, "_triton_warned", False)
+    with pytest.warns(RuntimeWarning, match="falls back to the PyTorch 'unfold' math.*triton is not installed"):
+        assert _ops.kernel_for("cuda:0", torch.float32) == "unfold"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert NF._auto_fused("cuda", 0, torch.bfloat16) == ""
-        assert NF._auto_fused("cuda", 0, torch.float64) == ""  # float64: no Triton kernel, no warning
-    monkeypatch.setattr(NF, "_triton_reason", lambda device: None)
-    assert NF._auto_fused("cuda", 0, torch.float16) == "triton"
+        assert _ops.kernel_for("cuda:0", torch.bfloat16) == "unfold"
+        assert _ops.kernel_for("cuda:0", torch.float64) == "unfold"  # float64: no Triton kernel, no warning
+    reasons["triton"] = None
+    assert _ops.kernel_for("cuda:0", torch.float16) == "triton"
 
 
 def test_backend_errors():
     x, w, m = torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3), torch.rand(1, 9, 5, 5)
     meta = [t.to("meta") for t in (x, w, m)]
-    with NF.use_backend("cpp"), pytest.raises(TypeError, match=r"the 'cpp' backend runs on CPU float32/float64 .*"
-                                                              r"got torch.float32 on meta"):
+    with NF.use_backend("cpp"), pytest.raises(TypeError, match=r"the 'cpp' backend runs on CPU float32/float64/"
+                                                              r"bfloat16/float16 tensors, got torch.float32 on meta"):
         NF.ns_conv2d(*meta, padding=1)
-    reason = NF._triton_reason(torch.device("cpu"))
+    reason = _ops.unavailable_reason("triton", "cpu")
     if reason is not None:
         with NF.use_backend("triton"), pytest.raises(RuntimeError, match="the 'triton' backend is unavailable on "
                                                                          "cpu"):
@@ -290,7 +296,7 @@ def test_triton_backend_on_cpu_through_the_interpreter(layout, monkeypatch):
     asymmetric 'same' padding is applied before the kernel."""
     pytest.importorskip("triton", reason="triton is not installed (CI installs triton==3.8.0)")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert NF._triton_reason(torch.device("cpu")) is None
+    assert _ops.unavailable_reason("triton", "cpu") is None
     torch.manual_seed(12)
     x = torch.randn(1, 4, 7, 6)
     w = torch.randn(6, 2, 2, 3)
@@ -315,14 +321,13 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"
 @cuda
 @pytest.mark.parametrize("layout", ["diagonal", "full"])
 def test_cuda_operator(layout):  # pragma: no cover - GPU machines
-    reason = NF._triton_reason(torch.device("cuda"))
+    reason = _ops.unavailable_reason("triton", "cuda")
     if reason is not None:
         pytest.skip(f"Triton kernels unavailable on this GPU: {reason}")
-    assert _ops.cuda_kernel(torch.device("cuda"), torch.float32) == "triton"
+    assert _ops.kernel_for("cuda", torch.float32) == "triton"
     (x, weight, sim), geo = _inputs(GEOMETRIES[1], layout, torch.float32, requires_grad=True, seed=5)
     xc, wc, sc = (t.detach().cuda().requires_grad_() for t in (x, weight, sim))
     torch.library.opcheck(OP, (xc, wc, sc, *geo))
-    assert NF._choose("auto", xc, wc, sc) == "triton"
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False  # IEEE float32 dots
     try:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -57,7 +56,7 @@ def _sha256(path: Path) -> str:
 
 @dataclass(frozen=True)
 class KernelSpec:
-    """One extension: module ``name`` compiled from ``source`` and the C++ files beside it (every ``*.cpp``
+    """One extension: library ``name`` compiled from ``source`` and the C++ files beside it (every ``*.cpp``
     compiled, every ``*.h`` on the include path; all of them in the fingerprint) with ``cflags`` /
     ``ldflags`` under ``root``."""
 
@@ -73,7 +72,7 @@ class KernelSpec:
         return sorted({self.source, *folder.glob("*.cpp"), *folder.glob("*.h")})
 
     def fingerprint(self) -> dict:
-        """Everything the compiled module depends on (the manifest's identity part)."""
+        """Everything the compiled library depends on (the manifest's identity part)."""
         return {
             "name": self.name,
             "source_sha256": hashlib.sha256("".join(f"{p.name}:{_sha256(p)}\n" for p in self.files())
@@ -207,11 +206,11 @@ def toolchain_problem() -> str | None:
     return None
 
 
-def _import(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _load_library(path: Path) -> Path:
+    """``dlopen`` the library with :func:`torch.ops.load_library`: its static initialisers register its
+    kernels with the dispatcher (``TORCH_LIBRARY_IMPL``). Raises ``OSError`` when it cannot be loaded."""
+    torch.ops.load_library(str(path))
+    return path
 
 
 def _remove_leftovers(spec: KernelSpec, key: str) -> None:
@@ -237,7 +236,7 @@ def _stop_compilers(folder: Path) -> None:
             continue
 
 
-def _build(spec: KernelSpec, fingerprint: dict, announce) -> object:
+def _build(spec: KernelSpec, fingerprint: dict, announce) -> Path:
     """Compile into a private temporary folder, write the manifest, publish with one rename."""
     from torch.utils import cpp_extension
 
@@ -248,15 +247,16 @@ def _build(spec: KernelSpec, fingerprint: dict, announce) -> object:
         if announce:
             announce(tmp)
         try:
-            module = cpp_extension.load(name=spec.name, sources=[str(p) for p in spec.files() if p.suffix == ".cpp"],
-                                        extra_include_paths=[str(spec.source.parent)],
-                                        extra_cflags=list(spec.cflags), extra_ldflags=list(spec.ldflags),
-                                        build_directory=str(tmp), verbose=False)
+            # is_python_module=False: a plain library, loaded with torch.ops.load_library
+            cpp_extension.load(name=spec.name, sources=[str(p) for p in spec.files() if p.suffix == ".cpp"],
+                               extra_include_paths=[str(spec.source.parent)], extra_cflags=list(spec.cflags),
+                               extra_ldflags=list(spec.ldflags), build_directory=str(tmp), verbose=False,
+                               is_python_module=False)
         except BaseException:
             _stop_compilers(tmp)
             raise
         so = tmp / f"{spec.name}.so"
-        for p in tmp.iterdir():  # keep only the module: objects and ninja files are not needed again
+        for p in tmp.iterdir():  # keep only the library: objects and ninja files are not needed again
             if p != so:
                 p.unlink()
         manifest = {"fingerprint": fingerprint, "size": so.stat().st_size, "sha256": _sha256(so)}
@@ -267,13 +267,14 @@ def _build(spec: KernelSpec, fingerprint: dict, announce) -> object:
             os.rename(final, old / "d")
         os.chmod(tmp, 0o755)  # mkdtemp made it private
         os.rename(tmp, final)
-        return module
+        return final / so.name
     finally:
         _remove_leftovers(spec, key)
 
 
-def load_or_build(spec: KernelSpec, announce=None):
-    """The extension module: the published build if it verifies, else a fresh build (then published).
+def load_or_build(spec: KernelSpec, announce=None) -> Path:
+    """Load the library (its kernels register with the dispatcher) and return its path: the published
+    build if it verifies, else a fresh build (then published).
 
     ``announce(tmp_dir)`` is called just before a real compilation starts. Raises what the build
     raises (compiler errors), ``TimeoutError`` when another live process builds for too long.
@@ -284,14 +285,14 @@ def load_or_build(spec: KernelSpec, announce=None):
     with flock(lock, exclusive=False):
         if verify(spec, fingerprint) is None:
             try:
-                return _import(spec.name, so)
-            except (ImportError, OSError):
+                return _load_library(so)
+            except OSError:
                 pass  # verified yet unloadable (e.g. a changed system library): rebuild below
     with flock(lock, exclusive=True):
         if verify(spec, fingerprint) is None:  # another process built it while we waited
             try:
-                return _import(spec.name, so)
-            except (ImportError, OSError):
+                return _load_library(so)
+            except OSError:
                 pass
         problem = toolchain_problem()
         if problem:

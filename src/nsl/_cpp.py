@@ -1,12 +1,15 @@
-"""Loader and autograd glue for the fused CPU kernel of dynamic neural similarity convolution.
+"""Loader of the fused CPU kernel of dynamic neural similarity convolution.
 
-The C++ sources (``csrc/*.cpp``, split by job, overview in ``csrc/kernel.h``) are JIT-compiled with
-:func:`torch.utils.cpp_extension.load` on first use, once per process (thread-safe), into the
+The C++ sources (``csrc/*.cpp``, split by job, overview in ``csrc/kernel.h``) register CPU kernels
+for the operators that :mod:`nsl._ops` defines (``TORCH_LIBRARY_IMPL(nsl, CPU, m)``, as torchvision's
+C++ operators do). They are JIT-compiled as a plain library with :func:`torch.utils.cpp_extension.load`
+on first use, once per process (thread-safe), into the
 cache of :mod:`nsl._build` (``$NSL_EXTENSIONS_DIR``, default ``~/.cache/nsl/extensions``, keyed on
 the source's hash, torch/Python versions and flags; built in a temporary folder, published
 atomically, verified by size and sha256 before it is loaded, guarded by a flock that dies with
-its holder); later processes reuse the build. When compiling is impossible (no compiler, no
-ninja) or ``NSL_DISABLE_CPP=1`` is set, :func:`is_available` returns False and
+its holder), and loaded with :func:`torch.ops.load_library` after that check; from then on the
+dispatcher sends CPU tensors to the C++ kernels. Later processes reuse the build. When compiling
+is impossible (no compiler, no ninja) or ``NSL_DISABLE_CPP=1`` is set, :func:`is_available` returns False and
 :func:`unavailable_reason` says why (with one ``RuntimeWarning`` per process unless disabled on
 purpose); importing this module never raises. :func:`build_status` reports the cache without building.
 
@@ -23,8 +26,8 @@ With ``col[n, c, q](y) = x[n, c, y_h sh + dh i - ph, y_w sw + dw j - pw]`` (zero
     diagonal: out[n, o](y) = sum_{c in group(o), q} W[o, c, q] m[n, q](y) col[n, c, q](y)
     full:     out[n, o](y) = sum_{c, p} W[o, c, p] sum_q M[n, p, q](y) col[n, c, q](y)
 
-``m = 1`` (``M = I``) gives exactly ``F.conv2d`` (no bias). Gradients are first order only
-(the backward is not itself differentiable).
+``m = 1`` (``M = I``) gives exactly ``F.conv2d`` (no bias). Gradients (of any order) come from the
+operators' autograd formulas in :mod:`nsl._ops`.
 """
 
 from __future__ import annotations
@@ -38,14 +41,15 @@ from pathlib import Path
 import torch
 
 from . import _build
+from ._geometry import pair
 
-__all__ = ["dynamic_ns_conv2d", "is_available", "unavailable_reason"]
+__all__ = ["dynamic_ns_conv2d", "is_available", "unavailable_reason", "build_status"]
 
 _EXT_NAME = "nsl_dynamic_ns_conv"
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "dynamic_ns_conv.cpp"
 
 _lock = threading.Lock()
-_module = None
+_library = None
 _reason: str | None = None
 _tried = False
 
@@ -97,29 +101,30 @@ def _first_complaint(message: str) -> str:
 
 
 def _load():
-    """Return the compiled module or None; compiles at most once per process."""
-    global _module, _reason, _tried
+    """Load the kernel library (registering its CPU kernels with the dispatcher) and return its path,
+    or None when it is unavailable; compiles at most once per process."""
+    global _library, _reason, _tried
     if _tried:
-        return _module
+        return _library
     with _lock:
         if _tried:
-            return _module
+            return _library
         try:
             _reason = _not_buildable()
             if _reason is None:
-                _module = _compile()
+                _library = _compile()
         except Exception as e:  # noqa: BLE001 - any build failure just disables the kernel
-            _module = None
+            _library = None
             if isinstance(e, TimeoutError):
                 _reason = f"waiting for the CPU kernel's build timed out: {e}"
             else:
                 _reason = f"compiling the CPU kernel failed: {type(e).__name__}: {_first_complaint(str(e))}"
         _tried = True
-        if _module is None and os.environ.get("NSL_DISABLE_CPP") != "1":
+        if _library is None and os.environ.get("NSL_DISABLE_CPP") != "1":
             warnings.warn(f"nsl: the fused CPU kernel is unavailable ({_reason}); dynamic layers use the slower "
                           "pure-PyTorch backend. `nsl doctor` shows why, `nsl doctor --build` retries the build "
                           "(NSL_DISABLE_CPP=1 silences this).", RuntimeWarning, stacklevel=3)
-    return _module
+    return _library
 
 
 def is_available() -> bool:
@@ -134,41 +139,12 @@ def unavailable_reason() -> str | None:
 
 
 def _ext():
-    mod = _load()
-    if mod is None:
+    """The kernel's tuning operators, ``torch.ops.nsl_cpu`` (``set_tile_bytes``, ``set_min_tile``,
+    ``set_gemm_backend``, ``gemm_backends``; tests and benchmarks), once the kernel is loaded;
+    ``RuntimeError`` saying why when it cannot be."""
+    if _load() is None:
         raise RuntimeError(f"nsl CPU kernel unavailable: {_reason}")
-    return mod
-
-
-class _DynamicNSConv2d(torch.autograd.Function):
-    """Autograd wrapper; saves only x, weight and sim (no P-times column tensor)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, sim, stride, padding, dilation, groups):
-        ext = _ext()
-        out = ext.forward(x, weight, sim, stride, padding, dilation, groups)
-        ctx.save_for_backward(x, weight, sim)
-        ctx.geometry = (stride, padding, dilation, groups)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        x, weight, sim = ctx.saved_tensors
-        need_dx, need_dw, need_dsim = ctx.needs_input_grad[:3]
-        dx, dw, dsim = _ext().backward(
-            grad_out.contiguous(), x, weight, sim, *ctx.geometry, need_dx, need_dw, need_dsim
-        )
-        return dx, dw, dsim, None, None, None, None
-
-
-def _pair(v) -> list[int]:
-    if isinstance(v, int):
-        return [v, v]
-    v = [int(e) for e in v]
-    if len(v) != 2:
-        raise ValueError(f"expected an int or a pair, got {v}")
-    return v
+    return torch.ops.nsl_cpu
 
 
 def dynamic_ns_conv2d(
@@ -197,12 +173,6 @@ def dynamic_ns_conv2d(
             "dynamic_ns_conv2d (CPU kernel) expects float32 or float64 tensors of one dtype, got "
             f"{x.dtype}, {weight.dtype}, {sim.dtype}"
         )
-    return _DynamicNSConv2d.apply(
-        x.contiguous(),
-        weight.contiguous(),
-        sim.contiguous(),
-        _pair(stride),
-        _pair(padding),
-        _pair(dilation),
-        int(groups),
-    )
+    _ext()  # the CPU kernel is loaded (registered with the dispatcher), or RuntimeError saying why not
+    return torch.ops.nsl.dynamic_ns_conv2d(x, weight, sim, pair(stride, "stride"), pair(padding, "padding"),
+                                    pair(dilation, "dilation"), int(groups))

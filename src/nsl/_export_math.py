@@ -26,8 +26,8 @@ from torch import Tensor
 def dynamic_ns_conv2d_export(xpad: Tensor, weight: Tensor, sim: Tensor, groups: int, geometry) -> Tensor:
     """``out[n, o, y] = sum_{c, p, q} w[o, c, p] M[p, q](y) xpad[n, c, y + q]`` in Conv/Mul/ReduceSum ops.
 
-    ``geometry`` is ``(kh, kw, stride, dilation, (H_out, W_out))`` as in :mod:`nsl.functional`;
-    ``xpad`` is already padded. Returns ``[N, C_out, H_out, W_out]``.
+    ``geometry`` is the :class:`nsl._geometry.ConvGeometry` ``(kh, kw, stride, dilation, (H_out, W_out))``
+    of the already padded ``xpad``. Returns ``[N, C_out, H_out, W_out]``.
     """
     c = xpad.shape[1]
     out_c, cg, kh, kw = weight.shape

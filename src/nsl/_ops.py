@@ -22,15 +22,21 @@ symmetric, ``(ph, pw)``)::
 (diagonal: ``M = diag(m)``; zero padding). The backward returns ``(dx, dweight, dsim)``; a gradient
 not asked for is an empty tensor (``numel() == 0``; custom ops cannot return ``None``).
 
-What runs where:
+What runs where (the operator is the one dispatch point: ``ns_conv2d``'s ``'auto'`` backend calls it,
+and it alone picks the kernel, from the one table :data:`KERNELS`; :func:`kernel_for` says which):
 
-* CPU, float32/float64: the fused C++ kernel (:mod:`nsl._cpp`); CPU bfloat16/float16: the same
-  kernel in float32, results cast back to the input dtype (it has no low-precision path). Where the
-  C++ kernel is unavailable (no compiler, ``NSL_DISABLE_CPP=1``): the PyTorch ``unfold`` math.
+* CPU: the fused C++ kernel (:mod:`nsl._cpp`), registered with the dispatcher from C++
+  (``TORCH_LIBRARY_IMPL(nsl, CPU, m)`` in ``csrc/dynamic_ns_conv.cpp``) once the library is loaded;
+  float32/float64, and bfloat16/float16 computed in float32 and cast back. Until it is loaded (the
+  first CPU call loads it, compiling on first use) and wherever it cannot be (no compiler,
+  ``NSL_DISABLE_CPP=1``), the default implementation here runs the PyTorch ``unfold`` math.
 * CUDA, float32/bfloat16/float16: the Triton kernels of :mod:`nsl._triton` (imported on first use)
-  when ``_triton.unavailable_reason(device)`` is None; otherwise (and for float64) ``unfold`` math.
+  when ``_triton.unavailable_reason(device)`` is None (otherwise one warning per process, and the
+  ``unfold`` math); float64: the ``unfold`` math.
 * Any other device: the ``unfold`` math (memory-lean: saves only x, w and M).
 * Fake/meta tensors (``torch.compile``, ``torch.export``, shape propagation): shape-only kernels.
+
+The schemas are spelled out (not inferred from annotations), so torch 2.4 can define the operators.
 
 Autograd: ``register_autograd`` saves only ``x``, ``weight`` and ``sim`` and calls the backward
 operator. The backward operator has its own ``register_autograd`` (the op is linear in each of
@@ -38,84 +44,126 @@ x, weight, sim, so the derivatives of its backward are calls of the two operator
 ``_backward_backward``): derivatives of any order (MAML, gradient penalties, Hessian-vector
 products) on every device and kernel.
 
-Autocast (``torch.autocast`` on CUDA or CPU): floating inputs other than float64 are cast to the
-autocast dtype and the operator runs in it, so the output has the autocast dtype (unlike
-``torchvision.ops.deform_conv2d``, which computes in float32). On CUDA the Triton kernels then
-run in bfloat16/float16 with float32 accumulation; on CPU the C++ kernel computes in float32 and
-casts its results to the autocast dtype.
+Autocast, one rule (:func:`autocast_inputs`): under ``torch.autocast(device_type)`` every floating
+tensor on that device except float64 is cast to the autocast dtype *in force at call time*, and the
+computation runs in it (so the output has the autocast dtype, unlike ``torchvision.ops.deform_conv2d``,
+which computes in float32); float64 is never cast. On CUDA the Triton kernels then run in
+bfloat16/float16 with float32 accumulation; on CPU the C++ kernel computes in float32 and casts its
+results to the autocast dtype. Where it holds: the operator's autocast kernels for CPU and CUDA
+(registered below with the public ``Library.impl`` under the ``AutocastCPU``/``AutocastCUDA`` keys;
+``torch.library.register_autocast`` is not used because it casts to one dtype fixed at registration,
+and is missing from torch 2.4), and :func:`nsl.functional.ns_conv2d`, which applies the same rule to
+the input, weight, similarity and bias before any backend (also on XPU and MPS). No private
+``torch._C`` API is used at import time.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._geometry import ConvGeometry, check_shapes, pair
 from ._torch_kernels import _reference, _unfold_backward, _unfold_forward, linear_vjp
 
-__all__ = ["dynamic_ns_conv2d", "dynamic_ns_conv2d_backward", "triton_dynamic_ns_conv2d", "cpu_kernel",
-           "cuda_kernel"]
-
-_CPP_DTYPES = (torch.float32, torch.float64)
-_CPP_CASTS = (torch.bfloat16, torch.float16)
-_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+__all__ = ["dynamic_ns_conv2d", "dynamic_ns_conv2d_backward", "triton_dynamic_ns_conv2d", "KERNELS", "Kernel",
+           "kernel_for", "unavailable_reason", "require", "autocast_enabled", "autocast_inputs"]
 
 
-def _geometry(x: Tensor, weight: Tensor, stride, padding, dilation):
-    kh, kw = weight.shape[2], weight.shape[3]
-    oh = (x.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    ow = (x.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return kh, kw, oh, ow
+class Kernel(NamedTuple):
+    """A fused kernel of the operator: the device type it runs on and the dtypes it serves."""
+
+    device_type: str
+    dtypes: tuple[torch.dtype, ...]
 
 
-def _cpp_ready() -> bool:
-    from . import _cpp
+#: The fused kernels and their dtypes, the one table (read by the operator, ``ns_conv2d``'s explicit
+#: ``'cpp'``/``'triton'`` backends, ``nsl doctor`` and the benchmarks). ``cpp``: bfloat16/float16 are
+#: computed in float32 and cast back. Everything else runs the PyTorch ``unfold`` math.
+KERNELS = {
+    "cpp": Kernel("cpu", (torch.float32, torch.float64, torch.bfloat16, torch.float16)),
+    "triton": Kernel("cuda", (torch.float32, torch.bfloat16, torch.float16)),
+}
 
-    return _cpp.is_available()
+
+def unavailable_reason(kernel: str, device: torch.device | str = "cpu") -> str | None:
+    """Why the fused ``kernel`` (a key of :data:`KERNELS`) cannot run on ``device`` (None when it can).
+
+    ``'cpp'``: the C++ kernel is loaded, compiled first if needed (the first call may take a minute);
+    ``'triton'``: :func:`nsl._triton.unavailable_reason` (on CPU tensors: only under ``TRITON_INTERPRET=1``).
+    """
+    if kernel == "cpp":
+        from . import _cpp
+
+        return _cpp.unavailable_reason()
+    try:
+        from . import _triton
+    except ImportError as e:
+        return f"nsl._triton could not be imported ({e})"
+    return _triton.unavailable_reason(torch.device(device))
 
 
-def cpu_kernel(dtype: torch.dtype) -> str:
-    """The kernel the CPU implementation uses for ``dtype``: ``'cpp'``, ``'cpp-float32'`` or ``'unfold'``."""
-    if dtype in _CPP_DTYPES + _CPP_CASTS and _cpp_ready():
-        return "cpp" if dtype in _CPP_DTYPES else "cpp-float32"
+_triton_warned = False
+
+
+def kernel_for(device: torch.device | str, dtype: torch.dtype) -> str:
+    """The kernel the operator runs for tensors of ``dtype`` on ``device``: ``'cpp'``, ``'triton'`` or
+    ``'unfold'`` (the PyTorch math). A CUDA dtype Triton serves whose kernels cannot run warns once per
+    process, saying why."""
+    global _triton_warned
+    device = torch.device(device)
+    for name, kernel in KERNELS.items():
+        if device.type == kernel.device_type and dtype in kernel.dtypes:
+            reason = unavailable_reason(name, device)
+            if reason is None:
+                return name
+            if name == "triton" and not _triton_warned:
+                _triton_warned = True
+                warnings.warn(f"nsl: dynamic similarity on CUDA falls back to the PyTorch 'unfold' math (slower, "
+                              f"more memory): the Triton kernels are unavailable: {reason}", RuntimeWarning,
+                              stacklevel=2)
     return "unfold"
 
 
-def cuda_kernel(device: torch.device, dtype: torch.dtype) -> str:
-    """The kernel the CUDA implementation uses: ``'triton'`` or ``'unfold'``."""
-    if dtype not in _TRITON_DTYPES:
-        return "unfold"
-    try:
-        from . import _triton
-    except ImportError:
-        return "unfold"
-    return "triton" if _triton.unavailable_reason(device) is None else "unfold"
+def require(kernel: str, x: Tensor) -> None:
+    """Raise unless the fused ``kernel`` serves ``x``'s dtype and can run on its device (``ns_conv2d``'s
+    explicit ``'cpp'``/``'triton'`` backends): ``TypeError`` for a dtype (or, for ``'cpp'``, a device) it
+    does not serve, ``RuntimeError`` saying why it is unavailable. ``'triton'`` also takes CPU tensors
+    (under ``TRITON_INTERPRET=1``)."""
+    spec = KERNELS[kernel]
+    names = "/".join(str(d).replace("torch.", "") for d in spec.dtypes)
+    if x.dtype not in spec.dtypes or (kernel == "cpp" and x.device.type != "cpu"):
+        where = "on CPU " if kernel == "cpp" else ""
+        raise TypeError(f"the {kernel!r} backend runs {where}{names} tensors, got {x.dtype} on {x.device}; use "
+                        f"backend 'auto'")
+    reason = unavailable_reason(kernel, x.device)
+    if reason is not None:
+        raise RuntimeError(f"the {kernel!r} backend is unavailable on {x.device}: {reason}")
 
 
 # --------------------------------------------------------------------------------------------
 # the PyTorch math (unfold formulation), used where no fused kernel applies
 # --------------------------------------------------------------------------------------------
 def _torch_forward(x, weight, sim, stride, padding, dilation, groups) -> Tensor:
-    kh, kw, oh, ow = _geometry(x, weight, stride, padding, dilation)
     xpad = F.pad(x, (padding[1], padding[1], padding[0], padding[0])) if any(padding) else x
-    return _unfold_forward(xpad, weight, sim, groups, (kh, kw, tuple(stride), tuple(dilation), (oh, ow)))
+    return _unfold_forward(xpad, weight, sim, groups, ConvGeometry.of(x, weight, stride, padding, dilation))
 
 
 def _torch_reference(x, weight, sim, stride, padding, dilation, groups) -> Tensor:
     """The operator by the explicit ``reference`` formula (plain autograd, differentiable to any order)."""
-    kh, kw, oh, ow = _geometry(x, weight, stride, padding, dilation)
     xpad = F.pad(x, (padding[1], padding[1], padding[0], padding[0])) if any(padding) else x
-    return _reference(xpad, weight, sim, groups, (kh, kw, tuple(stride), tuple(dilation), (oh, ow)))
+    return _reference(xpad, weight, sim, groups, ConvGeometry.of(x, weight, stride, padding, dilation))
 
 
 def _torch_backward(grad, x, weight, sim, stride, padding, dilation, groups, needs):
-    kh, kw, oh, ow = _geometry(x, weight, stride, padding, dilation)
     ph, pw = padding
     xpad = F.pad(x, (pw, pw, ph, ph)) if any(padding) else x
     dx, dw, dsim = _unfold_backward(grad, xpad, weight, sim, groups,
-                                    (kh, kw, tuple(stride), tuple(dilation), (oh, ow)), needs)
+                                    ConvGeometry.of(x, weight, stride, padding, dilation), needs)
     if dx is not None and any(padding):
         dx = dx[:, :, ph: ph + x.shape[2], pw: pw + x.shape[3]].contiguous()
     return dx, dw, dsim
@@ -124,21 +172,35 @@ def _torch_backward(grad, x, weight, sim, stride, padding, dilation, groups, nee
 # --------------------------------------------------------------------------------------------
 # the operators
 # --------------------------------------------------------------------------------------------
-@torch.library.custom_op("nsl::dynamic_ns_conv2d", mutates_args=())
+_FORWARD_SCHEMA = ("(Tensor x, Tensor weight, Tensor sim, SymInt[] stride, SymInt[] padding, SymInt[] dilation, "
+                   "SymInt groups) -> Tensor")
+_BACKWARD_SCHEMA = ("(Tensor grad_out, Tensor x, Tensor weight, Tensor sim, SymInt[] stride, SymInt[] padding, "
+                    "SymInt[] dilation, SymInt groups, bool need_dx, bool need_dweight, bool need_dsim) "
+                    "-> (Tensor, Tensor, Tensor)")
+
+
+# The schemas are spelled out: custom_op cannot infer them from this module's postponed annotations
+# on torch < 2.5 (``from __future__ import annotations`` makes every annotation a string).
+@torch.library.custom_op("nsl::dynamic_ns_conv2d", mutates_args=(), schema=_FORWARD_SCHEMA)
 def dynamic_ns_conv2d(x: Tensor, weight: Tensor, sim: Tensor, stride: Sequence[int], padding: Sequence[int],
                       dilation: Sequence[int], groups: int) -> Tensor:
     """``out[n, o](y) = sum_{c, p, q} W[o, c, p] M[n, p, q](y) x[n, c, y * s + d * offset(q) - pad]``
     (see the module docstring for shapes); this default implementation (devices without a fused
-    kernel) runs the PyTorch ``unfold`` math."""
+    kernel, CPU without the C++ kernel) runs the PyTorch ``unfold`` math."""
+    if _cpp_loaded_now(x):
+        return torch.ops.nsl.dynamic_ns_conv2d(x, weight, sim, stride, padding, dilation, groups)
     return _torch_forward(x, weight, sim, list(stride), list(padding), list(dilation), groups)
 
 
-@torch.library.custom_op("nsl::dynamic_ns_conv2d_backward", mutates_args=())
+@torch.library.custom_op("nsl::dynamic_ns_conv2d_backward", mutates_args=(), schema=_BACKWARD_SCHEMA)
 def dynamic_ns_conv2d_backward(grad_out: Tensor, x: Tensor, weight: Tensor, sim: Tensor, stride: Sequence[int],
                                padding: Sequence[int], dilation: Sequence[int], groups: int, need_dx: bool,
                                need_dweight: bool, need_dsim: bool) -> tuple[Tensor, Tensor, Tensor]:
     """``(dx, dweight, dsim)`` of :func:`dynamic_ns_conv2d` for ``grad_out = dL/dout``; a gradient
     not asked for is an empty tensor. Default implementation: the PyTorch ``unfold`` math."""
+    if _cpp_loaded_now(x):
+        return torch.ops.nsl.dynamic_ns_conv2d_backward(grad_out, x, weight, sim, stride, padding, dilation, groups,
+                                                        need_dx, need_dweight, need_dsim)
     grads = _torch_backward(grad_out.contiguous(), x, weight, sim, list(stride), list(padding), list(dilation),
                             groups, (need_dx, need_dweight, need_dsim))
     return _fill(grads, x)
@@ -149,44 +211,27 @@ def _fill(grads, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return tuple(x.new_empty(0) if g is None else g for g in grads)
 
 
-# ---- CPU: the fused C++ kernel -------------------------------------------------------------
-@dynamic_ns_conv2d.register_kernel("cpu")
-def _forward_cpu(x, weight, sim, stride, padding, dilation, groups):
-    kernel = cpu_kernel(x.dtype)
-    if kernel == "unfold":
-        return _torch_forward(x, weight, sim, list(stride), list(padding), list(dilation), groups)
+# ---- CPU: the fused C++ kernel, registered from C++ (csrc/dynamic_ns_conv.cpp) once loaded ----------
+def _cpp_loaded_now(x: Tensor) -> bool:
+    """True when ``x`` is a CPU tensor and this call has just loaded the C++ kernel.
+
+    The C++ library registers the operators' CPU kernels with the dispatcher when it is loaded
+    (``TORCH_LIBRARY_IMPL(nsl, CPU, m)``); until then, and wherever it cannot be built, CPU tensors
+    reach the default implementations above, which load it on the first call (compiling on first
+    use) and then call the operator again, now dispatched to C++. Once loaded, CPU calls never come
+    back here; if it cannot be loaded, the PyTorch ``unfold`` math runs."""
+    if x.device.type != "cpu":
+        return False
     from . import _cpp
 
-    dtype = x.dtype
-    if kernel == "cpp-float32":
-        x, weight, sim = x.float(), weight.float(), sim.float()
-    out = _cpp._ext().forward(x.contiguous(), weight.contiguous(), sim.contiguous(), list(stride), list(padding),
-                              list(dilation), groups)
-    return out.to(dtype)
-
-
-@dynamic_ns_conv2d_backward.register_kernel("cpu")
-def _backward_cpu(grad_out, x, weight, sim, stride, padding, dilation, groups, need_dx, need_dweight, need_dsim):
-    needs = (need_dx, need_dweight, need_dsim)
-    kernel = cpu_kernel(x.dtype)
-    if kernel == "unfold":
-        return _fill(_torch_backward(grad_out.contiguous(), x, weight, sim, list(stride), list(padding),
-                                     list(dilation), groups, needs), x)
-    from . import _cpp
-
-    dtypes = (x.dtype, weight.dtype, sim.dtype)
-    tensors = (grad_out, x, weight, sim)
-    if kernel == "cpp-float32":
-        tensors = tuple(t.float() for t in tensors)
-    grads = _cpp._ext().backward(*(t.contiguous() for t in tensors), list(stride), list(padding), list(dilation),
-                                 groups, *needs)
-    return _fill([None if g is None else g.to(d) for g, d in zip(grads, dtypes)], x)
+    first = not _cpp._tried
+    return _cpp.is_available() and first
 
 
 # ---- CUDA: the Triton kernels --------------------------------------------------------------
 @dynamic_ns_conv2d.register_kernel("cuda")
 def _forward_cuda(x, weight, sim, stride, padding, dilation, groups):
-    if cuda_kernel(x.device, x.dtype) == "unfold":
+    if kernel_for(x.device, x.dtype) != "triton":
         return _torch_forward(x, weight, sim, list(stride), list(padding), list(dilation), groups)
     from . import _triton
 
@@ -197,7 +242,7 @@ def _forward_cuda(x, weight, sim, stride, padding, dilation, groups):
 @dynamic_ns_conv2d_backward.register_kernel("cuda")
 def _backward_cuda(grad_out, x, weight, sim, stride, padding, dilation, groups, need_dx, need_dweight, need_dsim):
     needs = (need_dx, need_dweight, need_dsim)
-    if cuda_kernel(x.device, x.dtype) == "unfold":
+    if kernel_for(x.device, x.dtype) != "triton":
         return _fill(_torch_backward(grad_out.contiguous(), x, weight, sim, list(stride), list(padding),
                                      list(dilation), groups, needs), x)
     from . import _triton
@@ -208,30 +253,15 @@ def _backward_cuda(grad_out, x, weight, sim, stride, padding, dilation, groups, 
 
 
 # ---- shapes (FakeTensor / meta) ------------------------------------------------------------
-def _check_shapes(x, weight, sim, stride, padding, dilation, groups):
-    torch._check(x.dim() == 4 and weight.dim() == 4, lambda: "x and weight must be 4-D")
-    torch._check(len(stride) == 2 and len(padding) == 2 and len(dilation) == 2,
-                 lambda: "stride, padding and dilation must have two entries")
-    kh, kw, oh, ow = _geometry(x, weight, stride, padding, dilation)
-    torch._check(x.shape[1] == weight.shape[1] * groups, lambda: "x.size(1) must be weight.size(1) * groups")
-    P = kh * kw
-    n = x.shape[0]
-    expected = [n, P, oh, ow] if sim.dim() == 4 else [n, P, P, oh, ow]
-    torch._check(sim.dim() in (4, 5) and list(sim.shape) == expected,
-                 lambda: f"sim has shape {list(sim.shape)}; expected {expected}")
-    torch._check(x.dtype == weight.dtype == sim.dtype, lambda: "x, weight and sim must share a dtype")
-    return oh, ow
-
-
 @dynamic_ns_conv2d.register_fake
 def _forward_fake(x, weight, sim, stride, padding, dilation, groups):
-    oh, ow = _check_shapes(x, weight, sim, stride, padding, dilation, groups)
+    oh, ow = check_shapes(x, weight, sim, stride, padding, dilation, groups)
     return x.new_empty(x.shape[0], weight.shape[0], oh, ow)
 
 
 @dynamic_ns_conv2d_backward.register_fake
 def _backward_fake(grad_out, x, weight, sim, stride, padding, dilation, groups, need_dx, need_dweight, need_dsim):
-    _check_shapes(x, weight, sim, stride, padding, dilation, groups)
+    check_shapes(x, weight, sim, stride, padding, dilation, groups)
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) if need else t.new_empty(0)
                  for t, need in ((x, need_dx), (weight, need_dweight), (sim, need_dsim)))
 
@@ -240,7 +270,7 @@ def _backward_fake(grad_out, x, weight, sim, stride, padding, dilation, groups, 
 def _setup_context(ctx, inputs, output):
     x, weight, sim, stride, padding, dilation, groups = inputs
     ctx.save_for_backward(x, weight, sim)
-    ctx.geometry = (list(stride), list(padding), list(dilation), groups)
+    ctx.conv_args = (list(stride), list(padding), list(dilation), groups)
 
 
 def _backward(ctx, grad_out):
@@ -248,7 +278,7 @@ def _backward(ctx, grad_out):
     needs = ctx.needs_input_grad[:3]
     if not any(needs):
         return None, None, None, None, None, None, None
-    grads = torch.ops.nsl.dynamic_ns_conv2d_backward(grad_out, x, weight, sim, *ctx.geometry, *needs)
+    grads = torch.ops.nsl.dynamic_ns_conv2d_backward(grad_out, x, weight, sim, *ctx.conv_args, *needs)
     return (*(g if need else None for g, need in zip(grads, needs)), None, None, None, None)
 
 
@@ -258,7 +288,7 @@ dynamic_ns_conv2d.register_autograd(_backward, setup_context=_setup_context)
 def _setup_context_backward(ctx, inputs, output):
     grad_out, x, weight, sim, stride, padding, dilation, groups, need_dx, need_dweight, need_dsim = inputs
     ctx.save_for_backward(grad_out, x, weight, sim)
-    ctx.geometry = (list(stride), list(padding), list(dilation), groups)
+    ctx.conv_args = (list(stride), list(padding), list(dilation), groups)
     ctx.computed = (need_dx, need_dweight, need_dsim)
 
 
@@ -276,7 +306,7 @@ def _backward_backward(ctx, u_x, u_w, u_s):
     where nothing contributes).
     """
     g, x, weight, sim = ctx.saved_tensors
-    geometry = ctx.geometry
+    conv_args = ctx.conv_args
     us = [u if (done and u is not None and u.numel()) else None
           for u, done in zip((u_x, u_w, u_s), ctx.computed)]
     need_g, need_x, need_w, need_s = ctx.needs_input_grad[:4]
@@ -287,7 +317,7 @@ def _backward_backward(ctx, u_x, u_w, u_s):
             if u is not None:
                 args = list(tensors)
                 args[k] = u
-                term = torch.ops.nsl.dynamic_ns_conv2d(*args, *geometry)
+                term = torch.ops.nsl.dynamic_ns_conv2d(*args, *conv_args)
                 dg = term if dg is None else dg + term
     wanted = (need_x, need_w, need_s)
     grads = [None, None, None]
@@ -297,7 +327,7 @@ def _backward_backward(ctx, u_x, u_w, u_s):
             continue
         args = list(tensors)
         args[k] = u
-        parts = torch.ops.nsl.dynamic_ns_conv2d_backward(g, *args, *geometry, *needs)
+        parts = torch.ops.nsl.dynamic_ns_conv2d_backward(g, *args, *conv_args, *needs)
         for j in range(3):
             if needs[j]:
                 grads[j] = parts[j] if grads[j] is None else grads[j] + parts[j]
@@ -308,23 +338,40 @@ dynamic_ns_conv2d_backward.register_autograd(_backward_backward, setup_context=_
 
 
 # ---- autocast ------------------------------------------------------------------------------
+#: Device types whose autocast state ``ns_conv2d`` reads (``torch.is_autocast_enabled(device_type)``).
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """True when ``torch.autocast(device_type)`` is in force (False for device types without autocast)."""
+    return device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type)
+
+
+def autocast_inputs(device_type: str, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """The autocast rule: each floating tensor on ``device_type`` except float64 cast to the autocast
+    dtype in force now (``torch.get_autocast_dtype``); float64, other tensors and None unchanged."""
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t):
+        eligible = t is not None and t.is_floating_point() and t.dtype != torch.float64
+        return t.to(dtype) if eligible and t.device.type == device_type else t
+
+    return tuple(cast(t) for t in tensors)
+
+
 def _register_autocast(device_type: str) -> None:
-    """Under ``torch.autocast(device_type)``: cast floating inputs (not float64) to the autocast
-    dtype in force at call time, then run the operator with autocast off."""
-    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
-    keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+    """The operator's ``Autocast<Device>`` kernel: :func:`autocast_inputs`, then the operator with autocast off.
+
+    Public API only: ``Library.impl`` under the dispatch key's name, and ``torch.autocast(enabled=False)``,
+    which excludes that key for the call (autocast's on/off state *is* the key's exclusion)."""
     op = torch.ops.nsl.dynamic_ns_conv2d.default
 
-    def kernel(_keyset, x, weight, sim, stride, padding, dilation, groups):
-        dtype = torch.get_autocast_dtype(device_type)
+    def kernel(x, weight, sim, stride, padding, dilation, groups):
+        x, weight, sim = autocast_inputs(device_type, x, weight, sim)
+        with torch.autocast(device_type, enabled=False):
+            return op(x, weight, sim, stride, padding, dilation, groups)
 
-        def cast(t):
-            return t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
-
-        with torch._C._ExcludeDispatchKeyGuard(keyset):
-            return op(cast(x), cast(weight), cast(sim), stride, padding, dilation, groups)
-
-    _AUTOCAST_LIB.impl("dynamic_ns_conv2d", kernel, key, with_keyset=True)
+    _AUTOCAST_LIB.impl("dynamic_ns_conv2d", kernel, {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}[device_type])
 
 
 _AUTOCAST_LIB = torch.library.Library("nsl", "FRAGMENT")
@@ -347,7 +394,7 @@ class _TritonFn(torch.autograd.Function):
         from . import _triton
 
         ctx.save_for_backward(x, weight, sim)
-        ctx.geometry = (stride, padding, dilation, groups)
+        ctx.conv_args = (stride, padding, dilation, groups)
         return _triton.forward(x, weight, sim, stride, padding, dilation, groups)
 
     @staticmethod
@@ -356,18 +403,18 @@ class _TritonFn(torch.autograd.Function):
 
         x, weight, sim = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: exact differentiable path (PyTorch reference math)
-            stride, padding, dilation, groups = ctx.geometry
+            stride, padding, dilation, groups = ctx.conv_args
 
             def fn(a, b, c):
                 return _torch_reference(a, b, c, stride, padding, dilation, groups)
 
             return (*linear_vjp(fn, grad_out, (x, weight, sim), ctx.needs_input_grad[:3]), None, None, None, None)
-        grads = _triton.backward(grad_out.contiguous(), x, weight, sim, *ctx.geometry, *ctx.needs_input_grad[:3])
+        grads = _triton.backward(grad_out.contiguous(), x, weight, sim, *ctx.conv_args, *ctx.needs_input_grad[:3])
         return (*grads, None, None, None, None)
 
 
 def triton_dynamic_ns_conv2d(x: Tensor, weight: Tensor, sim: Tensor, stride, padding, dilation, groups: int) -> Tensor:
     """:func:`dynamic_ns_conv2d` computed by the Triton kernels on any device they run on (CUDA, or CPU
     tensors under ``TRITON_INTERPRET=1``), bypassing the operator's per-device dispatch."""
-    return _TritonFn.apply(x.contiguous(), weight.contiguous(), sim.contiguous(), tuple(stride), tuple(padding),
-                           tuple(dilation), int(groups))
+    return _TritonFn.apply(x.contiguous(), weight.contiguous(), sim.contiguous(), pair(stride, "stride"),
+                           pair(padding, "padding"), pair(dilation, "dilation"), int(groups))

@@ -1,8 +1,8 @@
 """The pure-PyTorch math of dynamic similarity: the ``reference``, ``unfold`` and ``ztrick`` formulations.
 
 Shapes and names as in :mod:`nsl.functional` (``P = kh * kw``, positions row-major ``q = i * kw + j``);
-every function here takes an already *padded* input ``xpad [N, C_in, Hp, Wp]`` and a ``geometry``
-tuple ``(kh, kw, (sh, sw), (dh, dw), (H_out, W_out))``::
+every function here takes an already *padded* input ``xpad [N, C_in, Hp, Wp]`` and its
+:class:`nsl._geometry.ConvGeometry` ``geometry = (kh, kw, (sh, sw), (dh, dw), (H_out, W_out))``::
 
     out[n, o](y) = sum_{c in group(o), p, q} W[o, c, p] M[n, p, q](y) xpad[n, c, y * s + d * (i_q, j_q)]
 

@@ -74,11 +74,11 @@ def doctor(build: bool = False, out=None) -> int:
         why = "torch is built without CUDA" if torch.version.cuda is None else "no CUDA device visible"
         say(f"CUDA dynamic backend: no CUDA device ({why})")
     else:
-        from .functional import _triton_reason
+        from . import _ops
 
         for i in range(torch.cuda.device_count()):
             device = torch.device("cuda", i)
-            reason = _triton_reason(device)
+            reason = _ops.unavailable_reason("triton", device)
             name = torch.cuda.get_device_name(i)
             if reason is None:
                 say(f"CUDA dynamic backend on {device} ({name}): Triton kernels")

@@ -32,14 +32,16 @@ similarity runs on one of several backends that all compute the same numbers:
   (float32/bfloat16/float16, float32 accumulation); on CPU tensors under ``TRITON_INTERPRET=1``
   the Triton kernels run through the interpreter (tests), called directly.
 
-``"auto"`` (the default) picks the operator where a fused kernel applies: ``cpp`` on CPU when the
-C++ kernel is available, ``triton`` on CUDA when ``nsl._triton.unavailable_reason(device)`` is
-None (otherwise ``ztrick`` or ``unfold`` by shape, with one warning per process saying why). It
-does so under ``torch.compile`` too: the compiled graph calls the operator (no graph break), and
-where no fused kernel applies the compiler gets ``reference``. ``torch.jit.trace`` and ONNX
-export get :mod:`nsl._export_math` (the same formula as a one-hot grouped conv, a mix with ``M``
-and a 1x1 conv, in standard ops). Select with :func:`set_backend` or the :func:`use_backend`
-context manager.
+``"auto"`` (the default) is the registered operator, the one dispatch point: it picks its kernel
+itself (``cpp`` on CPU when the C++ kernel is available, ``triton`` on CUDA when
+``nsl._triton.unavailable_reason(device)`` is None, else the ``unfold`` math, with one warning per
+process on CUDA saying why; the table is :data:`nsl._ops.KERNELS`, :func:`nsl._ops.kernel_for` tells
+which runs). Under ``torch.compile`` the compiled graph calls the operator (no graph break).
+``"cpp"`` and ``"triton"`` are the operator too, but insist that kernel serves the tensors (an error
+otherwise). ``torch.jit.trace`` and ONNX export get :mod:`nsl._export_math` under ``"auto"`` (the same
+formula as a one-hot grouped conv, a mix with ``M`` and a 1x1 conv, in standard ops). The
+pure-PyTorch formulations (``reference``, ``unfold``, ``ztrick``) are explicit choices. Select with
+:func:`set_backend` or the :func:`use_backend` context manager.
 
 Gradients of any order on every backend (``create_graph=True``: MAML, gradient penalties,
 Hessian-vector products): the operator's backward is itself a differentiable operator (see
@@ -56,14 +58,14 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import _export_math, _ops
+from ._geometry import ConvGeometry, output_size, pair
 from ._torch_kernels import _reference, _UnfoldFn, _ZTrickFn
 
 __all__ = [
@@ -122,18 +124,8 @@ def _check_backend(name: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# geometry and argument checks
+# argument checks (the geometry's rules: nsl._geometry)
 # --------------------------------------------------------------------------------------------
-def _pair(value, name: str) -> tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return (value, value)
-    if isinstance(value, Sequence) and len(value) == 2 and all(
-        isinstance(v, int) and not isinstance(v, bool) for v in value
-    ):
-        return (int(value[0]), int(value[1]))
-    raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-
-
 def _resolve_padding(padding, kernel: tuple[int, int], stride: tuple[int, int],
                      dilation: tuple[int, int]) -> tuple[int, int, int, int]:
     """Padding as ``(top, bottom, left, right)`` for ints, pairs, ``'same'`` and ``'valid'``."""
@@ -146,7 +138,7 @@ def _resolve_padding(padding, kernel: tuple[int, int], stride: tuple[int, int],
             total = [d * (k - 1) for d, k in zip(dilation, kernel)]
             return (total[0] // 2, total[0] - total[0] // 2, total[1] // 2, total[1] - total[1] // 2)
         raise ValueError(f"padding must be an int, a pair of ints, 'same' or 'valid', got {padding!r}")
-    ph, pw = _pair(padding, "padding")
+    ph, pw = pair(padding, "padding")
     if ph < 0 or pw < 0:
         raise ValueError(f"padding must be non-negative, got {padding!r}")
     return (ph, ph, pw, pw)
@@ -157,12 +149,9 @@ def conv_output_size(size: tuple[int, int], kernel_size, stride=1, padding=0, di
 
     ``H_out = floor((H + pad_top + pad_bottom - dilation * (kh - 1) - 1) / stride) + 1``.
     """
-    kernel = _pair(kernel_size, "kernel_size")
-    stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
-    pt, pb, pl, pr = _resolve_padding(padding, kernel, stride, dilation)
-    h = (size[0] + pt + pb - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
-    w = (size[1] + pl + pr - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
-    return (h, w)
+    kernel = pair(kernel_size, "kernel_size")
+    stride, dilation = pair(stride, "stride"), pair(dilation, "dilation")
+    return output_size(size, kernel, stride, _resolve_padding(padding, kernel, stride, dilation), dilation)
 
 
 def similarity_kind(similarity: Tensor, positions: int) -> str:
@@ -253,7 +242,8 @@ def ns_conv2d(input: Tensor, weight: Tensor, similarity: Tensor, bias: Tensor | 
         ``[N, C_out, H_out, W_out]`` (``[C_out, H_out, W_out]`` for unbatched input).
 
     Dynamic similarity runs on the backend chosen by :func:`use_backend` (module docstring); under
-    autocast everything is computed in the autocast dtype. Padded input entries are zeros that
+    autocast every floating tensor but float64 is cast to the autocast dtype and computed in it
+    (:func:`nsl._ops.autocast_inputs`, the operator's rule). Padded input entries are zeros that
     ``M`` multiplies (IEEE): a NaN/inf in ``M`` at a position reading the padding gives NaN in
     that output and in the weight gradient (``0 * NaN``), like ``F.conv2d`` with a non-finite
     weight; identical on every backend.
@@ -293,7 +283,7 @@ def ns_conv2d(input: Tensor, weight: Tensor, similarity: Tensor, bias: Tensor | 
         )
     if bias is not None and tuple(bias.shape) != (out_c,):
         raise ValueError(f"bias must have shape [C_out] = [{out_c}], got {list(bias.shape)}")
-    stride_, dilation_ = _pair(stride, "stride"), _pair(dilation, "dilation")
+    stride_, dilation_ = pair(stride, "stride"), pair(dilation, "dilation")
     if min(stride_) < 1 or min(dilation_) < 1:
         raise ValueError(f"stride and dilation must be >= 1, got stride {stride!r}, dilation {dilation!r}")
     pads = _resolve_padding(padding, (kh, kw), stride_, dilation_)
@@ -302,10 +292,8 @@ def ns_conv2d(input: Tensor, weight: Tensor, similarity: Tensor, bias: Tensor | 
 
     _check_devices({"input": input, "weight": weight, "similarity": similarity, "bias": bias})
     device_type = input.device.type
-    if device_type in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        input, weight, similarity = input.to(dtype), weight.to(dtype), similarity.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
+    if _ops.autocast_enabled(device_type):  # the operator's autocast rule (float64 is never cast), for every backend
+        input, weight, similarity, bias = _ops.autocast_inputs(device_type, input, weight, similarity, bias)
         with torch.autocast(device_type, enabled=False):
             return ns_conv2d(input, weight, similarity, bias, stride, padding, dilation, groups)
     _check_dtypes({"input": input, "weight": weight, "similarity": similarity, "bias": bias})
@@ -315,8 +303,7 @@ def ns_conv2d(input: Tensor, weight: Tensor, similarity: Tensor, bias: Tensor | 
                         padding if isinstance(padding, str) else (pads[0], pads[2]), dilation_, groups)
 
     n, _, h, w = input.shape
-    out_h = (h + pads[0] + pads[1] - dilation_[0] * (kh - 1) - 1) // stride_[0] + 1
-    out_w = (w + pads[2] + pads[3] - dilation_[1] * (kw - 1) - 1) // stride_[1] + 1
+    out_h, out_w = output_size((h, w), (kh, kw), stride_, pads, dilation_)
     if out_h < 1 or out_w < 1:
         raise ValueError(f"input of spatial size {h}x{w} is too small for kernel {kh}x{kw} with padding "
                          f"{padding!r} and dilation {dilation_} (output would be {out_h}x{out_w})")
@@ -334,106 +321,32 @@ def ns_conv2d(input: Tensor, weight: Tensor, similarity: Tensor, bias: Tensor | 
 # --------------------------------------------------------------------------------------------
 # dynamic similarity backends
 # --------------------------------------------------------------------------------------------
-def _cpp_available() -> bool:
-    try:
-        from . import _cpp
-    except ImportError:  # pragma: no cover - the kernel module ships with the package
-        return False
-    return _cpp.is_available()
-
-
-_triton_warned = False
-
-
-_triton_reasons: dict[str, str | None] = {}
-
-
-def _triton_reason(device: torch.device) -> str | None:
-    """Why the Triton kernels cannot run on ``device`` (None when they can); asked once per CUDA device."""
-    key = str(device)
-    if key not in _triton_reasons or device.type != "cuda":
-        try:
-            from . import _triton
-        except ImportError as e:
-            _triton_reasons[key] = f"nsl._triton could not be imported ({e})"
-        else:
-            _triton_reasons[key] = _triton.unavailable_reason(device)
-    return _triton_reasons[key]
-
-
-@torch.compiler.assume_constant_result
-def _auto_fused(device_type: str, device_index: int, dtype: torch.dtype) -> str:
-    """The fused backend ``auto`` uses on this device and dtype: ``'cpp'``, ``'triton'`` or ``''``.
-
-    Evaluated once per trace under ``torch.compile`` (its result is a constant of the graph). On
-    CUDA without usable Triton kernels it warns once per process, saying why.
-    """
-    global _triton_warned
-    if device_type == "cpu":
-        return "cpp" if dtype in _CPU_FUSED_DTYPES and _cpp_available() else ""
-    if device_type == "cuda" and dtype in (torch.float32, torch.bfloat16, torch.float16):
-        reason = _triton_reason(torch.device("cuda", device_index))
-        if reason is None:
-            return "triton"
-        if not _triton_warned:
-            _triton_warned = True
-            warnings.warn(f"nsl: dynamic similarity on CUDA falls back to the PyTorch 'unfold'/'ztrick' "
-                          f"backends (slower, more memory): the Triton kernels are unavailable: {reason}",
-                          RuntimeWarning, stacklevel=2)
-    return ""
-
-
-# dtypes the C++ kernel serves on CPU (bfloat16/float16 computed in float32, cast back)
-_CPU_FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-
-
-def _choose(backend: str, x: Tensor, weight: Tensor, sim: Tensor) -> str:
-    if backend != "auto":
-        return backend
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-        return "export"  # exporters get the formula in standard Conv/Mul ops (nsl._export_math)
-    fused = _auto_fused(x.device.type, x.device.index or 0, x.dtype)
-    if fused:
-        return fused
-    if torch.compiler.is_compiling():
-        return "reference"  # plain ops the compiler can fuse
-    # The P-times tensor is the columns (P * C_in/groups per output location) for unfold and z
-    # (P * C_out/groups per padded input location) for ztrick; mixing with M costs the same ratio.
-    in_per_group = weight.shape[1]
-    out_per_group = weight.shape[0] * in_per_group // x.shape[1]
-    out_area = sim.shape[-1] * sim.shape[-2]
-    in_area = x.shape[2] * x.shape[3]
-    return "ztrick" if out_per_group * in_area < in_per_group * out_area else "unfold"
+def _choose(backend: str) -> str:
+    """What runs: ``'op'`` (the registered operator, which picks its kernel: :func:`nsl._ops.kernel_for`)
+    for ``'auto'``, ``'cpp'`` and ``'triton'``, except that ``'auto'`` under ``torch.jit.trace`` / ONNX export
+    is ``'export'`` (the formula in standard Conv/Mul ops, :mod:`nsl._export_math`); otherwise the
+    pure-PyTorch formulation named."""
+    if backend == "auto":
+        return "export" if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() else "op"
+    return "op" if backend in _ops.KERNELS else backend
 
 
 def _dynamic(x, weight, sim, stride, pads, dilation, groups, out_size) -> Tensor:
-    backend = _choose(get_backend(), x, weight, sim)
-    if backend in ("cpp", "triton"):
-        if backend == "cpp":
-            if x.device.type != "cpu" or x.dtype not in _CPU_FUSED_DTYPES:
-                raise TypeError(f"the 'cpp' backend runs on CPU float32/float64 (and bfloat16/float16, computed "
-                                f"in float32) tensors, got {x.dtype} on {x.device}; use backend 'auto'")
-            if not _cpp_available():
-                from . import _cpp
-
-                raise RuntimeError(f"the 'cpp' backend is unavailable: {_cpp.unavailable_reason()}")
-        else:
-            if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-                raise TypeError(f"the 'triton' backend runs float32/bfloat16/float16 tensors, got {x.dtype}; use "
-                                f"backend 'auto'")
-            reason = _triton_reason(x.device)
-            if reason is not None:
-                raise RuntimeError(f"the 'triton' backend is unavailable on {x.device}: {reason}")
+    named = get_backend()
+    backend = _choose(named)
+    if backend == "op":
+        if named in _ops.KERNELS:  # an explicit 'cpp' / 'triton': that kernel must serve these tensors
+            _ops.require(named, x)
         if pads[0] != pads[1] or pads[2] != pads[3]:
             x = F.pad(x, (pads[2], pads[3], pads[0], pads[1]))
             pads = (0, 0, 0, 0)
-        geometry = (list(stride), [pads[0], pads[2]], list(dilation), groups)
-        if backend == "triton" and x.device.type != "cuda":
-            return _ops.triton_dynamic_ns_conv2d(x, weight, sim, *geometry)
-        return torch.ops.nsl.dynamic_ns_conv2d(x, weight, sim, *geometry)
+        conv_args = (list(stride), [pads[0], pads[2]], list(dilation), groups)
+        if named == "triton" and x.device.type != "cuda":
+            return _ops.triton_dynamic_ns_conv2d(x, weight, sim, *conv_args)
+        return torch.ops.nsl.dynamic_ns_conv2d(x, weight, sim, *conv_args)
     if any(pads):
         x = F.pad(x, (pads[2], pads[3], pads[0], pads[1]))
-    geometry = (weight.shape[2], weight.shape[3], stride, dilation, out_size)
+    geometry = ConvGeometry(weight.shape[2], weight.shape[3], stride, dilation, out_size)
     if backend == "export":
         return _export_math.dynamic_ns_conv2d_export(x, weight, sim, groups, geometry)
     if backend == "reference":
@@ -480,8 +393,8 @@ def sphere_conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, str
     sq = input * input
     sq = sq.sum(1, keepdim=True) if groups == 1 else sq.view(n, groups, c // groups, h, w).sum(2)  # [N, G, H, W]
     kh, kw = weight.shape[2], weight.shape[3]
-    pads = (0, 0) if padding == "valid" else padding if isinstance(padding, str) else _pair(padding, "padding")
-    if (not isinstance(pads, str) and _pair(dilation, "dilation") == (1, 1) and pads[0] <= kh // 2
+    pads = (0, 0) if padding == "valid" else padding if isinstance(padding, str) else pair(padding, "padding")
+    if (not isinstance(pads, str) and pair(dilation, "dilation") == (1, 1) and pads[0] <= kh // 2
             and pads[1] <= kw // 2):  # a box sum is a pooling (much faster than a 1-channel convolution)
         box = F.avg_pool2d(sq, (kh, kw), stride, pads, count_include_pad=True) * (kh * kw)  # (ONNX-exportable)
     else:

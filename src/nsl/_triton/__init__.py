@@ -52,6 +52,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .._geometry import output_size, pair
+
 __all__ = ["unavailable_reason", "forward", "backward", "LAUNCH_CONFIGS", "LaunchConfig", "aot_variants",
            "pick_config"]
 
@@ -253,14 +255,14 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _geometry(x, weight, sim, stride, padding, dilation, groups):
+def _launch_dims(x, weight, sim, stride, padding, dilation, groups):
+    """``(N, C_out, full, dims)``: the kernels' integer arguments ``dims`` (after checking the shapes)."""
     n, c, h, w = x.shape
     out_c, cg, kh, kw = weight.shape
     p = kh * kw
     full = sim.dim() == 5
     ho, wo = sim.shape[-2], sim.shape[-1]
-    expected_h = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    expected_w = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    expected_h, expected_w = output_size((h, w), (kh, kw), stride, padding, dilation)
     sim_shape = (n, p, p, expected_h, expected_w) if full else (n, p, expected_h, expected_w)
     if cg * groups != c or out_c % groups or tuple(sim.shape) != sim_shape:
         raise ValueError(f"nsl._triton: inconsistent shapes x {list(x.shape)}, weight {list(weight.shape)}, "
@@ -300,15 +302,15 @@ def _weight_t(weight: torch.Tensor, groups: int) -> torch.Tensor:
     return weight.reshape(groups, out_c // groups, cg, kh * kw).permute(0, 3, 2, 1).contiguous()
 
 
-def _pairs(*values):
-    return [(int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1])) for v in values]
+def _pairs(stride, padding, dilation):
+    return pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
 
 
 def _forward(x, weight, sim, stride, padding, dilation, groups) -> torch.Tensor:
     _check((x, weight, sim), ("x", "weight", "sim"))
     stride, padding, dilation = _pairs(stride, padding, dilation)
     groups = int(groups)
-    n, out_c, full, dims = _geometry(x, weight, sim, stride, padding, dilation, groups)
+    n, out_c, full, dims = _launch_dims(x, weight, sim, stride, padding, dilation, groups)
     ho, wo = dims[5], dims[6]
     out = torch.empty(n, out_c, ho, wo, dtype=x.dtype, device=x.device)
     nl = n * ho * wo
@@ -340,7 +342,7 @@ def _backward(grad_out, x, weight, sim, stride, padding, dilation, groups, need_
     _check((x, weight, sim), ("x", "weight", "sim"))
     stride, padding, dilation = _pairs(stride, padding, dilation)
     groups = int(groups)
-    n, out_c, full, dims = _geometry(x, weight, sim, stride, padding, dilation, groups)
+    n, out_c, full, dims = _launch_dims(x, weight, sim, stride, padding, dilation, groups)
     c, h, w, cg, og, ho, wo, _, p = dims[:9]
     if tuple(grad_out.shape) != (n, out_c, ho, wo):
         raise ValueError(f"nsl._triton: grad_out has shape {list(grad_out.shape)}, expected {[n, out_c, ho, wo]}")

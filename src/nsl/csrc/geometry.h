@@ -1,8 +1,8 @@
 // nsl CPU kernel: build macros, geometry of a convolution and its tiling (shared by all sources).
-// The kernel's overview (shapes, formulas, strategy) is at the top of dynamic_ns_conv.h.
+// The kernel's overview (shapes, formulas, strategy) is at the top of kernel.h.
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <algorithm>
 #include <cstdint>

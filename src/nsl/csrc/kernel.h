@@ -40,10 +40,10 @@
 //
 // Sources, by job: geometry.h/.cpp (argument checks, geometry, tiling), tiles.h (element-wise
 // work on column tiles), gemm.h/.cpp (GEMM backends), forward.cpp, backward.cpp, and
-// dynamic_ns_conv.cpp (the Python binding).
+// dynamic_ns_conv.cpp (the CPU kernels' registration with the dispatcher, TORCH_LIBRARY_IMPL).
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <vector>
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._geometry import pair
+
 __all__ = ["check_positive_int", "check_conv_args", "batched_input"]
 
 
@@ -32,10 +34,13 @@ def check_positive_int(owner: str, name: str, value, minimum: int = 1, allow_non
 
 
 def _check_pair(owner: str, name: str, value, minimum: int) -> None:
-    items = value if isinstance(value, (tuple, list)) else (value,)
     if isinstance(value, (tuple, list)) and len(value) != 2:
         raise ValueError(f"{owner}: {name} must be an int or a pair of ints, got {value!r}")
-    if not all(_is_int(v) and v >= minimum for v in items):
+    try:
+        items = pair(value, name)
+    except TypeError:
+        items = None
+    if items is None or min(items) < minimum:
         what = "positive ints" if minimum == 1 else f"ints >= {minimum}"
         raise ValueError(f"{owner}: {name} must be {what} (an int or a pair), got {value!r}")
 

@@ -12,7 +12,8 @@ import math
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.modules.utils import _pair
+
+from .._geometry import pair
 
 __all__ = ["StandardizedWeight", "SamePadding"]
 
@@ -66,7 +67,7 @@ class SamePadding(nn.Module):
 
     def __init__(self, kernel_size, stride=1, dilation=1, value: float = 0.0):
         super().__init__()
-        self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
+        self.kernel_size, self.stride, self.dilation = pair(kernel_size), pair(stride), pair(dilation)
         self.value = float(value)
 
     @staticmethod

@@ -41,8 +41,8 @@ from types import MappingProxyType
 from typing import Any
 
 import torch.nn as nn
-from torch.nn.modules.utils import _pair
 
+from .._geometry import pair
 from ._checks import check_positive_int
 from .dynamic import DynamicNSConv2d, check_predictor_norm
 from .dynamic_filter import DynamicFilterConv2d
@@ -200,8 +200,8 @@ def predictor_scope(kind: str | LayerKind, share_predictor: bool) -> SharedPredi
 
 
 def _geometry_key(kind: LayerKind, in_channels, kernel_size, stride, padding, options: dict) -> tuple:
-    pad = padding if isinstance(padding, str) else _pair(padding)
-    return (kind.name, in_channels, _pair(kernel_size), _pair(stride), pad, _pair(options.get("dilation", 1)),
+    pad = padding if isinstance(padding, str) else pair(padding)
+    return (kind.name, in_channels, pair(kernel_size), pair(stride), pad, pair(options.get("dilation", 1)),
             options.get("hidden_channels"), options.get("predictor_init", "zero"), options.get("predictor_bias", True),
             options.get("predictor_norm", "batch"), options.get("padding_mode", "zeros"),
             options.get("predictor_stride", 1),
