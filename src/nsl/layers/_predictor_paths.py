@@ -46,7 +46,7 @@ def conv_then_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
     Shapes: ``x [N, C_in, H, W]`` -> ``[N, C_out, H_out, W_out]``.
     """
     folded = _eval_batch_norm(norm)
-    if folded is None:
+    if folded is None or conv._forward_hooks or conv._forward_pre_hooks:  # hooks (e.g. MAC counts) see the conv
         return norm(conv(x))
     scale, shift = folded
     weight = conv.weight * scale.view(-1, 1, 1, 1)
