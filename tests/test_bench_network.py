@@ -61,7 +61,7 @@ def test_onnx_runtime_benchmark_tiny(tmp_path):
 
 
 @pytest.mark.parametrize("spec,message", [
-    ("half=dynamic-diagonal,predictor_stride=3", "--variant half: predictor_stride must be 1 or 2"),
+    ("half=dynamic-diagonal,predictor_stride=3", "--variant half: predictor_stride must be 0, 1 or 2"),
     ("nokind", "--variant: expected NAME=KIND[,KEY=VALUE...], got 'nokind'"),
     ("conv=dynamic-diagonal", "--variant: the name 'conv' is taken"),
 ])

@@ -58,6 +58,23 @@ def test_predictor_stride_2_on_a_strided_layer_lands_on_its_output_grid():
     assert layer(x).shape == (1, 4, 5, 5)
 
 
+@pytest.mark.parametrize("predictor,stride", [("sphere", 1), ("light", 1), ("sphere", 2)])
+def test_predictor_stride_0_is_one_prediction_per_image_from_the_mean(predictor, stride):
+    torch.manual_seed(0)
+    kind = "dynamic-diagonal" if predictor == "sphere" else "dynamic-diagonal-light"
+    layer = make_conv(kind, 3, 5, 3, stride=stride, padding=1, predictor_width=6, predictor_stride=0).double().eval()
+    _randomise(layer)
+    x = torch.randn(2, 3, 7, 7, dtype=torch.float64)
+    mean = torch.stack([x[:, :, i, j] for i in range(7) for j in range(7)]).mean(0)[:, :, None, None]
+    g_image = layer.predictor.inner(mean)  # [2, 9, 1, 1]: the centre tap reads the mean, the padding zeros
+    assert g_image.shape == (2, 9, 1, 1) and g_image.abs().max() > 1e-3
+    out = 4 if stride == 2 else 7
+    g = g_image.expand(2, 9, out, out)
+    expected = brute_ns_conv2d(x, layer.weight, 1.0 + g, layer.bias, pad=(1, 1, 1, 1), stride=(stride, stride))
+    torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-10)
+    assert "predictor_stride=0 (global)" in repr(layer)
+
+
 def test_predictor_stride_1_is_todays_layer():
     torch.manual_seed(3)
     a = make_conv("dynamic-diagonal", 3, 4, 3, padding=1, predictor_stride=1)
@@ -144,9 +161,12 @@ def test_share_prediction_trains_and_a_layer_alone_is_an_error():
 
 @pytest.mark.parametrize("call,message", [
     (lambda: make_conv("dynamic-diagonal", 3, 4, 3, predictor_stride=3),
-     "make_conv: predictor_stride must be one of 1, 2, got 3"),
+     "make_conv: predictor_stride must be one of 0, 1, 2, got 3"),
     (lambda: make_conv("dynamic-diagonal", 3, 4, 3, predictor_stride=True),
-     "make_conv: predictor_stride must be one of 1, 2, got True"),
+     "make_conv: predictor_stride must be one of 0, 1, 2, got True"),
+    (lambda: make_conv("dynamic-diagonal", 3, 4, 3, padding=0, predictor_stride=0),
+     "PooledPredictor: predictor_stride 0 (global) reads a 1 x 1 map, which needs 2 * padding >= dilation * "
+     "(kernel_size - 1); got padding (0, 0), kernel_size (3, 3), dilation (1, 1)"),
     (lambda: make_conv("conv", 3, 4, 3, predictor_stride=2),
      "make_conv: predictor_stride=2 applies to the dynamic NSL kinds (dynamic-diagonal,"),
     (lambda: make_conv("dynamic-filter", 3, 4, 3, predictor_stride=2), "got 'dynamic-filter'"),
@@ -163,7 +183,7 @@ def test_bad_options_are_refused_with_their_name(call, message):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (dict(layer="dynamic-diagonal", predictor_stride=4), "predictor_stride must be 1 or 2"),
+    (dict(layer="dynamic-diagonal", predictor_stride=4), "predictor_stride must be 0, 1 or 2"),
     (dict(layer="conv", predictor_stride=2), "predictor_stride applies to the dynamic NSL layer kinds"),
     (dict(layer="dynamic-diagonal", model="resnet20", share_prediction=True),
      "share_prediction applies to model cnn9 only, got 'resnet20'"),

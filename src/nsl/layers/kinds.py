@@ -27,8 +27,9 @@ for diagonal and 128 for full sphere/cosine predictors, 16 for the light one) an
 geometry, the paper's shared parametrisation) and ``predictor_norm`` (the predictor's normalisation,
 :data:`~nsl.layers.dynamic.PREDICTOR_NORMS`: ``'batch'``, the authors' BatchNorm and the default of
 the models; ``'group'``, GroupNorm, which needs no batch statistics and is :func:`nsl.convert`'s
-default; ``'none'``) and ``predictor_stride`` (1, or 2: ``g`` predicted on a half-resolution grid and
-upsampled, :class:`~nsl.layers.predictor_grid.PooledPredictor`; the ``DynamicNSConv2d`` kinds).
+default; ``'none'``) and ``predictor_stride`` (1; 2: ``g`` predicted on a half-resolution grid and
+upsampled, :class:`~nsl.layers.predictor_grid.PooledPredictor`; 0: one ``g`` per image from the globally
+pooled input; the ``DynamicNSConv2d`` kinds).
 ``paper=True`` selects the authors' initialisations (:attr:`LayerKind.paper_options`); otherwise every
 NSL layer starts exactly as its plain convolution.
 """
@@ -231,6 +232,7 @@ def make_conv(kind: str | LayerKind, in_channels: int, out_channels: int, kernel
         predictor_stride: 1 (default: ``g`` predicted at every output location) or 2: the predictor reads
             the input average-pooled by 2 and its ``g`` is upsampled (nearest) to the output grid
             (:class:`~nsl.layers.predictor_grid.PooledPredictor`, about 4x fewer predictor multiply-adds);
+            0 (global): one ``g`` per image, predicted from the input averaged over all locations;
             kinds built on :class:`DynamicNSConv2d` only.
         **options: passed to the layer (e.g. ``dilation``, ``groups``, ``rank``, ``similarity_groups``).
 

@@ -6,7 +6,9 @@ the layer itself (issue 17, part 3):
 * :class:`PooledPredictor` (``predictor_stride=2`` of :func:`nsl.layers.make_conv` and the models):
   the predictor reads the input average-pooled by ``s`` and its ``g`` is upsampled (nearest) to the
   layer's output grid, so each ``s x s`` block of output locations shares one ``M``; the predictor's
-  multiply-adds fall about ``s * s`` times.
+  multiply-adds fall about ``s * s`` times. ``predictor_stride=0`` is the global limit: the predictor reads
+  the input averaged over all locations, so each image has one ``M`` (the context that DyConv, CondConv and
+  ODConv read) and the predictor costs next to nothing.
 * :class:`SharedPrediction` / :class:`SharedPredictionStage` (``share_prediction=True`` of CNN-9): one
   prediction computed once from a stage's input and reused by every dynamic layer of the stage (the
   paper's shared parametrisation with the prediction itself shared, not only the predictor's weights).
@@ -23,8 +25,9 @@ from torch.nn.modules.utils import _pair
 __all__ = ["PREDICTOR_STRIDES", "check_predictor_stride", "PooledPredictor", "SharedPrediction", "PredictionView",
            "SharedPredictionStage"]
 
-#: the predictor strides :func:`nsl.layers.make_conv` takes: 1 (``g`` at the layer's output resolution) or 2
-PREDICTOR_STRIDES = (1, 2)
+#: the predictor strides :func:`nsl.layers.make_conv` takes: 1 (``g`` at the layer's output resolution), 2 (``g`` on
+#: a half-resolution grid) or 0 (global: one ``g`` per image, from the input averaged over all locations)
+PREDICTOR_STRIDES = (0, 1, 2)
 
 
 def check_predictor_stride(owner: str, stride) -> None:
@@ -48,11 +51,16 @@ class PooledPredictor(nn.Module):
     upsampling to ``(H_out, W_out)`` gives every ``s x s`` block of output locations the same ``M``.
     The inner predictor's multiply-adds fall about ``s * s`` times; pooling and upsampling have none.
 
+    ``s = 0`` (global): ``avg_pool`` averages all ``H x W`` locations into one, the inner predictor reads
+    that ``[N, C_in, 1, 1]`` map (its zero padding around it, so a "same"-padded layer's centre tap sees the
+    mean and the others zeros) and its ``[N, P or P*P, 1, 1]`` is broadcast to every output location: one
+    ``M`` per image. It needs ``2 * padding >= dilation * (kernel_size - 1)`` (an output from a 1 x 1 map).
+
     Args:
         inner: the predictor (e.g. a :class:`~nsl.layers.SimilarityPredictor`), attribute ``inner``.
         kernel_size, stride, padding, dilation: the modulated layer's geometry (for ``H_out, W_out``;
             ``padding`` numeric).
-        predictor_stride: ``s``, one of :data:`PREDICTOR_STRIDES` but 1 (which needs no wrapper).
+        predictor_stride: ``s``, 2 or 0 (global); 1 needs no wrapper.
 
     Shapes: ``x [N, C_in, H, W]`` -> ``g [N, P or P*P, H_out, W_out]``, ``H_out`` the layer's.
     """
@@ -64,6 +72,12 @@ class PooledPredictor(nn.Module):
             raise ValueError("PooledPredictor: predictor_stride 1 is the inner predictor itself; use it unwrapped")
         if isinstance(padding, str):
             raise ValueError(f"PooledPredictor: needs a numeric padding, got {padding!r}")
+        if predictor_stride == 0:
+            for p, k, d in zip(_pair(padding), _pair(kernel_size), _pair(dilation)):
+                if 2 * p < d * (k - 1):
+                    raise ValueError(f"PooledPredictor: predictor_stride 0 (global) reads a 1 x 1 map, which needs "
+                                     f"2 * padding >= dilation * (kernel_size - 1); got padding {padding}, "
+                                     f"kernel_size {kernel_size}, dilation {dilation}")
         self.inner = inner
         self.predictor_stride = predictor_stride
         self.geometry = (_pair(kernel_size), _pair(stride), _pair(padding), _pair(dilation))
@@ -75,11 +89,11 @@ class PooledPredictor(nn.Module):
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.geometry
         h_out, w_out = _out_size(x.shape[-2], kh, sh, ph, dh), _out_size(x.shape[-1], kw, sw, pw, dw)
         s = self.predictor_stride
-        g = self.inner(F.avg_pool2d(x, s, s, ceil_mode=True))
-        return F.interpolate(g, size=(h_out, w_out), mode="nearest")
+        pooled = F.adaptive_avg_pool2d(x, 1) if s == 0 else F.avg_pool2d(x, s, s, ceil_mode=True)
+        return F.interpolate(self.inner(pooled), size=(h_out, w_out), mode="nearest")
 
     def extra_repr(self) -> str:
-        return f"predictor_stride={self.predictor_stride}"
+        return f"predictor_stride={self.predictor_stride}" + (" (global)" if self.predictor_stride == 0 else "")
 
 
 class SharedPrediction(nn.Module):

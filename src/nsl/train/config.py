@@ -107,7 +107,8 @@ class TrainConfig(ConfigBase):
     predictor_norm: str = "batch"  # the predictors' normalisation (layer kinds with a predictor): batch (authors'),
     # group (GroupNorm: no batch statistics, trains at batch 1) or none
     predictor_stride: int = 1  # 2: the dynamic layers' predictors read the input average-pooled by 2 and their g
-    # is upsampled (nearest) to the layer's grid (about 4x fewer predictor MACs); kinds built on DynamicNSConv2d
+    # is upsampled (nearest) to the layer's grid (about 4x fewer predictor MACs); 0: global, one g per image from
+    # the input averaged over all locations; kinds built on DynamicNSConv2d
     share_prediction: bool = False  # cnn9: one prediction g per stage, computed from the stage's input and used
     # by all its NSL layers (the prediction shared, not only the predictor); kinds built on DynamicNSConv2d
     bias: bool = False  # authors: no bias in any conv (none in cnn9's classifier or any predictor conv either)

@@ -229,7 +229,8 @@ TRAIN_DOMAINS: dict[str, Domain] = {
     "model": choice(_models, noun="model", plural="models"),
     "layer": choice(layer_kinds, noun="layer kind", plural="kinds"),
     "width": integer(0, text="an integer >= 0 (0: the model's own)"),
-    "predictor_stride": integer(1, hi=2, text="1 or 2 (2: the predictor on a half-resolution grid)"),
+    "predictor_stride": integer(0, hi=2, text="0, 1 or 2 (2: the predictor on a half-resolution grid; 0: one g per "
+                                             "image, from the globally pooled input)"),
     "share_prediction": boolean(),
     "paper_init": boolean(),
     "train_subset": integer(0, text="an integer >= 0 (0: all)"),
