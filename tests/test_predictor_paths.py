@@ -69,6 +69,31 @@ def _randomise(module: nn.Module, seed: int) -> None:
                 t.copy_(0.3 * torch.randn(t.shape, generator=gen, dtype=t.dtype))
 
 
+def _check_train_then_eval(layer: nn.Module, x: torch.Tensor, *, rtol: float, atol: float,
+                           parameters_and_buffers: bool) -> None:
+    """``layer`` against a frozen-math copy of itself, in train then eval mode: outputs and x-gradients (for a
+    random output gradient) and, with ``parameters_and_buffers``, every parameter's gradient and every buffer
+    (the running statistics) after each pass."""
+    frozen = copy.deepcopy(layer)
+    for training in (True, False):
+        layer.train(training)
+        frozen.train(training)
+        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        out, expected = layer(xa), _frozen_layer(frozen, xb)
+        torch.testing.assert_close(out, expected, rtol=rtol, atol=atol)
+        gout = torch.randn_like(out)
+        out.backward(gout)
+        expected.backward(gout)
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=rtol, atol=atol)
+        if not parameters_and_buffers:
+            continue
+        for (name, p), q in zip(layer.named_parameters(), frozen.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=rtol, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
+            p.grad = q.grad = None
+        for (name, b), c in zip(layer.named_buffers(), frozen.buffers()):
+            torch.testing.assert_close(b, c, rtol=rtol, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
+
+
 GEOMETRIES = {  # kernel, stride, padding, dilation
     "3x3": (3, 1, 1, 1),
     "3x5/s2/d2": ((3, 5), 2, (1, 2), (2, 1)),
@@ -85,23 +110,8 @@ def test_layer_matches_frozen_math_train_and_eval(predictor, similarity, norm, g
     layer = nsl.DynamicNSConv2d(5, 4, kernel, stride, padding, dilation, similarity=similarity, predictor=predictor,
                                 predictor_init="authors", predictor_norm=norm, dtype=torch.float64)
     _randomise(layer, 1)
-    frozen = copy.deepcopy(layer)
-    x = torch.randn(2, 5, 9, 8, dtype=torch.float64)
-    for training in (True, False):
-        layer.train(training)
-        frozen.train(training)
-        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-        out, expected = layer(xa), _frozen_layer(frozen, xb)
-        torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
-        gout = torch.randn_like(out)
-        out.backward(gout)
-        expected.backward(gout)
-        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-10, atol=1e-12)
-        for (name, p), q in zip(layer.named_parameters(), frozen.parameters()):
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
-            p.grad = q.grad = None
-        for (name, b), c in zip(layer.named_buffers(), frozen.buffers()):
-            torch.testing.assert_close(b, c, rtol=1e-10, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
+    _check_train_then_eval(layer, torch.randn(2, 5, 9, 8, dtype=torch.float64), rtol=1e-10, atol=1e-12,
+                           parameters_and_buffers=True)
 
 
 @pytest.mark.parametrize("similarity", ["diagonal", "full"])
@@ -134,15 +144,6 @@ def test_float32_channels_last_path_matches_frozen_math(predictor, similarity):
     layer = nsl.DynamicNSConv2d(8, 8, 3, padding=1, similarity=similarity, predictor=predictor,
                                 predictor_init="authors")
     _randomise(layer, 4)
-    frozen = copy.deepcopy(layer)
     x = torch.randn(4, 8, 12, 12)
-    for training in (True, False):
-        layer.train(training)
-        frozen.train(training)
-        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-        out, expected = layer(xa), _frozen_layer(frozen, xb)
-        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
-        out.sum().backward()
-        expected.sum().backward()
-        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-4)
+    _check_train_then_eval(layer, x, rtol=1e-4, atol=1e-4, parameters_and_buffers=False)
     assert layer.predictor(x).is_contiguous()  # (eval mode: changes no running statistics)
