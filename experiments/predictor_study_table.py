@@ -3,6 +3,7 @@
 Usage::
 
     python experiments/predictor_study_table.py OUT_DIR [--bench NETWORK.json] [--known NAME=KIND:ACC,ACC,...]
+        [--previous experiments/results/predictor_study.json]
         [--json experiments/results/predictor_study.json] [--figure docs/figures/predictor_study.png]
 
 Reads every finished run ``OUT_DIR/VARIANT-sSEED`` (one with a ``done`` file, written when ``nsl train`` ended)
@@ -16,7 +17,9 @@ step and eval-mode inference latency at batch 1 and 128 with their ratios to con
 
 ``--known NAME=KIND:ACC0,ACC1,...`` adds a variant measured elsewhere under the same protocol and seeds
 (final test accuracies in percent, seeds 0, 1, ...), e.g. the README's ``dynamic-diagonal`` runs, shown in
-the table and figure (marked) but not in the per-run JSON. The figure: difference to conv (points) against
+the table and figure (marked) but not in the per-run JSON. ``--previous FILE`` adds the runs recorded in an
+earlier ``--json`` of this script (its run directories gone, e.g. on another machine); a run finished in
+``OUT_DIR`` replaces the recorded one of the same variant and seed. The figure: difference to conv (points) against
 the training-step time ratio to conv (MACs ratio where the benchmark lacks the variant), every seed a dot,
 the mean with its 95% CI as a bar.
 """
@@ -60,6 +63,34 @@ def load_study(out: Path) -> dict[str, dict]:
                                             "params": row["params"], "macs": row["macs"], "runs": {}})
         v["runs"][int(m["seed"])] = {"acc": 100 * run.final_acc, "s_per_step": row["s_per_step"]}
     return variants
+
+
+def load_previous(path: Path) -> dict[str, dict]:
+    """The runs of an earlier ``--json`` output as :func:`load_study` returns them; ``ValueError`` names what is
+    wrong with the file."""
+    try:
+        payload = json.loads(path.read_text())
+        variants: dict[str, dict] = {}
+        for r in payload["runs"]:
+            info = payload["variants"].get(r["variant"], {})
+            v = variants.setdefault(r["variant"], {"layer": r["layer"], "options": dict(r["options"]),
+                                                   "params": info.get("params"), "macs": info.get("macs"),
+                                                   "runs": {}})
+            v["runs"][int(r["seed"])] = {"acc": float(r["test_acc"]), "s_per_step": r["s_per_step"]}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        what = f"{type(e).__name__}: {e}"
+        raise ValueError(f"--previous {path}: not a predictor_study_table.py --json file ({what})") from e
+    return variants
+
+
+def merge(variants: dict, newer: dict) -> None:
+    """Add ``newer``'s variants and runs to ``variants``; a run of the same variant and seed is replaced."""
+    for name, v in newer.items():
+        if name in variants:
+            variants[name]["runs"].update(v["runs"])
+            variants[name].update({k: v[k] for k in ("layer", "options", "params", "macs")})
+        else:
+            variants[name] = v
 
 
 def add_known(variants: dict, spec: str) -> None:
@@ -180,14 +211,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path, help="the study's OUT_DIR (run directories VARIANT-sSEED)")
     parser.add_argument("--bench", type=Path, help="benchmarks/network.py JSON with the variants' names")
     parser.add_argument("--known", action="append", default=[], metavar="NAME=KIND:ACC0,ACC1,...")
+    parser.add_argument("--previous", type=Path, help="an earlier --json output whose runs to include")
     parser.add_argument("--json", type=Path, help="write the per-run results and the table's numbers here")
     parser.add_argument("--figure", type=Path, help="write the gain-vs-cost figure (PNG) here")
     args = parser.parse_args(argv)
     if not args.out.is_dir():
         parser.error(f"{args.out} is not a directory (the study's OUT_DIR)")
     try:
-        variants = load_study(args.out)
-    except RunError as e:
+        variants = {} if args.previous is None else load_previous(args.previous)
+        merge(variants, load_study(args.out))
+    except (RunError, ValueError) as e:
         parser.error(str(e))
     for spec in args.known:
         add_known(variants, spec)

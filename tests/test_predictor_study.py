@@ -53,6 +53,31 @@ def test_run_variants_and_the_study_table(data_root, tmp_path):
     assert table["variants"]["dd"]["known"] and "| half |" in res.stdout
     assert (tmp_path / "f.png").stat().st_size > 0
 
+    # the recorded runs stand in for run directories that are gone; a finished run in OUT_DIR replaces its record
+    (tmp_path / "later").mkdir()
+    prev = table["runs"][0]
+    edited = dict(table, runs=[dict(r, test_acc=r["test_acc"] - 7.0) if r is prev else r for r in table["runs"]])
+    (tmp_path / "edited.json").write_text(json.dumps(edited))
+    for out_dir, previous in ((tmp_path / "later", tmp_path / "t.json"), (out, tmp_path / "edited.json")):
+        again = subprocess.run([sys.executable, str(REPO / "experiments" / "predictor_study_table.py"), str(out_dir),
+                                "--previous", str(previous), "--json", str(tmp_path / "t2.json")],
+                               capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO / "src")),
+                               timeout=300)
+        assert again.returncode == 0, again.stderr[-3000:]
+        table2 = json.loads((tmp_path / "t2.json").read_text())
+        assert {(r["variant"], r["seed"]): r["test_acc"] for r in table2["runs"]} == accs
+        assert table2["variants"]["half"]["diffs"] == half["diffs"]
+
+
+def test_study_table_refuses_a_bad_previous_file(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"runs": [{"variant": "conv"}]}')
+    res = subprocess.run([sys.executable, str(REPO / "experiments" / "predictor_study_table.py"), str(tmp_path),
+                          "--previous", str(bad)], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(REPO / "src")), timeout=120)
+    assert res.returncode == 2
+    assert f"--previous {bad}: not a predictor_study_table.py --json file (KeyError" in res.stderr
+
 
 def test_study_table_refuses_a_missing_out_dir(tmp_path):
     res = subprocess.run([sys.executable, str(REPO / "experiments" / "predictor_study_table.py"),
