@@ -202,3 +202,36 @@ def test_config_builds_the_variant():
     model = build_model_for(cfg, dict(num_classes=10, in_channels=3, image_size=32))
     assert isinstance(model.stage2, SharedPredictionStage)
     assert isinstance(model.stage2.prediction.predictor, PooledPredictor)
+
+
+@pytest.mark.parametrize("stride", [pytest.param(2, marks=pytest.mark.slow), 0])  # about 25 s each
+def test_share_prediction_compiles_and_exports(stride, tmp_path):
+    """A shared-prediction CNN-9 (the stage's g held between its layers' calls) under torch.compile (one graph,
+    forward and gradients as eager) and ONNX export (standard operators, onnxruntime computing the model)."""
+    torch.manual_seed(0)
+    model = build_model("cnn9", "dynamic-diagonal", width=4, image_size=8, share_prediction=True,
+                        predictor_stride=stride, predictor_width=6)
+    _randomise(model)
+    x = torch.randn(2, 3, 8, 8)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    model.train()
+    out, want = compiled(x), model(x)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    grads = [torch.autograd.grad(o.square().sum(), list(model.parameters())) for o in (out, want)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip install nsl[test])")
+    onnx = pytest.importorskip("onnx", reason="onnx not installed (pip install nsl[test])")
+    pytest.importorskip("onnxscript", reason="onnxscript not installed (pip install nsl[test])")
+    path = tmp_path / "shared.onnx"
+    torch.onnx.export(model, (x,), str(path), input_names=["input"], output_names=["output"], dynamo=True,
+                      external_data=False)
+    assert {n.domain for n in onnx.load(str(path)).graph.node} <= {"", "ai.onnx"}
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(session.run(None, {"input": x.numpy()})[0]), model(x),
+                                   atol=1e-4, rtol=1e-4)
