@@ -308,7 +308,10 @@ def fit(task: Task, cfg, resume: bool = False, echo=print) -> dict:
         own_group = True
     flag = _SignalFlag()
     try:
-        return _Training(task, cfg, echo, run, process, flag).run(resume)
+        result = _Training(task, cfg, echo, run, process, flag).run(resume)
+        if own_group:  # every rank is done with the group before any tears it down (gloo aborted a rank in CI)
+            dist.barrier()
+        return result
     finally:
         flag.restore()
         run.close()
