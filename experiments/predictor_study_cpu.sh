@@ -18,7 +18,10 @@ sphere64-stage-half dynamic-diagonal share_prediction=true predictor_stride=2
 sphere64-stage dynamic-diagonal share_prediction=true
 sphere16 dynamic-diagonal predictor_width=16
 light-group dynamic-diagonal-light predictor_norm=group
-light64 dynamic-diagonal-light predictor_width=64"}
+light64 dynamic-diagonal-light predictor_width=64
+sphere16-stage-half dynamic-diagonal share_prediction=true predictor_stride=2 predictor_width=16
+sphere64-global dynamic-diagonal predictor_stride=0
+sphere64-stage-global dynamic-diagonal share_prediction=true predictor_stride=0"}
 # shellcheck source=experiments/_cifar10_grid.sh
 . "$(dirname "$0")/_cifar10_grid.sh"
 run_variants "$DATA" "$OUT" --epochs 5 --batch-size 128 --set checkpoint_every=100
