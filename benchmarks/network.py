@@ -122,6 +122,11 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--infer-batches: expected comma-separated integers, got {args.infer_batches!r}")
     torch.set_num_threads(args.threads)
     modes = ["eager"] + (["compiled"] if args.compile == "on" else [])
+    if args.compile == "on":
+        # every compiled model shares CNN-9's forward code, and dynamo keeps at most recompile_limit (8) graphs per
+        # code object before it runs the rest eagerly: room for all kinds x phases, alive together for the timing
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                                   4 * (len(kinds) + len(args.variant)) * (1 + len(infer_batches)))
     gen = torch.Generator().manual_seed(0)
     shape = (3, args.size, args.size)
 
