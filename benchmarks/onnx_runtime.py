@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = args.threads, 1
+    # ORT's idle threads spin after each run by default, taking the cores from the PyTorch case timed next
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     size = 32
     models, sessions = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
