@@ -22,6 +22,13 @@ def _variants(data_root: Path, out: Path, seeds: str) -> subprocess.CompletedPro
     return subprocess.run(["bash", "-c", script], cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
 
 
+def _table(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``experiments/predictor_study_table.py ARGS`` in a subprocess with this checkout's ``nsl``."""
+    return subprocess.run([sys.executable, str(REPO / "experiments" / "predictor_study_table.py"), *args],
+                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO / "src")),
+                          timeout=timeout)
+
+
 @pytest.mark.slow  # four nsl train processes and the table: about a minute on a quiet 2-core machine
 def test_run_variants_and_the_study_table(data_root, tmp_path):
     out = tmp_path / "study"
@@ -36,11 +43,8 @@ def test_run_variants_and_the_study_table(data_root, tmp_path):
     again = _variants(data_root, out, "0 1")  # finished runs are skipped
     assert again.returncode == 0 and not any(line.startswith("run ") for line in again.stdout.splitlines())
 
-    res = subprocess.run([sys.executable, str(REPO / "experiments" / "predictor_study_table.py"), str(out),
-                          "--known", "dd=dynamic-diagonal:50,60", "--json", str(tmp_path / "t.json"),
-                          "--figure", str(tmp_path / "f.png")],
-                         capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO / "src")),
-                         timeout=300)
+    res = _table(str(out), "--known", "dd=dynamic-diagonal:50,60", "--json", str(tmp_path / "t.json"),
+                 "--figure", str(tmp_path / "f.png"))
     assert res.returncode == 0, res.stderr[-3000:]
     table = json.loads((tmp_path / "t.json").read_text())
     accs = {(r["variant"], r["seed"]): r["test_acc"] for r in table["runs"]}
@@ -59,10 +63,7 @@ def test_run_variants_and_the_study_table(data_root, tmp_path):
     edited = dict(table, runs=[dict(r, test_acc=r["test_acc"] - 7.0) if r is prev else r for r in table["runs"]])
     (tmp_path / "edited.json").write_text(json.dumps(edited))
     for out_dir, previous in ((tmp_path / "later", tmp_path / "t.json"), (out, tmp_path / "edited.json")):
-        again = subprocess.run([sys.executable, str(REPO / "experiments" / "predictor_study_table.py"), str(out_dir),
-                                "--previous", str(previous), "--json", str(tmp_path / "t2.json")],
-                               capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO / "src")),
-                               timeout=300)
+        again = _table(str(out_dir), "--previous", str(previous), "--json", str(tmp_path / "t2.json"))
         assert again.returncode == 0, again.stderr[-3000:]
         table2 = json.loads((tmp_path / "t2.json").read_text())
         assert {(r["variant"], r["seed"]): r["test_acc"] for r in table2["runs"]} == accs
@@ -72,15 +73,11 @@ def test_run_variants_and_the_study_table(data_root, tmp_path):
 def test_study_table_refuses_a_bad_previous_file(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"runs": [{"variant": "conv"}]}')
-    res = subprocess.run([sys.executable, str(REPO / "experiments" / "predictor_study_table.py"), str(tmp_path),
-                          "--previous", str(bad)], capture_output=True, text=True,
-                         env=dict(os.environ, PYTHONPATH=str(REPO / "src")), timeout=120)
+    res = _table(str(tmp_path), "--previous", str(bad), timeout=120)
     assert res.returncode == 2
     assert f"--previous {bad}: not a predictor_study_table.py --json file (KeyError" in res.stderr
 
 
 def test_study_table_refuses_a_missing_out_dir(tmp_path):
-    res = subprocess.run([sys.executable, str(REPO / "experiments" / "predictor_study_table.py"),
-                          str(tmp_path / "nowhere")], capture_output=True, text=True,
-                         env=dict(os.environ, PYTHONPATH=str(REPO / "src")), timeout=120)
+    res = _table(str(tmp_path / "nowhere"), timeout=120)
     assert res.returncode == 2 and "nowhere is not a directory (the study's OUT_DIR)" in res.stderr
