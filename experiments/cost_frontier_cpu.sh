@@ -12,12 +12,15 @@
 # are not repeated, except conv seed 0, which checks that this machine reproduces the recorded runs.
 # JOBS runs (default 2) go side by side, one thread each, the cheapest first; finished runs (OUT/NAME-sSEED/done)
 # are skipped and interrupted ones resumed: re-run the same command to continue. RUNS="NAME:SEED ..." selects a
-# part. Then: python experiments/cost_frontier_table.py OUT (the table, the JSON record and the figure).
+# part; TRAIN_ARGS replaces the run length (default: --epochs 5 --batch-size 128 --set checkpoint_every=100; the
+# variants' --set options come after it). Then: python experiments/cost_frontier_table.py OUT (the table, the JSON
+# record and the figure; see the README's "When to use NSL" for the full command).
 # Usage: bash experiments/cost_frontier_cpu.sh DATA_DIR [OUT_DIR]     (DATA_DIR holds cifar-10-batches-py/)
 set -euo pipefail
 DATA=${1:?usage: cost_frontier_cpu.sh DATA_DIR [OUT_DIR]}
 OUT=${2:-runs/cost-frontier-cpu}
 JOBS=${JOBS:-2}
+TRAIN_ARGS=${TRAIN_ARGS:---epochs 5 --batch-size 128 --set checkpoint_every=100}
 # NAME KIND [KEY=VALUE ...]: the KEY=VALUEs go to nsl train as --set (after width=16 and the 5 epochs)
 VARIANTS="conv conv
 conv-w12 conv width=12
@@ -47,12 +50,13 @@ one() {
   kind=${words[1]}
   dir="$OUT/$name-s$seed"
   [ -f "$dir/done" ] && return 0
-  local -a args=(--set width=16) resume=()
+  local -a length args=(--set width=16) resume=()
+  read -r -a length <<< "$TRAIN_ARGS"
   for opt in "${words[@]:2}"; do args+=(--set "$opt"); done
   [ -f "$dir/checkpoints/last.pt" ] && resume=(--resume)
   echo "$(date +%H:%M:%S) start $name seed $seed" >&2
   nsl train --dataset cifar10 --data-dir "$DATA" --model cnn9 --layer "$kind" --protocol fast --seed "$seed" \
-    --out "$dir" --no-progress --epochs 5 --batch-size 128 --set checkpoint_every=100 "${args[@]}" "${resume[@]}" \
+    --out "$dir" --no-progress "${length[@]}" "${args[@]}" "${resume[@]}" \
     > "$OUT/$name-s$seed.log" 2>&1 || { echo "$(date +%H:%M:%S) FAILED $name seed $seed: $OUT/$name-s$seed.log" >&2; return 1; }
   touch "$dir/done"
   echo "$(date +%H:%M:%S) done $name seed $seed" >&2

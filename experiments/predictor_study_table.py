@@ -40,16 +40,17 @@ RUN = re.compile(r"(?P<name>.+)-s(?P<seed>\d+)")
 OPTIONS = ("predictor_width", "predictor_norm", "predictor_stride", "share_prediction", "share_predictor")
 
 
-def _options(config: dict) -> dict:
+def _options(config: dict, options=OPTIONS) -> dict:
     from nsl.train import TrainConfig
 
     default = TrainConfig().to_dict()
-    return {k: config[k] for k in OPTIONS if k in config and config[k] != default[k]}
+    return {k: config[k] for k in options if k in config and config[k] != default[k]}
 
 
-def load_study(out: Path) -> dict[str, dict]:
+def load_study(out: Path, options=OPTIONS) -> dict[str, dict]:
     """``{variant: {"layer", "options", "params", "macs", "runs": {seed: {"acc", "s_per_step"}}}}`` of the
-    finished runs in ``out`` (a run directory with a ``done`` file)."""
+    finished runs in ``out`` (a run directory with a ``done`` file); ``options`` names the config fields that
+    make a variant (those that differ from the defaults are its ``options``)."""
     variants: dict[str, dict] = {}
     for d in sorted(out.iterdir()):
         m = RUN.fullmatch(d.name)
@@ -59,7 +60,7 @@ def load_study(out: Path) -> dict[str, dict]:
         if run.final_acc is None:
             continue
         row = report_rows([run])[0]
-        v = variants.setdefault(m["name"], {"layer": run.config["layer"], "options": _options(run.config),
+        v = variants.setdefault(m["name"], {"layer": run.config["layer"], "options": _options(run.config, options),
                                             "params": row["params"], "macs": row["macs"], "runs": {}})
         v["runs"][int(m["seed"])] = {"acc": 100 * run.final_acc, "s_per_step": row["s_per_step"]}
     return variants
