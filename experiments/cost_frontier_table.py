@@ -8,8 +8,16 @@ Usage::
 
 Reads the finished runs ``OUT_DIR/VARIANT-sSEED`` (a ``done`` file; ``experiments/cost_frontier_cpu.sh``), the runs
 recorded in earlier ``--json`` files of this script or of ``predictor_study_table.py`` (``--previous``, their run
-directories gone; a finished run in an OUT_DIR replaces the record of the same variant and seed) and runs given by
-hand (``--known``: final test accuracies in percent for seeds 0, 1, ...; e.g. the README's full-data study). Every
+directories gone; a finished run in an OUT_DIR replaces the record of the same variant, seed and machine) and runs
+given by hand (``--known``: final test accuracies in percent for seeds 0, 1, ...; e.g. the README's full-data study).
+
+Runs pair only with runs of the same machine: a seed fixes the data order, but a CPU with other vector units rounds
+differently and the run's trajectory follows (conv seed 0 of the same code: 82.11 on the machine of the earlier
+studies, 81.47 on an AVX2 one; each machine repeats its own runs exactly). Every run carries a machine label: runs
+read from OUT_DIRs get ``--machine`` (default: this machine's, e.g. ``x86_64 AMD EPYC, AVX2``), recorded runs keep
+theirs (``an earlier machine`` where a record has none, as in ``predictor_study.json``), ``--known`` runs get
+``--known-machine``. The conv width curve and the positions against it use ``--machine``'s runs only; a variant of
+another machine is shown as ``NAME [MACHINE]``, paired with conv of its own machine. Every
 run is CIFAR-10, CNN-9, protocol ``fast``, batch 128, all 10,000 test images; a variant is its layer kind plus the
 config options that differ from the defaults (``width``, ``epochs``, the predictor options). A variant without a
 ``width`` option has width 16, without ``epochs`` 5 epochs (the studies' protocol).
@@ -46,7 +54,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from predictor_study_table import OPTIONS, load_previous, load_study, merge  # noqa: E402
+from predictor_study_table import OPTIONS, load_study, merge  # noqa: E402
 
 from nsl.report import RunError  # noqa: E402
 from nsl.stats import mean_ci  # noqa: E402
@@ -58,6 +66,52 @@ DEFAULT_WIDTH, DEFAULT_EPOCHS, STEPS_PER_EPOCH = 16, 5, 390  # 50,000 images, ba
 PHASES = ("train", "infer-b1", "infer-b128")
 PROTOCOL = ("CIFAR-10 (all 50,000 training images), CNN-9, protocol fast, batch 128, 10,000 test images; width 16 "
             "and 5 epochs unless the options say otherwise")
+
+
+EARLIER = "an earlier machine"
+
+
+def this_machine() -> str:
+    """A label for this CPU: architecture, model name and widest vector extension (what changes the rounding)."""
+    import platform
+
+    model, flags = "", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and not model:
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else ""
+    return ", ".join(t for t in (f"{platform.machine()} {model}".strip(), isa) if t)
+
+
+def keyed(variants: dict, machine: str, primary: str) -> dict:
+    """``variants`` labelled with ``machine``, keyed ``NAME`` (the primary machine) or ``NAME [MACHINE]``."""
+    return {(n if machine == primary else f"{n} [{machine}]"): {**v, "name": n, "machine": machine}
+            for n, v in variants.items()}
+
+
+def load_record(path: Path, primary: str) -> dict:
+    """The runs of an earlier ``--json`` (this script's or ``predictor_study_table.py``'s), keyed by
+    :func:`keyed` with each run's machine; ``ValueError`` names what is wrong with the file."""
+    try:
+        payload = json.loads(path.read_text())
+        out: dict[str, dict] = {}
+        for r in payload["runs"]:
+            info = payload["variants"].get(r.get("key", r["variant"]), {})
+            one = {r["variant"]: {"layer": r["layer"], "options": dict(r["options"]), "params": info.get("params"),
+                                  "macs": info.get("macs"),
+                                  "runs": {int(r["seed"]): {"acc": float(r["test_acc"]),
+                                                            "s_per_step": r.get("s_per_step")}}}}
+            merge(out, keyed(one, r.get("machine") or EARLIER, primary))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"--previous {path}: not a results JSON of cost_frontier_table.py or "
+                         f"predictor_study_table.py ({type(e).__name__}: {e})") from e
+    return out
 
 
 def _norm(value) -> str:
@@ -80,6 +134,11 @@ def schedule(variants: dict) -> float:
     return min((budget(v)[1] for v in variants.values() if is_conv(v)), default=DEFAULT_EPOCHS)
 
 
+def primary_of(variants: dict) -> str | None:
+    """The machine whose conv runs make the curve: the one of the variants keyed without a ``[MACHINE]``."""
+    return next((v["machine"] for k, v in variants.items() if k == v["name"]), None)
+
+
 def is_conv(v: dict) -> bool:
     """A plain CNN-9 (layer kind ``conv``, no option but its width and epochs)."""
     return v["layer"] == "conv" and set(v["options"]) <= set(BUDGET)
@@ -91,8 +150,9 @@ def cost_key(layer: str, options: dict, width: int) -> tuple:
     return layer, int(width), tuple(sorted(opts.items()))
 
 
-def add_known(variants: dict, spec: str) -> None:
-    """``NAME=KIND[,KEY=VALUE...]:ACC0,ACC1,...`` (percent, seeds 0, 1, ...) merged into ``variants``."""
+def add_known(variants: dict, spec: str, machine: str, primary: str) -> None:
+    """``NAME=KIND[,KEY=VALUE...]:ACC0,ACC1,...`` (percent, seeds 0, 1, ...) of ``machine`` merged into
+    ``variants``."""
     name, _, rest = spec.partition("=")
     head, _, accs = rest.rpartition(":")
     kind, *sets = head.split(",")
@@ -104,20 +164,21 @@ def add_known(variants: dict, spec: str) -> None:
     if not name or not kind or not values:
         raise SystemExit(f"cost_frontier_table.py: --known expects NAME=KIND[,KEY=VALUE...]:ACC0,ACC1,... "
                          f"(percent), got {spec!r}")
-    merge(variants, {name: {"layer": kind, "options": options, "params": None, "macs": None,
-                            "runs": {s: {"acc": a, "s_per_step": None} for s, a in enumerate(values)}}})
+    merge(variants, keyed({name: {"layer": kind, "options": options, "params": None, "macs": None,
+                                  "runs": {s: {"acc": a, "s_per_step": None} for s, a in enumerate(values)}}},
+                          machine, primary))
 
 
 def paired(variants: dict) -> None:
-    """Per variant: ``mean``/``ci95`` of its accuracies and, against conv of the same width and epochs (its
+    """Per variant: ``mean``/``ci95`` of its accuracies and, against conv of the same width, epochs and machine (its
     ``baseline``), the per-seed ``diffs``, ``diff_mean``, ``diff_ci95`` and ``excludes_zero``."""
-    convs = {budget(v): name for name, v in variants.items() if is_conv(v)}
+    convs = {(budget(v), v["machine"]): name for name, v in variants.items() if is_conv(v)}
     for v in variants.values():
         accs = [r["acc"] for _, r in sorted(v["runs"].items())]
         if accs:
             v["mean"], ci = mean_ci(accs)
             v["ci95"] = None if math.isnan(ci) else ci
-        base = convs.get(budget(v))
+        base = convs.get((budget(v), v["machine"]))
         if is_conv(v) or base is None:
             continue
         v["baseline"] = base
@@ -163,11 +224,11 @@ def add_bench(variants: dict, bench: dict) -> None:
 def curve(variants: dict) -> list[dict]:
     """The conv width curve: conv at each width on the curve's :func:`schedule`, by width: ``{"name", "width",
     "mean", "ci95", "runs": {seed: acc}, "train_run_s", "infer-b1"}`` (cost fields present when benchmarked)."""
-    points, sched = [], schedule(variants)
+    points, sched, primary = [], schedule(variants), primary_of(variants)
     for name, v in variants.items():
         w, epochs = budget(v)
-        if is_conv(v) and epochs == sched and v["runs"]:
-            points.append({"name": name, "width": w, "mean": v["mean"], "ci95": v.get("ci95"),
+        if is_conv(v) and epochs == sched and v["runs"] and v["machine"] == primary:
+            points.append({"name": name, "machine": v["machine"], "width": w, "mean": v["mean"], "ci95": v.get("ci95"),
                            "runs": {s: r["acc"] for s, r in v["runs"].items()},
                            "train_run_s": v.get("train_run_s"), "infer-b1": v.get("infer-b1", {}).get("ms")})
     return sorted(points, key=lambda p: p["width"])
@@ -183,7 +244,7 @@ def against_curve(v: dict, points: list[dict], axis: str) -> dict | None:
     one of ``'between'``, ``'cheaper than the narrowest'``, ``'dearer than the widest'``; None without costs."""
     c = _cost(v, axis)
     pts = [p for p in points if p["train_run_s" if axis == "train" else "infer-b1"] is not None]
-    if c is None or not pts or not v["runs"]:
+    if c is None or not pts or not v["runs"] or v["machine"] != points[0]["machine"]:
         return None
     pts.sort(key=lambda p: _cost_of_point(p, axis))
     costs = [_cost_of_point(p, axis) for p in pts]
@@ -286,8 +347,9 @@ def figure(variants: dict, points: list[dict], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12.5, 5.4), sharey=True)
-    sched = schedule(variants)
-    others = [(n, v) for n, v in variants.items() if not (is_conv(v) and budget(v)[1] == sched)]
+    sched, primary = schedule(variants), primary_of(variants)
+    others = [(n, v) for n, v in variants.items()
+              if not (is_conv(v) and budget(v)[1] == sched) and v["machine"] == primary]
     for ax, axis, xlabel in ((axes[0], "train", "training time per run, s (benchmark step time x steps, 1 thread)"),
                              (axes[1], "infer-b1", "inference at batch 1, ms (eval mode, 1 thread)")):
         pts = [p for p in points if _cost_of_point(p, axis) is not None]
@@ -315,9 +377,9 @@ def figure(variants: dict, points: list[dict], path: Path) -> Path:
         ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel("CIFAR-10 test accuracy, % (mean, 95% CI)")
     axes[0].legend(fontsize=7, loc="lower right", ncol=2)
-    fig.suptitle("Is NSL worth its cost? CNN-9 on CIFAR-10 (5 epochs unless marked: hollow squares are 20 epochs). "
-                 "Above the conv width curve: worth it; below: a wider plain CNN is better at equal cost",
-                 fontsize=9)
+    fig.suptitle("Is NSL worth its cost? CNN-9 on CIFAR-10, 5 epochs (hollow squares: a longer schedule), all runs "
+                 f"on one machine ({primary}).\nAbove the conv width curve: worth it; below: a wider plain CNN is "
+                 "better at equal cost", fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=90, bbox_inches="tight")
@@ -330,8 +392,8 @@ def payload(variants: dict, points: list[dict], bench: dict | None) -> dict:
     """The ``--json`` record: every run (so a machine without the run directories can rebuild the table with
     ``--previous``), every variant's numbers and the curve."""
     return {"protocol": PROTOCOL,
-            "runs": [{"variant": n, "seed": s, "layer": v["layer"], "options": v["options"], "test_acc": r["acc"],
-                      "s_per_step": r["s_per_step"]}
+            "runs": [{"variant": v["name"], "key": n, "machine": v["machine"], "seed": s, "layer": v["layer"],
+                      "options": v["options"], "test_acc": r["acc"], "s_per_step": r["s_per_step"]}
                      for n, v in variants.items() for s, r in sorted(v["runs"].items())],
             "variants": {n: {**{k: val for k, val in v.items() if k != "runs"},
                              "vs_curve": {a: against_curve(v, points, a) for a in ("train", "infer-b1")}}
@@ -346,6 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--previous", type=Path, action="append", default=[],
                         help="an earlier --json of this script or of predictor_study_table.py (repeatable)")
     parser.add_argument("--known", action="append", default=[], metavar="NAME=KIND[,KEY=VALUE...]:ACC0,ACC1,...")
+    parser.add_argument("--machine", default=None, help="the machine of the OUT_DIR runs and of the curve "
+                                                        "(default: this machine's label)")
+    parser.add_argument("--known-machine", default=EARLIER, help=f"the machine of --known runs (default: {EARLIER})")
     parser.add_argument("--bench", type=Path, help="benchmarks/network.py JSON (eager, --variant names free)")
     parser.add_argument("--json", type=Path, help="write the runs, the table's numbers and the curve here")
     parser.add_argument("--figure", type=Path, help="write the two-panel frontier figure (PNG) here")
@@ -354,13 +419,14 @@ def main(argv: list[str] | None = None) -> int:
         if not out.is_dir():
             parser.error(f"{out} is not a directory (a run folder of experiments/cost_frontier_cpu.sh)")
     variants: dict[str, dict] = {}
+    primary = args.machine or this_machine()
     try:
         for prev in args.previous:
-            merge(variants, load_previous(prev))
+            merge(variants, load_record(prev, primary))
         for spec in args.known:
-            add_known(variants, spec)
+            add_known(variants, spec, args.known_machine, primary)
         for out in args.out:
-            merge(variants, load_study(out, STUDY_OPTIONS))
+            merge(variants, keyed(load_study(out, STUDY_OPTIONS), primary, primary))
     except (RunError, ValueError) as e:
         parser.error(str(e))
     if not variants:

@@ -35,8 +35,13 @@ CF = _module()
 
 
 def _variant(layer, accs, **options):
-    return {"layer": layer, "options": options, "params": None, "macs": None,
+    return {"layer": layer, "options": options, "params": None, "macs": None, "machine": "m",
             "runs": {s: {"acc": a, "s_per_step": None} for s, a in enumerate(accs)}}
+
+
+def _named(variants: dict) -> dict:
+    """Variants of machine ``m`` keyed by their names (the table script's layout)."""
+    return {n: {**v, "name": n} for n, v in variants.items()}
 
 
 def _curve_variants():
@@ -47,7 +52,7 @@ def _curve_variants():
     for (name, cost) in (("conv-w12", 100.0), ("conv", 200.0), ("conv-w24", 400.0)):
         v[name]["train_run_s"] = cost
         v[name]["infer-b1"] = {"ms": cost / 100, "x_conv": cost / 200}
-    return v
+    return _named(v)
 
 
 def test_paired_difference_to_conv_of_the_same_width_and_epochs():
@@ -55,7 +60,10 @@ def test_paired_difference_to_conv_of_the_same_width_and_epochs():
     v["nsl"] = _variant("static-full", [72.5, 73.5, 71.2, 72.0, 80.0])  # seed 4 has no conv partner
     v["nsl-e20"] = _variant("static-full", [75.0, 75.5], epochs=20)  # no conv at 20 epochs: no baseline
     v["nsl-w24"] = _variant("static-full", [74.5, 74.0], width=24.0)
+    v["nsl [other]"] = {**_variant("static-full", [90.0]), "name": "nsl", "machine": "other"}  # no conv there
+    v = _named(v) | {"nsl [other]": v["nsl [other]"]}
     CF.paired(v)
+    assert "baseline" not in v["nsl [other]"]
     assert v["nsl"]["baseline"] == "conv" and v["nsl-w24"]["baseline"] == "conv-w24"
     assert v["nsl"]["diffs"] == pytest.approx({0: 0.5, 1: 1.0, 2: 0.2, 3: -0.2})
     mean, ci = mean_ci([0.5, 1.0, 0.2, -0.2])
@@ -68,7 +76,7 @@ def test_paired_difference_to_conv_of_the_same_width_and_epochs():
 
 def test_position_against_the_curve_interpolates_in_log_cost():
     v = _curve_variants()
-    cand = _variant("dynamic-diagonal", [73.0, 74.0, 72.0, 73.5])
+    cand = {**_variant("dynamic-diagonal", [73.0, 74.0, 72.0, 73.5]), "name": "cand"}
     cand["train_run_s"] = 200.0 * math.sqrt(2)  # halfway between conv (200 s) and conv-w24 (400 s) in log cost
     cand["infer-b1"] = {"ms": 0.5, "x_conv": 0.25}  # cheaper than the narrowest conv
     CF.paired(v)
@@ -91,6 +99,7 @@ def test_position_against_the_curve_interpolates_in_log_cost():
     beyond = CF.against_curve(cand, points, "train")
     assert (beyond["lo"], beyond["where"]) == ("conv-w24", "dearer than the widest")
     assert CF.against_curve(_variant("static-full", [70.0]), points, "train") is None  # no cost: no position
+    assert CF.against_curve({**cand, "machine": "other"}, points, "train") is None  # the curve is another machine's
 
 
 def _bench(path: Path) -> Path:
@@ -108,22 +117,25 @@ def _bench(path: Path) -> Path:
 
 def test_table_json_and_figure_rebuild_from_the_record(tmp_path):
     previous = {"runs": [{"variant": "conv", "seed": s, "layer": "conv", "options": {}, "test_acc": a,
-                          "s_per_step": None} for s, a in enumerate([80.0, 81.0, 80.5])]
-                + [{"variant": "stage", "seed": s, "layer": "dynamic-diagonal", "s_per_step": None,
+                          "s_per_step": None, "machine": "m"} for s, a in enumerate([80.0, 81.0, 80.5])]
+                + [{"variant": "conv", "seed": 0, "layer": "conv", "options": {}, "test_acc": 90.0}]  # no machine
+                + [{"variant": "stage", "seed": s, "layer": "dynamic-diagonal", "s_per_step": None, "machine": "m",
                     "options": {"share_prediction": True, "predictor_stride": 2}, "test_acc": a}
                    for s, a in enumerate([81.0, 81.5, 80.0])],
                 "variants": {}}
     (tmp_path / "prev.json").write_text(json.dumps(previous))
     bench = _bench(tmp_path / "bench.json")
     out = tmp_path / "cf.json"
-    args = ["--previous", str(tmp_path / "prev.json"), "--known", "conv-w24=conv,width=24:82.0,83.5,82.5",
+    args = ["--machine", "m", "--known-machine", "m", "--previous", str(tmp_path / "prev.json"),
+            "--known", "conv-w24=conv,width=24:82.0,83.5,82.5",
             "--known", "static-full=static-full:80.4,81.9", "--known", "static-full-e20=static-full,epochs=20:84",
             "--bench", str(bench), "--json", str(out), "--figure", str(tmp_path / "f.png")]
     assert CF.main(args) == 0
     record = json.loads(out.read_text())
-    assert {(r["variant"], r["seed"]) for r in record["runs"]} == (
-        {(n, s) for n in ("conv", "stage", "conv-w24") for s in range(3)} | {("static-full", 0), ("static-full", 1),
-                                                                          ("static-full-e20", 0)})
+    assert {(r["key"], r["seed"]) for r in record["runs"]} == (
+        {(n, s) for n in ("conv", "stage", "conv-w24") for s in range(3)}
+        | {("static-full", 0), ("static-full", 1), ("static-full-e20", 0), ("conv [an earlier machine]", 0)})
+    assert {r["machine"] for r in record["runs"]} == {"m", "an earlier machine"}
     stage = record["variants"]["stage"]
     assert stage["train"]["ms"] == 350.0 and stage["train_run_s"] == pytest.approx(350.0 * 5 * 390 / 1000)
     assert stage["diffs"] == {"0": pytest.approx(1.0), "1": pytest.approx(0.5), "2": pytest.approx(-0.5)}
@@ -135,7 +147,7 @@ def test_table_json_and_figure_rebuild_from_the_record(tmp_path):
 
     # the record alone rebuilds the same numbers (a machine without the run directories)
     again = tmp_path / "again.json"
-    assert CF.main(["--previous", str(out), "--bench", str(bench), "--json", str(again)]) == 0
+    assert CF.main(["--machine", "m", "--previous", str(out), "--bench", str(bench), "--json", str(again)]) == 0
     rebuilt = json.loads(again.read_text())
     assert rebuilt["runs"] == record["runs"] and rebuilt["variants"] == record["variants"]
 
