@@ -64,8 +64,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _export_math, _ops
-from ._geometry import ConvGeometry, output_size, pair
+from . import _export_math, _func, _ops
+from ._geometry import ConvGeometry, has_shape, output_size, pair
 from ._torch_kernels import _reference, _UnfoldFn, _ZTrickFn
 
 __all__ = [
@@ -165,17 +165,12 @@ def similarity_kind(similarity: Tensor, positions: int) -> str:
     ``similarity_kind``, and ``LAYER_KINDS[kind].dynamic`` tells static from dynamic.
     """
     P = positions
-    shape = tuple(similarity.shape)
-    if shape == (P,):
-        return "static-diagonal"
-    if shape == (P, P):
-        return "static-full"
-    if similarity.dim() == 4 and shape[1] == P:
-        return "dynamic-diagonal"
-    if similarity.dim() == 5 and shape[1:3] == (P, P):
-        return "dynamic-full"
+    for kind, layout in (("static-diagonal", (P,)), ("static-full", (P, P)),
+                         ("dynamic-diagonal", (None, P, None, None)), ("dynamic-full", (None, P, P, None, None))):
+        if has_shape(similarity, layout):  # rank first: the batch is never compared with P (no export guard)
+            return kind
     raise ValueError(
-        f"similarity has shape {list(shape)}; expected [P] or [P, P] (static) or [N, P, H_out, W_out] "
+        f"similarity has shape {list(similarity.shape)}; expected [P] or [P, P] (static) or [N, P, H_out, W_out] "
         f"or [N, P, P, H_out, W_out] (dynamic) with P = kh * kw = {P}"
     )
 
@@ -341,11 +336,12 @@ def _dynamic(x, weight, sim, stride, pads, dilation, groups, out_size) -> Tensor
             x = F.pad(x, (pads[2], pads[3], pads[0], pads[1]))
             pads = (0, 0, 0, 0)
         conv_args = (list(stride), [pads[0], pads[2]], list(dilation), groups)
-        if named == "triton" and x.device.type != "cuda":
-            return _ops.triton_dynamic_ns_conv2d(x, weight, sim, *conv_args)
-        return torch.ops.nsl.dynamic_ns_conv2d(x, weight, sim, *conv_args)
+        pair = "triton" if named == "triton" and x.device.type != "cuda" else "op"
+        return _ops.call(pair, x, weight, sim, *conv_args)  # under torch.func: the op's autograd Function
     if any(pads):
         x = F.pad(x, (pads[2], pads[3], pads[0], pads[1]))
+    if backend in ("unfold", "ztrick") and _func.transforms_active():  # their Functions with vmap / jvp rules
+        return _ops.FUNCTIONS[backend].apply(x, weight, sim, list(stride), [0, 0], list(dilation), groups)
     geometry = ConvGeometry(weight.shape[2], weight.shape[3], stride, dilation, out_size)
     if backend == "export":
         return _export_math.dynamic_ns_conv2d_export(x, weight, sim, groups, geometry)
