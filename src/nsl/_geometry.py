@@ -101,7 +101,7 @@ def check_shapes(x, weight, sim, stride, padding, dilation, groups) -> tuple[int
     P = kh * kw
     n = x.shape[0]
     expected = [n, P, oh, ow] if sim.dim() == 4 else [n, P, P, oh, ow]
-    torch._check(sim.dim() in (4, 5) and list(sim.shape) == expected,
+    torch._check(sim.dim() in (4, 5) and has_shape(sim, expected),
                  lambda: f"sim has shape {list(sim.shape)}; expected {expected}")
     torch._check(x.dtype == weight.dtype == sim.dtype, lambda: "x, weight and sim must share a dtype")
     return oh, ow

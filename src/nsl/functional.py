@@ -276,7 +276,7 @@ def ns_conv2d(input: Tensor, weight: Tensor, similarity: Tensor, bias: Tensor | 
             f"groups = {groups} expects C_in = {in_per_group * groups} (input shape [N, "
             f"{in_per_group * groups}, H, W])"
         )
-    if bias is not None and tuple(bias.shape) != (out_c,):
+    if bias is not None and not has_shape(bias, (out_c,)):
         raise ValueError(f"bias must have shape [C_out] = [{out_c}], got {list(bias.shape)}")
     stride_, dilation_ = pair(stride, "stride"), pair(dilation, "dilation")
     if min(stride_) < 1 or min(dilation_) < 1:
@@ -303,7 +303,7 @@ def ns_conv2d(input: Tensor, weight: Tensor, similarity: Tensor, bias: Tensor | 
         raise ValueError(f"input of spatial size {h}x{w} is too small for kernel {kh}x{kw} with padding "
                          f"{padding!r} and dilation {dilation_} (output would be {out_h}x{out_w})")
     expected = [n, P, out_h, out_w] if kind == "dynamic-diagonal" else [n, P, P, out_h, out_w]
-    if list(similarity.shape) != expected:
+    if not has_shape(similarity, expected):
         raise ValueError(f"dynamic similarity has shape {list(similarity.shape)}; expected {expected} "
                          f"([N, P{', P' if kind == 'dynamic-full' else ''}, H_out, W_out]) for input "
                          f"{list(input.shape)} and weight {list(weight.shape)}")
