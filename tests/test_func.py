@@ -306,10 +306,10 @@ def test_function_gradcheck_with_batched_and_forward_ad(which, full):
 
     Batched gradients of plain autograd (``is_grads_batched``: the legacy vmap, no torch.func interpreter, so no
     Function vmap rule) and batched forward AD (``forward_ad`` duals with vmapped tangents around unbatched
-    primals) reach the pair's calls with batched tensors directly: the operators' registered vmap rules take them
-    (torch >= 2.5), the pure-PyTorch formulations' in-place ops cannot. nsl uses those Functions only inside
-    torch.func transforms (where the Functions' vmap rules apply: ``test_vmap_rules_of_every_strategy_equal_a_loop``),
-    so these batched checks are the operator's."""
+    primals) reach the pair's calls with batched tensors directly: the operators' registered vmap rules
+    (``torch.library.register_vmap``) take them, the pure-PyTorch formulations' in-place ops cannot. nsl uses those
+    Functions only inside torch.func transforms (where their vmap rules apply:
+    ``test_vmap_rules_of_every_strategy_equal_a_loop``), so these batched checks are the operator's."""
     fn = _ops.FUNCTIONS[which]
     tensors, conv = _op_inputs(full)
     inputs = tuple(t.clone().requires_grad_() for t in tensors)
@@ -327,10 +327,10 @@ def test_function_gradcheck_with_batched_and_forward_ad(which, full):
 @pytest.mark.cpp
 def test_vmap_of_the_operator_itself_uses_its_rule():
     """``torch.vmap`` of a direct operator call and batched gradients through its register_autograd
-    (``autograd.functional.jacobian(vectorize=True)``) run the registered vmap rules (torch >= 2.5), not
+    (``autograd.functional.jacobian(vectorize=True)``) run the registered vmap rules, not
     PyTorch's per-sample fallback (which warns 'performance drop')."""
     if not hasattr(torch.library, "register_vmap"):
-        pytest.skip("torch.library.register_vmap needs torch >= 2.5")
+        pytest.skip("this torch has no torch.library.register_vmap")
     (x, weight, sim), conv = _op_inputs(True)
     xs = _batched(x, 0)
     with warnings.catch_warnings():
@@ -399,3 +399,19 @@ def test_vmap_grad_through_the_operator_fallback():
     env = {**os.environ, "NSL_DISABLE_CPP": "1"}
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
+def test_compiled_transform_runs_the_reference_formula():
+    """``torch.compile(vmap(grad(f)), fullgraph=True)``: Dynamo cannot trace the Functions' rules inside a transform,
+    so ns_conv2d runs the reference formula there (one graph, the eager values)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 1, 2, 5, 5, generator=gen, dtype=torch.float64)
+    w = torch.randn(3, 2, 3, 3, generator=gen, dtype=torch.float64)
+    m = torch.randn(4, 1, 9, 9, 5, 5, generator=gen, dtype=torch.float64)
+
+    def f(w, x, m):
+        return NF.ns_conv2d(x, w, m, padding=1).pow(2).sum()
+
+    per_sample = vmap(grad(f), in_dims=(None, 0, 0))
+    compiled = torch.compile(per_sample, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(w, x, m), per_sample(w, x, m), rtol=1e-10, atol=1e-10)

@@ -39,6 +39,7 @@ Imports nothing from ``nsl``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -46,8 +47,8 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
-__all__ = ["ConvPair", "make_function", "transforms_active", "backward_of_backward", "vmap_forward", "vmap_backward",
-           "register_vmap_rules"]
+__all__ = ["ConvPair", "make_function", "transforms_active", "compiled_transform", "backward_of_backward",
+           "vmap_forward", "vmap_backward", "register_vmap_rules"]
 
 
 def transforms_active() -> bool:
@@ -59,6 +60,13 @@ def transforms_active() -> bool:
     is ``-1`` outside ``dual_level()``.
     """
     return torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0
+
+
+def compiled_transform() -> bool:
+    """True while ``torch.compile`` traces code inside a ``torch.func`` transform (``torch.compile(vmap(grad(f)))``):
+    Dynamo cannot trace an ``autograd.Function``'s vmap/jvp rules there, so callers fall back to plain PyTorch ops."""
+    compiling = getattr(torch.compiler, "is_compiling", None)
+    return bool(compiling and compiling()) and torch._C._are_functorch_transforms_active()
 
 
 class ConvPair(NamedTuple):
@@ -229,15 +237,15 @@ def vmap_backward(backward, info, in_dims, grad_out, x, weight, sim, stride, pad
 
 def register_vmap_rules(forward_op, backward_op) -> bool:
     """Register :func:`vmap_forward` / :func:`vmap_backward` as the vmap rules of the operators themselves
-    (``torch.library.register_vmap``, torch >= 2.5; False where it is missing): ``torch.vmap`` of a direct
+    (``torch.library.register_vmap``; False where this torch lacks it): ``torch.vmap`` of a direct
     operator call, and batched gradients through its ``register_autograd`` (``is_grads_batched``,
     ``autograd.functional.jacobian(vectorize=True)``), then run the fused kernels instead of PyTorch's
     per-sample fallback loop. Calls under ``grad``/``jvp`` go through :func:`make_function`'s Function."""
     register = getattr(torch.library, "register_vmap", None)
     if register is None:
         return False
-    register(forward_op, lambda info, in_dims, *args: vmap_forward(forward_op, info, in_dims, *args))
-    register(backward_op, lambda info, in_dims, *args: vmap_backward(backward_op, info, in_dims, *args))
+    register(forward_op, functools.partial(vmap_forward, forward_op))
+    register(backward_op, functools.partial(vmap_backward, backward_op))
     return True
 
 

@@ -44,6 +44,15 @@ x, weight, sim, so the derivatives of its backward are calls of the two operator
 ``_backward_backward``): derivatives of any order (MAML, gradient penalties, Hessian-vector
 products) on every device and kernel.
 
+torch.func (``grad``, ``vmap``, ``jvp``, ``jacrev``, ``hessian``, ...) and forward-mode AD cannot use
+``register_autograd`` (PyTorch builds its ``autograd.Function`` without ``setup_context``). Inside them
+:func:`call` (what ``ns_conv2d`` calls) runs ``FUNCTIONS['op']``: the two operators wrapped by
+:func:`nsl._func.make_function` in an ``autograd.Function`` with ``setup_context``, jvp and vmap rules,
+so the same kernels do the work; outside them the operator is called directly (``torch.compile`` and
+``torch.export`` graphs contain it). The vmap rules are also registered on the operators themselves
+(``torch.library.register_vmap`` where torch has it). A further operator pair gets the same treatment
+with one ``_func.make_function(_func.ConvPair(name, forward_op, backward_op))`` entry in :data:`FUNCTIONS`.
+
 Autocast, one rule (:func:`autocast_inputs`): under ``torch.autocast(device_type)`` every floating
 tensor on that device except float64 is cast to the autocast dtype *in force at call time*, and the
 computation runs in it (so the output has the autocast dtype, unlike ``torchvision.ops.deform_conv2d``,
@@ -323,7 +332,7 @@ def _backward_backward(ctx, u_x, u_w, u_s):
 dynamic_ns_conv2d_backward.register_autograd(_backward_backward, setup_context=_setup_context_backward)
 
 # vmap of a direct operator call, and batched gradients through register_autograd, by the fused kernels
-# (torch >= 2.5; torch 2.4 runs PyTorch's per-sample fallback there). torch.func's grad/jvp go through FUNCTIONS.
+# (where torch.library.register_vmap exists; elsewhere PyTorch's per-sample fallback). grad/jvp: FUNCTIONS.
 _func.register_vmap_rules(torch.ops.nsl.dynamic_ns_conv2d.default, torch.ops.nsl.dynamic_ns_conv2d_backward.default)
 
 

@@ -49,6 +49,13 @@ Hessian-vector products): the operator's backward is itself a differentiable ope
 tensors) keep their memory-lean backward for first-order gradients and, when a graph of the gradient
 is asked for, compute it by the exact ``reference`` formula instead (``nsl._torch_kernels.linear_vjp``).
 
+``torch.func`` transforms (``grad``, ``vmap``, ``jvp``, ``jacrev``, ``jacfwd``, ``hessian``) and
+forward-mode AD work on every backend: inside them the operator backends and ``unfold``/``ztrick`` run
+as :data:`nsl._ops.FUNCTIONS` (the same kernels as ``autograd.Function`` s with vmap and jvp rules,
+:mod:`nsl._func`); ``reference`` and the export form are plain PyTorch ops. Under ``torch.compile`` of a
+transform (``torch.compile(vmap(grad(f)))``) Dynamo cannot trace those Functions' rules, and the ``reference``
+formula runs instead (same numbers).
+
 Non-finite similarity: a zero-padded input entry is a real zero that ``M`` multiplies, so a NaN or
 inf in ``M`` where the padding is read makes that output NaN (IEEE ``0 * NaN``), on every backend,
 as ``F.conv2d`` does with a non-finite weight.
@@ -329,6 +336,10 @@ def _choose(backend: str) -> str:
 def _dynamic(x, weight, sim, stride, pads, dilation, groups, out_size) -> Tensor:
     named = get_backend()
     backend = _choose(named)
+    if backend in ("op", "unfold", "ztrick") and _func.compiled_transform():
+        # torch.compile of a torch.func transform: Dynamo cannot trace the Functions' vmap/jvp rules, so the
+        # reference formula's plain ops run (same numbers; no warning: warnings.warn breaks a fullgraph trace)
+        backend = "reference"
     if backend == "op":
         if named in _ops.KERNELS:  # an explicit 'cpp' / 'triton': that kernel must serve these tensors
             _ops.require(named, x)
