@@ -297,6 +297,21 @@ def test_vmap_rules_of_every_strategy_equal_a_loop(full):
                                                    msg=lambda m, where=where: f"{where}: {m}")
 
 
+@pytest.mark.cpp
+def test_vmap_over_an_empty_dimension():
+    """A vmapped dimension of size 0 gives empty results of the right shapes, forward and backward, every strategy."""
+    fn = _ops.FUNCTIONS["op"]
+    (x, weight, sim), conv = _op_inputs(True)
+    out_shape = fn.apply(x, weight, sim, *conv).shape
+    for subset in SUBSETS:
+        args = [t.new_zeros(0, *t.shape) if b else t for t, b in zip((x, weight, sim), subset)]
+        dims = tuple(0 if b else None for b in subset)
+        assert vmap(lambda *a: fn.apply(*a, *conv), in_dims=dims)(*args).shape == (0, *out_shape)
+        grads = vmap(lambda *a: fn.backward_function.apply(torch.ones(out_shape, dtype=x.dtype), *a, *conv,
+                                                           True, True, True), in_dims=dims)(*args)
+        assert [tuple(g.shape) for g in grads] == [(0, *t.shape) for t in (x, weight, sim)]
+
+
 @pytest.mark.parametrize("which,full", [pytest.param("op", False, marks=pytest.mark.cpp, id="op-cpp-diagonal"),
                                         pytest.param("op", True, marks=pytest.mark.cpp, id="op-cpp-full"),
                                         pytest.param("unfold", True, id="unfold-full"),

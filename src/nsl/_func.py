@@ -133,9 +133,9 @@ def _into_batch(t: Tensor, bdim: int | None, size: int) -> Tensor:
     return t.reshape(size * t.shape[1], *t.shape[2:])
 
 
-def _out_of_batch(t: Tensor, size: int) -> Tensor:
+def _out_of_batch(t: Tensor, size: int, n: int) -> Tensor:
     """``[B * N, ...] -> [B, N, ...]``."""
-    return t.reshape(size, t.shape[0] // size, *t.shape[1:])
+    return t.reshape(size, n, *t.shape[1:])
 
 
 def _into_channels(t: Tensor, bdim: int | None, size: int) -> Tensor:
@@ -144,9 +144,14 @@ def _into_channels(t: Tensor, bdim: int | None, size: int) -> Tensor:
     return t.reshape(t.shape[0], size * t.shape[2], *t.shape[3:])
 
 
-def _out_of_channels(t: Tensor, size: int) -> Tensor:
+def _out_of_channels(t: Tensor, size: int, c: int) -> Tensor:
     """``[N, B * C, ...] -> [B, N, C, ...]``."""
-    return t.reshape(t.shape[0], size, t.shape[1] // size, *t.shape[2:]).movedim(1, 0)
+    return t.reshape(t.shape[0], size, c, *t.shape[2:]).movedim(1, 0)
+
+
+def _per_slice(t: Tensor, bdim: int | None, axis: int) -> int:
+    """The size of axis ``axis`` of one slice of ``t`` (``t`` without its vmapped dimension ``bdim``)."""
+    return t.shape[axis + (bdim is not None and bdim <= axis)]
 
 
 def _into_filters(t: Tensor, bdim: int | None, size: int) -> Tensor:
@@ -157,6 +162,18 @@ def _into_filters(t: Tensor, bdim: int | None, size: int) -> Tensor:
 
 def _slice(t: Tensor, bdim: int | None, b: int) -> Tensor:
     return t if bdim is None else t.select(bdim, b)
+
+
+def _loop(fn, size: int, tensors, dims, *args):
+    """``fn`` on each slice ``b`` of the batched ``tensors`` (``'loop'``): the list of results."""
+    return [fn(*(_slice(t, d, b) for t, d in zip(tensors, dims)), *args) for b in range(size)]
+
+
+def _no_slices(t: Tensor, bdim: int | None, shape=None) -> Tensor:
+    """A vmap over an empty dimension: zeros ``[0, *shape]`` (``shape``: that of a slice of ``t`` by default)."""
+    if shape is None:
+        shape = t.shape if bdim is None else t.movedim(bdim, 0).shape[1:]
+    return t.new_zeros(0, *shape)
 
 
 def _strategy(result: str, deps_batched: bool, weight_batched: bool, sim_batched: bool) -> str:
@@ -177,19 +194,20 @@ def vmap_forward(forward, info, in_dims, x, weight, sim, stride, padding, dilati
     operator), called on unbatched tensors only; ``in_dims``: the vmapped dimension of each argument or None."""
     size = info.batch_size
     bx, bw, bs = in_dims[:3]
+    if size == 0:  # out [N, C_out, H_out, W_out] per slice, H_out x W_out the similarity's last two sizes
+        sizes = (_per_slice(x, bx, 0), _per_slice(weight, bw, 0), *sim.shape[-2:])
+        return _no_slices(x, bx, sizes), 0
     how = _strategy("out", any(d is not None for d in in_dims[:3]), bw is not None, bs is not None)
     if how == "plain":
         return forward(x, weight, sim, stride, padding, dilation, groups), None
     if how == "fold-batch":
         out = forward(_into_batch(x, bx, size), weight, _into_batch(sim, bs, size), stride, padding, dilation, groups)
-        return _out_of_batch(out, size), 0
+        return _out_of_batch(out, size, _per_slice(x, bx, 0)), 0
     if how == "fold-groups":
         out = forward(_into_channels(x, bx, size), _into_filters(weight, bw, size), sim, stride, padding, dilation,
                       groups * size)
-        return _out_of_channels(out, size), 0
-    outs = [forward(_slice(x, bx, b), _slice(weight, bw, b), _slice(sim, bs, b), stride, padding, dilation, groups)
-            for b in range(size)]
-    return torch.stack(outs), 0
+        return _out_of_channels(out, size, _per_slice(weight, bw, 0)), 0
+    return torch.stack(_loop(forward, size, (x, weight, sim), (bx, bw, bs), stride, padding, dilation, groups)), 0
 
 
 def vmap_backward(backward, info, in_dims, grad_out, x, weight, sim, stride, padding, dilation, groups, need_x,
@@ -200,6 +218,10 @@ def vmap_backward(backward, info, in_dims, grad_out, x, weight, sim, stride, pad
     size = info.batch_size
     tensors, dims = (grad_out, x, weight, sim), tuple(in_dims[:4])
     bw, bs = dims[2], dims[3]
+    if size == 0:  # each gradient has its input's shape per slice
+        grads = [_no_slices(t, d) if need else x.new_empty(0) for t, d, need in
+                 zip((x, weight, sim), dims[1:], (need_x, need_weight, need_sim))]
+        return tuple(grads), tuple(0 if need else None for need in (need_x, need_weight, need_sim))
     depends = ((0, 2, 3), (0, 1, 3), (0, 1, 2))  # dx reads (g, W, M), dW (g, x, M), dM (g, x, W)
     plan: dict[str, list[int]] = {}
     for j, (name, need) in enumerate(zip(("dx", "dweight", "dsim"), (need_x, need_weight, need_sim))):
@@ -219,16 +241,16 @@ def vmap_backward(backward, info, in_dims, grad_out, x, weight, sim, stride, pad
             parts = backward(_into_batch(grad_out, dims[0], size), _into_batch(x, dims[1], size), weight,
                              _into_batch(sim, bs, size), *conv, groups, *needs)
             for j in which:
-                results[j], out_dims[j] = _out_of_batch(parts[j], size), 0
+                results[j], out_dims[j] = _out_of_batch(parts[j], size, _per_slice(x, dims[1], 0)), 0
         elif how == "fold-groups":
             parts = backward(_into_channels(grad_out, dims[0], size), _into_channels(x, dims[1], size),
                              _into_filters(weight, bw, size), sim, *conv, groups * size, *needs)
             for j in which:  # dW [B * C_out, ...] -> [B, C_out, ...]; dx [N, B * C_in, ...] -> [B, N, C_in, ...]
-                results[j] = _out_of_batch(parts[j], size) if j == 1 else _out_of_channels(parts[j], size)
+                results[j] = (_out_of_batch(parts[j], size, _per_slice(weight, bw, 0)) if j == 1
+                              else _out_of_channels(parts[j], size, _per_slice(x, dims[1], 1)))
                 out_dims[j] = 0
         else:
-            slices = [backward(*(_slice(t, d, b) for t, d in zip(tensors, dims)), *conv, groups, *needs)
-                      for b in range(size)]
+            slices = _loop(backward, size, tensors, dims, *conv, groups, *needs)
             for j in which:
                 results[j], out_dims[j] = torch.stack([part[j] for part in slices]), 0
     empty = x.new_empty(0)
