@@ -29,8 +29,10 @@ The rules rest on one fact: ``out = f(x, W, M)`` is linear in each of ``x``, ``W
   into the channel groups (``x [N, B * C_in, H, W]``, ``W [B * C_out, C_in / groups, kh, kw]``,
   ``groups * B``), valid for ``out``, ``dx``, ``dW`` when ``M`` is not batched (it is shared by all
   channels); ``'loop'``: one call per slice ``b`` (a batched ``W`` and ``M`` together, e.g. a vmap over
-  tasks' parameters); a result whose inputs are all unbatched is computed once. Every strategy calls
-  the pair: no transform falls back to other math.
+  tasks' parameters, and per-sample weight gradients ``dW`` when ``M`` is predicted per sample: each
+  sample's ``dW`` is a sum of its own); a result whose inputs are all unbatched is computed once.
+  Every strategy calls the pair: no eager transform falls back to other math (``torch.compile`` of a
+  transform does: :func:`compiled_transform`).
 
 :func:`transforms_active` tells when the Function is needed; outside transforms the operator is
 called directly, so ``torch.compile`` and ``torch.export`` graphs contain the operator itself.
@@ -51,22 +53,35 @@ __all__ = ["ConvPair", "make_function", "transforms_active", "compiled_transform
            "vmap_forward", "vmap_backward", "register_vmap_rules"]
 
 
+# Dynamo evaluates torch._C._are_functorch_transforms_active at trace time from torch 2.5 on (pytorch#134889);
+# older Dynamo cannot trace it (a graph break in every compiled dynamic layer), so there it is not asked.
+_DYNAMO_READS_FUNCTORCH_STATE = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+
+def _compiling() -> bool:
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    return bool(is_compiling and is_compiling())
+
+
+def _functorch_active() -> bool:
+    """``torch._C._are_functorch_transforms_active()`` (what ``torch.autograd.Function.apply`` itself asks;
+    torch.compile reads it as a constant), False under torch.compile where Dynamo cannot read it (torch < 2.5)."""
+    if not _DYNAMO_READS_FUNCTORCH_STATE and _compiling():
+        return False
+    return torch._C._are_functorch_transforms_active()
+
+
 def transforms_active() -> bool:
     """True inside a ``torch.func`` transform (``grad``, ``vmap``, ``jvp``, ``jacrev``, ...) or a forward-AD
-    ``dual_level``: where an operator's ``register_autograd`` does not work and the Function must be used.
-
-    ``torch._C._are_functorch_transforms_active`` is what ``torch.autograd.Function.apply`` itself asks
-    (present since torch 2.0; ``torch.compile`` evaluates it as a constant); ``forward_ad._current_level``
-    is ``-1`` outside ``dual_level()``.
-    """
-    return torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0
+    ``dual_level`` (``forward_ad._current_level`` is ``-1`` outside it): where an operator's
+    ``register_autograd`` does not work and the Function must be used."""
+    return _functorch_active() or _forward_ad._current_level >= 0
 
 
 def compiled_transform() -> bool:
     """True while ``torch.compile`` traces code inside a ``torch.func`` transform (``torch.compile(vmap(grad(f)))``):
     Dynamo cannot trace an ``autograd.Function``'s vmap/jvp rules there, so callers fall back to plain PyTorch ops."""
-    compiling = getattr(torch.compiler, "is_compiling", None)
-    return bool(compiling and compiling()) and torch._C._are_functorch_transforms_active()
+    return _compiling() and _functorch_active()
 
 
 class ConvPair(NamedTuple):
