@@ -35,6 +35,15 @@ OP_KINDS = [name for name, k in LAYER_KINDS.items() if k.module is DynamicNSConv
 OTHER_KINDS = [name for name in LAYER_KINDS if name not in OP_KINDS]  # conv, static-*, dynamic-filter
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread (hand-offs between threads would cost more than the work), restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _case(kind: str, options: dict, backend: str):
     """A test case: ``backend`` ``'cpp'`` is the operator under ``'auto'`` with the C++ kernel (``cpp`` marker)."""
     extra = "".join(f"-{k}{'' if v is True else v}" for k, v in options.items())

@@ -26,6 +26,15 @@ BATCHES = (1, 3, 9, 49)  # 9 and 49: the P of the 3x3 layer and of the 7x7 stem
 OP = "nsl.dynamic_ns_conv2d.default"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread (hand-offs between threads would cost more than the work), restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _randomise(model: nn.Module) -> nn.Module:
     """Predictors, similarities and dynamic-filter mixing away from their identity start (so M matters)."""
     torch.manual_seed(1)
