@@ -440,3 +440,22 @@ def test_compiled_transform_runs_the_reference_formula():
     per_sample = vmap(grad(f), in_dims=(None, 0, 0))
     compiled = torch.compile(per_sample, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(w, x, m), per_sample(w, x, m), rtol=1e-10, atol=1e-10)
+
+
+def test_triton_backend_on_cpu_under_vmap_grad(monkeypatch):
+    """The 'triton' backend on CPU tensors (Triton's interpreter) runs as ``FUNCTIONS['triton']`` under torch.func."""
+    pytest.importorskip("triton", reason="triton is not installed (CI installs triton==3.8.0)")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 1, 2, 5, 5, generator=gen)
+    w = torch.randn(3, 2, 3, 3, generator=gen)
+    m = torch.randn(2, 1, 9, 5, 5, generator=gen)
+
+    def f(w, x, m):
+        return NF.ns_conv2d(x, w, m, padding=1).pow(2).sum()
+
+    with NF.use_backend("triton"):
+        got = vmap(grad(f), in_dims=(None, 0, 0))(w, x, m)
+    with NF.use_backend("reference"):
+        want = vmap(grad(f), in_dims=(None, 0, 0))(w, x, m)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
