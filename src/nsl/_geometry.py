@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["pair", "output_size", "ConvGeometry", "check_shapes"]
+__all__ = ["pair", "output_size", "ConvGeometry", "check_shapes", "has_shape"]
 
 
 def _is_integer(v) -> bool:
@@ -38,6 +38,19 @@ def pair(value, name: str = "value") -> tuple[int, int]:
             _is_integer(v) for v in value):
         return (int(value[0]), int(value[1]))
     raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+
+
+def has_shape(t, expected) -> bool:
+    """True when tensor ``t`` has the shape ``expected``: the rank first, then each axis against its own
+    entry; ``None`` matches any size (the batch axis, wherever it is not known).
+
+    The one way nsl compares a shape. A size is compared only with the entry of its own axis, never
+    with one of another rank: Python's ``tuple ==`` compares entries before lengths, so
+    ``(N, P, H, W) == (P,)`` compares the batch size with ``P = kh * kw``, which under ``torch.export``
+    with a batch ``Dim`` (or ``torch.compile(dynamic=True)``) records a guard ``N != 9`` and fails the
+    export. The batch is compared only with another batch size (the same symbol) or not at all (None).
+    """
+    return t.dim() == len(expected) and all(e is None or s == e for s, e in zip(t.shape, expected))
 
 
 def output_size(size, kernel, stride, padding, dilation) -> tuple[int, int]:
@@ -88,7 +101,7 @@ def check_shapes(x, weight, sim, stride, padding, dilation, groups) -> tuple[int
     P = kh * kw
     n = x.shape[0]
     expected = [n, P, oh, ow] if sim.dim() == 4 else [n, P, P, oh, ow]
-    torch._check(sim.dim() in (4, 5) and list(sim.shape) == expected,
+    torch._check(sim.dim() in (4, 5) and has_shape(sim, expected),
                  lambda: f"sim has shape {list(sim.shape)}; expected {expected}")
     torch._check(x.dtype == weight.dtype == sim.dtype, lambda: "x, weight and sim must share a dtype")
     return oh, ow

@@ -44,6 +44,15 @@ x, weight, sim, so the derivatives of its backward are calls of the two operator
 ``_backward_backward``): derivatives of any order (MAML, gradient penalties, Hessian-vector
 products) on every device and kernel.
 
+torch.func (``grad``, ``vmap``, ``jvp``, ``jacrev``, ``hessian``, ...) and forward-mode AD cannot use
+``register_autograd`` (PyTorch builds its ``autograd.Function`` without ``setup_context``). Inside them
+:func:`call` (what ``ns_conv2d`` calls) runs ``FUNCTIONS['op']``: the two operators wrapped by
+:func:`nsl._func.make_function` in an ``autograd.Function`` with ``setup_context``, jvp and vmap rules,
+so the same kernels do the work; outside them the operator is called directly (``torch.compile`` and
+``torch.export`` graphs contain it). The vmap rules are also registered on the operators themselves
+(``torch.library.register_vmap`` where torch has it). A further operator pair gets the same treatment
+with one ``_func.make_function(_func.ConvPair(name, forward_op, backward_op))`` entry in :data:`FUNCTIONS`.
+
 Autocast, one rule (:func:`autocast_inputs`): under ``torch.autocast(device_type)`` every floating
 tensor on that device except float64 is cast to the autocast dtype *in force at call time*, and the
 computation runs in it (so the output has the autocast dtype, unlike ``torchvision.ops.deform_conv2d``,
@@ -67,11 +76,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _func
 from ._geometry import ConvGeometry, check_shapes, pair
-from ._torch_kernels import _reference, _unfold_backward, _unfold_forward, linear_vjp
+from ._torch_kernels import (
+    _reference,
+    _unfold_backward,
+    _unfold_forward,
+    _ztrick_backward,
+    _ztrick_forward,
+    linear_vjp,
+)
 
 __all__ = ["dynamic_ns_conv2d", "dynamic_ns_conv2d_backward", "triton_dynamic_ns_conv2d", "KERNELS", "Kernel",
-           "kernel_for", "unavailable_reason", "require", "autocast_enabled", "autocast_inputs"]
+           "kernel_for", "unavailable_reason", "require", "autocast_enabled", "autocast_inputs", "FUNCTIONS", "call"]
 
 
 class Kernel(NamedTuple):
@@ -148,25 +165,36 @@ def require(kernel: str, x: Tensor) -> None:
 # --------------------------------------------------------------------------------------------
 # the PyTorch math (unfold formulation), used where no fused kernel applies
 # --------------------------------------------------------------------------------------------
-def _torch_forward(x, weight, sim, stride, padding, dilation, groups) -> Tensor:
+def _padded_forward(math, x, weight, sim, stride, padding, dilation, groups) -> Tensor:
+    """A pure-PyTorch formulation ``math(xpad, weight, sim, groups, geometry)`` in the operator's convention."""
     xpad = F.pad(x, (padding[1], padding[1], padding[0], padding[0])) if any(padding) else x
-    return _unfold_forward(xpad, weight, sim, groups, ConvGeometry.of(x, weight, stride, padding, dilation))
+    return math(xpad, weight, sim, groups, ConvGeometry.of(x, weight, stride, padding, dilation))
+
+
+def _padded_backward(math, grad, x, weight, sim, stride, padding, dilation, groups, needs):
+    """A formulation's backward ``math(grad, xpad, weight, sim, groups, geometry, needs)`` in the operator's
+    convention: ``(dx, dweight, dsim)``, None where not needed, ``dx`` cropped to the unpadded input."""
+    ph, pw = padding
+    xpad = F.pad(x, (pw, pw, ph, ph)) if any(padding) else x
+    dx, dw, dsim = math(grad, xpad, weight, sim, groups, ConvGeometry.of(x, weight, stride, padding, dilation), needs)
+    if dx is not None and any(padding):
+        dx = dx[:, :, ph: ph + x.shape[2], pw: pw + x.shape[3]].contiguous()
+    return dx, dw, dsim
+
+
+def _torch_forward(x, weight, sim, stride, padding, dilation, groups) -> Tensor:
+    """The operator by the ``unfold`` math (its default implementation)."""
+    return _padded_forward(_unfold_forward, x, weight, sim, stride, padding, dilation, groups)
 
 
 def _torch_reference(x, weight, sim, stride, padding, dilation, groups) -> Tensor:
     """The operator by the explicit ``reference`` formula (plain autograd, differentiable to any order)."""
-    xpad = F.pad(x, (padding[1], padding[1], padding[0], padding[0])) if any(padding) else x
-    return _reference(xpad, weight, sim, groups, ConvGeometry.of(x, weight, stride, padding, dilation))
+    return _padded_forward(_reference, x, weight, sim, stride, padding, dilation, groups)
 
 
 def _torch_backward(grad, x, weight, sim, stride, padding, dilation, groups, needs):
-    ph, pw = padding
-    xpad = F.pad(x, (pw, pw, ph, ph)) if any(padding) else x
-    dx, dw, dsim = _unfold_backward(grad, xpad, weight, sim, groups,
-                                    ConvGeometry.of(x, weight, stride, padding, dilation), needs)
-    if dx is not None and any(padding):
-        dx = dx[:, :, ph: ph + x.shape[2], pw: pw + x.shape[3]].contiguous()
-    return dx, dw, dsim
+    """The backward operator by the ``unfold`` math (None where not needed)."""
+    return _padded_backward(_unfold_backward, grad, x, weight, sim, stride, padding, dilation, groups, needs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -293,48 +321,19 @@ def _setup_context_backward(ctx, inputs, output):
 
 
 def _backward_backward(ctx, u_x, u_w, u_s):
-    """Derivatives of :func:`dynamic_ns_conv2d_backward`, by the operators themselves (any order).
-
-    ``out = f(x, W, M)`` is linear in each of x, W, M separately, and the backward returns the
-    adjoints of ``<g, f(x, W, M)>``; so for cotangents ``(u_x, u_W, u_M)`` of ``(dx, dW, dM)``::
-
-        <u_x, dx> + <u_W, dW> + <u_M, dM> = <g, f(u_x, W, M) + f(x, u_W, M) + f(x, W, u_M)>
-
-    whence ``d/dg = f(u_x, W, M) + f(x, u_W, M) + f(x, W, u_M)``, ``d/dx`` = the dx-parts of the
-    backward at ``(g, ., u_W, M)`` and ``(g, ., W, u_M)``, and likewise for W and M. A gradient that
-    was not computed (empty tensor), or whose cotangent is None or empty, contributes nothing (None
-    where nothing contributes).
-    """
-    g, x, weight, sim = ctx.saved_tensors
-    conv_args = ctx.conv_args
-    us = [u if (done and u is not None and u.numel()) else None
-          for u, done in zip((u_x, u_w, u_s), ctx.computed)]
-    need_g, need_x, need_w, need_s = ctx.needs_input_grad[:4]
-    tensors = (x, weight, sim)
-    dg = None
-    if need_g:
-        for k, u in enumerate(us):
-            if u is not None:
-                args = list(tensors)
-                args[k] = u
-                term = torch.ops.nsl.dynamic_ns_conv2d(*args, *conv_args)
-                dg = term if dg is None else dg + term
-    wanted = (need_x, need_w, need_s)
-    grads = [None, None, None]
-    for k, u in enumerate(us):  # backward at (g, tensors with tensor k replaced by u)
-        needs = [wanted[j] and j != k for j in range(3)]
-        if u is None or not any(needs):
-            continue
-        args = list(tensors)
-        args[k] = u
-        parts = torch.ops.nsl.dynamic_ns_conv2d_backward(g, *args, *conv_args, *needs)
-        for j in range(3):
-            if needs[j]:
-                grads[j] = parts[j] if grads[j] is None else grads[j] + parts[j]
-    return (dg, *grads, None, None, None, None, None, None, None)
+    """Derivatives of :func:`dynamic_ns_conv2d_backward`, by the operators themselves (any order):
+    :func:`nsl._func.backward_of_backward` (the op is linear in each of x, weight, sim)."""
+    grads = _func.backward_of_backward(torch.ops.nsl.dynamic_ns_conv2d, torch.ops.nsl.dynamic_ns_conv2d_backward,
+                                       ctx.saved_tensors, ctx.conv_args, ctx.computed, (u_x, u_w, u_s),
+                                       ctx.needs_input_grad[:4])
+    return (*grads, None, None, None, None, None, None, None)
 
 
 dynamic_ns_conv2d_backward.register_autograd(_backward_backward, setup_context=_setup_context_backward)
+
+# vmap of a direct operator call, and batched gradients through register_autograd, by the fused kernels
+# (where torch.library.register_vmap exists; elsewhere PyTorch's per-sample fallback). grad/jvp: FUNCTIONS.
+_func.register_vmap_rules(torch.ops.nsl.dynamic_ns_conv2d.default, torch.ops.nsl.dynamic_ns_conv2d_backward.default)
 
 
 # ---- autocast ------------------------------------------------------------------------------
@@ -418,3 +417,70 @@ def triton_dynamic_ns_conv2d(x: Tensor, weight: Tensor, sim: Tensor, stride, pad
     tensors under ``TRITON_INTERPRET=1``), bypassing the operator's per-device dispatch."""
     return _TritonFn.apply(x.contiguous(), weight.contiguous(), sim.contiguous(), pair(stride, "stride"),
                            pair(padding, "padding"), pair(dilation, "dilation"), int(groups))
+
+
+# --------------------------------------------------------------------------------------------
+# torch.func transforms and forward-mode AD: the pairs as autograd Functions (nsl._func)
+# --------------------------------------------------------------------------------------------
+def _formulation_pair(name: str, forward_math, backward_math) -> _func.ConvPair:
+    """A pure-PyTorch formulation of :mod:`nsl._torch_kernels` as a pair in the operator's convention."""
+
+    def forward(x, weight, sim, stride, padding, dilation, groups):
+        return _padded_forward(forward_math, x, weight, sim, list(stride), list(padding), list(dilation), groups)
+
+    def backward(grad_out, x, weight, sim, stride, padding, dilation, groups, need_x, need_weight, need_sim):
+        return _fill(_padded_backward(backward_math, grad_out.contiguous(), x, weight, sim, list(stride),
+                                      list(padding), list(dilation), groups, (need_x, need_weight, need_sim)), x)
+
+    return _func.ConvPair(name, forward, backward)
+
+
+def _triton_pair() -> _func.ConvPair:
+    """The Triton kernels called directly (CPU tensors under ``TRITON_INTERPRET=1``; see :class:`_TritonFn`)."""
+
+    def forward(x, weight, sim, stride, padding, dilation, groups):
+        from . import _triton
+
+        return _triton.forward(x.contiguous(), weight.contiguous(), sim.contiguous(), tuple(stride), tuple(padding),
+                               tuple(dilation), groups)
+
+    def backward(grad_out, x, weight, sim, stride, padding, dilation, groups, need_x, need_weight, need_sim):
+        from . import _triton
+
+        return _fill(_triton.backward(grad_out.contiguous(), x.contiguous(), weight.contiguous(), sim.contiguous(),
+                                      tuple(stride), tuple(padding), tuple(dilation), groups, need_x, need_weight,
+                                      need_sim), x)
+
+    return _func.ConvPair("nsl.triton", forward, backward)
+
+
+#: The autograd Functions (``setup_context``, ``jvp``, ``vmap``; :func:`nsl._func.make_function`) that run
+#: under ``torch.func`` transforms and forward-mode AD, one per forward/backward pair, all in the operator's
+#: calling convention ``Function.apply(x, weight, sim, stride, padding, dilation, groups)``:
+#: ``'op'``: the registered operators (so the fused C++ / Triton kernels, or the ``unfold`` fallback, do the
+#: work, as outside transforms); ``'unfold'``, ``'ztrick'``: those backends' math; ``'triton'``: the Triton
+#: kernels called directly (the ``'triton'`` backend on CPU tensors). A new operator pair gets the same
+#: treatment with one ``_func.make_function(_func.ConvPair(name, forward_op, backward_op))``.
+FUNCTIONS = {
+    "op": _func.make_function(_func.ConvPair("nsl.dynamic_ns_conv2d", torch.ops.nsl.dynamic_ns_conv2d.default,
+                                             torch.ops.nsl.dynamic_ns_conv2d_backward.default)),
+    "unfold": _func.make_function(_formulation_pair("nsl.unfold", _unfold_forward, _unfold_backward)),
+    "ztrick": _func.make_function(_formulation_pair("nsl.ztrick", _ztrick_forward, _ztrick_backward)),
+    "triton": _func.make_function(_triton_pair()),
+}
+
+
+def call(pair: str, x: Tensor, weight: Tensor, sim: Tensor, stride, padding, dilation, groups: int) -> Tensor:
+    """``out = f(x, W, M)`` by the pair ``pair`` (``'op'`` or ``'triton'``; see :data:`FUNCTIONS`) as
+    :func:`nsl.functional.ns_conv2d` calls it (arguments as the operator's, symmetric ``padding`` pairs).
+
+    Outside ``torch.func`` transforms and forward-mode AD: the operator ``torch.ops.nsl.dynamic_ns_conv2d``
+    itself (what ``torch.compile`` and ``torch.export`` graphs contain; its ``register_autograd`` gives
+    gradients of any order), or :class:`_TritonFn` for ``'triton'``. Inside them
+    (:func:`nsl._func.transforms_active`): ``FUNCTIONS[pair]``, the same kernels with vmap and jvp rules.
+    """
+    if _func.transforms_active():
+        return FUNCTIONS[pair].apply(x, weight, sim, list(stride), list(padding), list(dilation), groups)
+    if pair == "triton":
+        return triton_dynamic_ns_conv2d(x, weight, sim, stride, padding, dilation, groups)
+    return torch.ops.nsl.dynamic_ns_conv2d(x, weight, sim, stride, padding, dilation, groups)

@@ -169,38 +169,84 @@ def _chunk_columns(xpad, sim, groups, geometry):
     return mixed.reshape(n, groups, -1, oh * ow), cols
 
 
-class _ZTrickFn(torch.autograd.Function):
-    """``z_p = w_p^T x`` as one 1x1 convolution, then shifted sums mixed by ``M(y)``.
+def _ztrick_z(xpad, weight, groups):
+    """``z_p = w_p^T xpad`` for every position ``p``: ``[N, G, P, C_out / G, Hp, Wp]``, and the 1x1 weight."""
+    out_c, cg, kh, kw = weight.shape
+    P = kh * kw
+    og = out_c // groups
+    wz = weight.reshape(groups, og, cg, P).permute(0, 3, 1, 2).reshape(groups * P * og, cg, 1, 1)
+    z = F.conv2d(xpad, wz, groups=groups)
+    return z.view(xpad.shape[0], groups, P, og, *xpad.shape[2:]), wz
 
-    Saves only (x, w, M); ``z`` is recomputed in backward. Double backward: under
+
+def _ztrick_forward(xpad: Tensor, weight: Tensor, sim: Tensor, groups: int, geometry) -> Tensor:
+    """The ztrick formulation's forward: ``out(y) = sum_{p,q} M[p, q](y) z_p(y * s + d * offset(q))``."""
+    n = xpad.shape[0]
+    out_c, _, kh, kw = weight.shape
+    oh, ow = geometry[4]
+    z, _ = _ztrick_z(xpad, weight, groups)
+    out = xpad.new_zeros(n, groups, out_c // groups, oh, ow)
+    for q in range(kh * kw):
+        zq = _window(z, q // kw, q % kw, geometry)  # [n, G, P, Og, oh, ow]
+        if sim.dim() == 4:
+            out += zq[:, :, q] * sim[:, None, None, q]
+        else:
+            out += torch.einsum("ngpohw,nphw->ngohw", zq, sim[:, :, q])
+    return out.reshape(n, out_c, oh, ow)
+
+
+def _ztrick_backward(grad: Tensor, xpad: Tensor, weight: Tensor, sim: Tensor, groups: int, geometry, needs):
+    """``(dxpad, dweight, dsim)`` of :func:`_ztrick_forward` (None where ``needs`` is False); ``z`` recomputed."""
+    need_x, need_w, need_m = needs
+    n, c = xpad.shape[:2]
+    out_c, cg, kh, kw = weight.shape
+    P = kh * kw
+    og = out_c // groups
+    oh, ow = geometry[4]
+    g = grad.reshape(n, groups, og, oh, ow)
+    dm = None
+    if need_m:
+        z, _ = _ztrick_z(xpad, weight, groups)
+        dm = torch.empty_like(sim)
+        for q in range(P):
+            zq = _window(z, q // kw, q % kw, geometry)
+            if sim.dim() == 4:
+                dm[:, q] = (zq[:, :, q] * g).sum((1, 2))
+            else:
+                dm[:, :, q] = torch.einsum("ngpohw,ngohw->nphw", zq, g)
+        del z
+    dx = dw = None
+    if need_x or need_w:
+        dz = xpad.new_zeros(n, groups, P, og, *xpad.shape[2:])
+        for q in range(P):
+            target = _window(dz, q // kw, q % kw, geometry)
+            if sim.dim() == 4:
+                target[:, :, q] += g * sim[:, None, None, q]
+            else:
+                target += g[:, :, None] * sim[:, None, :, q, None]
+        hw = xpad.shape[2] * xpad.shape[3]
+        dz = dz.reshape(n, groups, P * og, hw)
+        if need_x:
+            wz = weight.reshape(groups, og, cg, P).permute(0, 3, 1, 2).reshape(groups, P * og, cg)
+            dx = torch.matmul(wz.transpose(1, 2), dz).reshape_as(xpad)
+        if need_w:
+            dwz = torch.matmul(dz, xpad.reshape(n, groups, cg, hw).transpose(-1, -2)).sum(0)
+            dw = dwz.reshape(groups, P, og, cg).permute(0, 2, 3, 1).reshape(weight.shape)
+    return dx, dw, dm
+
+
+class _ZTrickFn(torch.autograd.Function):
+    """``z_p = w_p^T x`` as one 1x1 convolution, then shifted sums mixed by ``M(y)`` (:func:`_ztrick_forward`).
+
+    Saves only (x, w, M); ``z`` is recomputed in backward (:func:`_ztrick_backward`). Double backward: under
     ``create_graph=True`` the backward is :func:`_reference_vjp` (differentiable).
     """
-
-    @staticmethod
-    def _z(xpad, weight, groups):
-        out_c, cg, kh, kw = weight.shape
-        P = kh * kw
-        og = out_c // groups
-        wz = weight.reshape(groups, og, cg, P).permute(0, 3, 1, 2).reshape(groups * P * og, cg, 1, 1)
-        z = F.conv2d(xpad, wz, groups=groups)
-        return z.view(xpad.shape[0], groups, P, og, *xpad.shape[2:]), wz
 
     @staticmethod
     def forward(ctx, xpad, weight, sim, groups, geometry):
         ctx.save_for_backward(xpad, weight, sim)
         ctx.groups, ctx.geometry = groups, geometry
-        n = xpad.shape[0]
-        out_c, _, kh, kw = weight.shape
-        oh, ow = geometry[4]
-        z, _ = _ZTrickFn._z(xpad, weight, groups)
-        out = xpad.new_zeros(n, groups, out_c // groups, oh, ow)
-        for q in range(kh * kw):
-            zq = _window(z, q // kw, q % kw, geometry)  # [n, G, P, Og, oh, ow]
-            if sim.dim() == 4:
-                out += zq[:, :, q] * sim[:, None, None, q]
-            else:
-                out += torch.einsum("ngpohw,nphw->ngohw", zq, sim[:, :, q])
-        return out.reshape(n, out_c, oh, ow)
+        return _ztrick_forward(xpad, weight, sim, groups, geometry)
 
     @staticmethod
     def backward(ctx, grad):
@@ -208,39 +254,4 @@ class _ZTrickFn(torch.autograd.Function):
         groups, geometry = ctx.groups, ctx.geometry
         if torch.is_grad_enabled():  # create_graph=True: the differentiable path (see linear_vjp)
             return (*_reference_vjp(grad, xpad, weight, sim, groups, geometry, ctx.needs_input_grad[:3]), None, None)
-        need_x, need_w, need_m = ctx.needs_input_grad[:3]
-        n, c = xpad.shape[:2]
-        out_c, cg, kh, kw = weight.shape
-        P = kh * kw
-        og = out_c // groups
-        oh, ow = geometry[4]
-        g = grad.reshape(n, groups, og, oh, ow)
-        dm = None
-        if need_m:
-            z, _ = _ZTrickFn._z(xpad, weight, groups)
-            dm = torch.empty_like(sim)
-            for q in range(P):
-                zq = _window(z, q // kw, q % kw, geometry)
-                if sim.dim() == 4:
-                    dm[:, q] = (zq[:, :, q] * g).sum((1, 2))
-                else:
-                    dm[:, :, q] = torch.einsum("ngpohw,ngohw->nphw", zq, g)
-            del z
-        dx = dw = None
-        if need_x or need_w:
-            dz = xpad.new_zeros(n, groups, P, og, *xpad.shape[2:])
-            for q in range(P):
-                target = _window(dz, q // kw, q % kw, geometry)
-                if sim.dim() == 4:
-                    target[:, :, q] += g * sim[:, None, None, q]
-                else:
-                    target += g[:, :, None] * sim[:, None, :, q, None]
-            hw = xpad.shape[2] * xpad.shape[3]
-            dz = dz.reshape(n, groups, P * og, hw)
-            if need_x:
-                wz = weight.reshape(groups, og, cg, P).permute(0, 3, 1, 2).reshape(groups, P * og, cg)
-                dx = torch.matmul(wz.transpose(1, 2), dz).reshape_as(xpad)
-            if need_w:
-                dwz = torch.matmul(dz, xpad.reshape(n, groups, cg, hw).transpose(-1, -2)).sum(0)
-                dw = dwz.reshape(groups, P, og, cg).permute(0, 2, 3, 1).reshape(weight.shape)
-        return dx, dw, dm, None, None
+        return (*_ztrick_backward(grad, xpad, weight, sim, groups, geometry, ctx.needs_input_grad[:3]), None, None)

@@ -49,6 +49,13 @@ Hessian-vector products): the operator's backward is itself a differentiable ope
 tensors) keep their memory-lean backward for first-order gradients and, when a graph of the gradient
 is asked for, compute it by the exact ``reference`` formula instead (``nsl._torch_kernels.linear_vjp``).
 
+``torch.func`` transforms (``grad``, ``vmap``, ``jvp``, ``jacrev``, ``jacfwd``, ``hessian``) and
+forward-mode AD work on every backend: inside them the operator backends and ``unfold``/``ztrick`` run
+as :data:`nsl._ops.FUNCTIONS` (the same kernels as ``autograd.Function`` s with vmap and jvp rules,
+:mod:`nsl._func`); ``reference`` and the export form are plain PyTorch ops. Under ``torch.compile`` of a
+transform (``torch.compile(vmap(grad(f)))``) Dynamo cannot trace those Functions' rules, and the ``reference``
+formula runs instead (same numbers).
+
 Non-finite similarity: a zero-padded input entry is a real zero that ``M`` multiplies, so a NaN or
 inf in ``M`` where the padding is read makes that output NaN (IEEE ``0 * NaN``), on every backend,
 as ``F.conv2d`` does with a non-finite weight.
@@ -64,8 +71,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _export_math, _ops
-from ._geometry import ConvGeometry, output_size, pair
+from . import _export_math, _func, _ops
+from ._geometry import ConvGeometry, has_shape, output_size, pair
 from ._torch_kernels import _reference, _UnfoldFn, _ZTrickFn
 
 __all__ = [
@@ -165,17 +172,12 @@ def similarity_kind(similarity: Tensor, positions: int) -> str:
     ``similarity_kind``, and ``LAYER_KINDS[kind].dynamic`` tells static from dynamic.
     """
     P = positions
-    shape = tuple(similarity.shape)
-    if shape == (P,):
-        return "static-diagonal"
-    if shape == (P, P):
-        return "static-full"
-    if similarity.dim() == 4 and shape[1] == P:
-        return "dynamic-diagonal"
-    if similarity.dim() == 5 and shape[1:3] == (P, P):
-        return "dynamic-full"
+    for kind, layout in (("static-diagonal", (P,)), ("static-full", (P, P)),
+                         ("dynamic-diagonal", (None, P, None, None)), ("dynamic-full", (None, P, P, None, None))):
+        if has_shape(similarity, layout):  # rank first: the batch is never compared with P (no export guard)
+            return kind
     raise ValueError(
-        f"similarity has shape {list(shape)}; expected [P] or [P, P] (static) or [N, P, H_out, W_out] "
+        f"similarity has shape {list(similarity.shape)}; expected [P] or [P, P] (static) or [N, P, H_out, W_out] "
         f"or [N, P, P, H_out, W_out] (dynamic) with P = kh * kw = {P}"
     )
 
@@ -281,7 +283,7 @@ def ns_conv2d(input: Tensor, weight: Tensor, similarity: Tensor, bias: Tensor | 
             f"groups = {groups} expects C_in = {in_per_group * groups} (input shape [N, "
             f"{in_per_group * groups}, H, W])"
         )
-    if bias is not None and tuple(bias.shape) != (out_c,):
+    if bias is not None and not has_shape(bias, (out_c,)):
         raise ValueError(f"bias must have shape [C_out] = [{out_c}], got {list(bias.shape)}")
     stride_, dilation_ = pair(stride, "stride"), pair(dilation, "dilation")
     if min(stride_) < 1 or min(dilation_) < 1:
@@ -308,7 +310,7 @@ def ns_conv2d(input: Tensor, weight: Tensor, similarity: Tensor, bias: Tensor | 
         raise ValueError(f"input of spatial size {h}x{w} is too small for kernel {kh}x{kw} with padding "
                          f"{padding!r} and dilation {dilation_} (output would be {out_h}x{out_w})")
     expected = [n, P, out_h, out_w] if kind == "dynamic-diagonal" else [n, P, P, out_h, out_w]
-    if list(similarity.shape) != expected:
+    if not has_shape(similarity, expected):
         raise ValueError(f"dynamic similarity has shape {list(similarity.shape)}; expected {expected} "
                          f"([N, P{', P' if kind == 'dynamic-full' else ''}, H_out, W_out]) for input "
                          f"{list(input.shape)} and weight {list(weight.shape)}")
@@ -334,6 +336,10 @@ def _choose(backend: str) -> str:
 def _dynamic(x, weight, sim, stride, pads, dilation, groups, out_size) -> Tensor:
     named = get_backend()
     backend = _choose(named)
+    if backend in ("op", "unfold", "ztrick") and _func.compiled_transform():
+        # torch.compile of a torch.func transform: Dynamo cannot trace the Functions' vmap/jvp rules, so the
+        # reference formula's plain ops run (same numbers; no warning: warnings.warn breaks a fullgraph trace)
+        backend = "reference"
     if backend == "op":
         if named in _ops.KERNELS:  # an explicit 'cpp' / 'triton': that kernel must serve these tensors
             _ops.require(named, x)
@@ -341,11 +347,12 @@ def _dynamic(x, weight, sim, stride, pads, dilation, groups, out_size) -> Tensor
             x = F.pad(x, (pads[2], pads[3], pads[0], pads[1]))
             pads = (0, 0, 0, 0)
         conv_args = (list(stride), [pads[0], pads[2]], list(dilation), groups)
-        if named == "triton" and x.device.type != "cuda":
-            return _ops.triton_dynamic_ns_conv2d(x, weight, sim, *conv_args)
-        return torch.ops.nsl.dynamic_ns_conv2d(x, weight, sim, *conv_args)
+        pair = "triton" if named == "triton" and x.device.type != "cuda" else "op"
+        return _ops.call(pair, x, weight, sim, *conv_args)  # under torch.func: the op's autograd Function
     if any(pads):
         x = F.pad(x, (pads[2], pads[3], pads[0], pads[1]))
+    if backend in ("unfold", "ztrick") and _func.transforms_active():  # their Functions with vmap / jvp rules
+        return _ops.FUNCTIONS[backend].apply(x, weight, sim, list(stride), [0, 0], list(dilation), groups)
     geometry = ConvGeometry(weight.shape[2], weight.shape[3], stride, dilation, out_size)
     if backend == "export":
         return _export_math.dynamic_ns_conv2d_export(x, weight, sim, groups, geometry)

@@ -10,7 +10,8 @@
   depthwise convolution on CPU takes a slow path, channels-last goes to oneDNN; oneDNN's
   convolutions with few output channels (the last conv's ``P`` = 9) and its batch norms are faster
   channels-last too (measured, ``benchmarks/layers.py`` ``pred-diag/*``). ``g`` (``P`` or ``P * P``
-  channels) is made contiguous again for the op.
+  channels) is made contiguous again for the op. Inside ``torch.func`` transforms the input keeps its layout
+  (``vmap`` cannot convert a batched tensor to channels-last).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+
+from .._func import transforms_active
 
 __all__ = ["conv_then_norm", "light_predictor_forward", "sphere_predictor_forward"]
 
@@ -55,8 +58,13 @@ def conv_then_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
 
 
 def _to_channels_last(x: Tensor) -> tuple[Tensor, bool]:
-    """``x`` channels-last where that layout is the faster one (CPU, float32 / bfloat16), and whether it is."""
-    if x.device.type == "cpu" and x.dtype in _CHANNELS_LAST_DTYPES:
+    """``x`` channels-last where that layout is the faster one (CPU, float32 / bfloat16), and whether it is.
+
+    Not inside ``torch.func`` transforms (:func:`nsl._func.transforms_active`): ``vmap`` cannot convert a
+    batched tensor's memory format (it cannot query ``is_contiguous`` for channels-last), and the layout
+    is only a speed choice; the values are the same either way.
+    """
+    if x.device.type == "cpu" and x.dtype in _CHANNELS_LAST_DTYPES and not transforms_active():
         return x.contiguous(memory_format=torch.channels_last), True
     return x, False
 

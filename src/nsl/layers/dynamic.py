@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._geometry import has_shape
 from ..functional import ns_conv2d
 from ._checks import batched_input, check_conv_args, check_positive_int
 from ._predictor_paths import light_predictor_forward, sphere_predictor_forward
@@ -350,9 +351,9 @@ class DynamicNSConv2d(nn.Conv2d):
         if self.kernel_gate is not None:
             d = self.kernel_gate()
             P = sim.shape[1]
-            if tuple(d.shape) == (P,):
+            if has_shape(d, (P,)):
                 sim = sim * (d.view(1, P, 1, 1) if sim.dim() == 4 else d.view(1, 1, P, 1, 1))
-            elif self.similarity_kind == "diagonal" and tuple(d.shape) == (weight.shape[0], P):
+            elif self.similarity_kind == "diagonal" and has_shape(d, (weight.shape[0], P)):
                 weight = weight * d.view(weight.shape[0], 1, *self.kernel_size)
             else:
                 raise ValueError(f"kernel_gate returned shape {list(d.shape)}; expected [P] = [{P}], or "

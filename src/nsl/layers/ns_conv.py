@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .._geometry import has_shape
 from ..functional import static_weight
 from ._checks import batched_input, check_conv_args, check_positive_int
 
@@ -26,9 +27,9 @@ def apply_kernel_gate(weight: Tensor, gate: nn.Module | None) -> Tensor:
         return weight
     d = gate()
     o, _, kh, kw = weight.shape
-    if tuple(d.shape) == (kh * kw,):
+    if has_shape(d, (kh * kw,)):
         return weight * d.view(1, 1, kh, kw)
-    if tuple(d.shape) == (o, kh * kw):
+    if has_shape(d, (o, kh * kw)):
         return weight * d.view(o, 1, kh, kw)
     raise ValueError(f"kernel_gate returned shape {list(d.shape)}; expected [P] = [{kh * kw}] or "
                      f"[C_out, P] = [{o}, {kh * kw}]")
