@@ -64,7 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _export_math, _ops
+from . import _cpp, _export_math, _ops
 from ._geometry import ConvGeometry, output_size, pair
 from ._torch_kernels import _reference, _UnfoldFn, _ZTrickFn
 
@@ -335,6 +335,8 @@ def _dynamic(x, weight, sim, stride, pads, dilation, groups, out_size) -> Tensor
     named = get_backend()
     backend = _choose(named)
     if backend == "op":
+        if x.device.type == "cpu" and not torch.compiler.is_compiling():
+            _cpp.ensure_loaded()  # before the first CPU dispatch (see ensure_loaded: saves ~2 s)
         if named in _ops.KERNELS:  # an explicit 'cpp' / 'triton': that kernel must serve these tensors
             _ops.require(named, x)
         if pads[0] != pads[1] or pads[2] != pads[3]:
