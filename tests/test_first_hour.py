@@ -23,11 +23,15 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from nsl import _build, _cpp, doctor
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _pyproject() -> dict:
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
 
 
 def _env(**extra) -> dict:
@@ -72,7 +76,7 @@ def test_the_onnx_extra_is_declared_and_named_where_export_needs_it(tmp_path, mo
 
     from nsl.export import ExportError, export_module
 
-    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    extras = _pyproject()["project"]["optional-dependencies"]
     assert set(extras["onnx"]) == {"onnx", "onnxscript", "onnxruntime"}
     assert "nsl[onnx]" in (REPO / "README.md").read_text()
 
@@ -210,7 +214,7 @@ def test_sigterm_during_nsl_demo_does_not_offer_to_resume_its_temporary_runs(tmp
 
 # -- packaging ----------------------------------------------------------------------------------------------------
 def test_py_typed_is_shipped_and_the_licence_is_an_spdx_expression():
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    project = _pyproject()
     assert project["project"]["license"] == "MIT"
     assert "py.typed" in project["tool"]["setuptools"]["package-data"]["nsl"]
     assert (REPO / "src" / "nsl" / "py.typed").is_file()
