@@ -90,8 +90,8 @@ def test_export_fewshot_dynamic_checkpoint_exports_the_backbone(tmp_path):
                 for p in m.predictor.parameters():
                     p.normal_(0, 0.1)
     ckpt = tmp_path / "fs.pt"
-    torch.save({"format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "meta": {"in_channels": 1, "image_size": 28},
-                "model": model.state_dict()}, ckpt)
+    torch.save({"format": CHECKPOINT_FORMAT, "version": 1, "episode": 0, "config": cfg.to_dict(),
+                "meta": {"in_channels": 1, "image_size": 28}, "model": model.state_dict()}, ckpt)
     res = export_onnx(ckpt, tmp_path / "fs.onnx", batch=3)
     assert res["what"] == "conv4/dynamic-diagonal few-shot embedding backbone (omniglot)"
     assert {n.domain for n in onnx.load(str(tmp_path / "fs.onnx")).graph.node} <= {"", "ai.onnx"}  # standard ops

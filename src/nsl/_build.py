@@ -19,13 +19,17 @@ blocks anyone, and a process waiting on a live builder prints one line naming it
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import hashlib
 import json
 import os
 import shutil
 import signal
+import stat
 import sys
+import sysconfig
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -33,8 +37,12 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["KernelSpec", "cache_root", "status", "verify", "load_or_build", "flock", "toolchain_problem"]
+__all__ = ["KernelSpec", "BuildUnavailable", "cache_root", "cache_problem", "status", "verify", "load_or_build",
+           "flock", "toolchain_problem", "ninja_folder", "BUILD_TIME"]
 
+#: How long a first build takes, measured on a 2-core machine: 79 s idle, 250-290 s under load, 360 s at a load
+#: average of 8 (the build notice, ``nsl doctor --build`` and the README say it).
+BUILD_TIME = "1-6 minutes"
 #: Longest wait on another live process's build before giving up (the pure-PyTorch fallback).
 MAX_WAIT_S = 900.0
 #: Quiet wait before saying that we wait (a reader's shared lock is held only for milliseconds).
@@ -44,6 +52,32 @@ _QUIET_WAIT_S = 0.5
 def cache_root() -> Path:
     """``$NSL_EXTENSIONS_DIR`` or ``~/.cache/nsl/extensions``."""
     return Path(os.environ.get("NSL_EXTENSIONS_DIR") or Path.home() / ".cache" / "nsl" / "extensions")
+
+
+class BuildUnavailable(RuntimeError):
+    """Nothing was compiled: a build cannot even start here (no compiler or ninja, an unusable cache folder)."""
+
+
+def cache_problem(folder: Path) -> str | None:
+    """Why builds cannot be kept in ``folder`` (created when needed), else None: a part of its path exists and is
+    not a folder (a regular file, a pipe), or the deepest existing folder on it is not writable. Creates nothing."""
+    folder = Path(folder)
+    p = folder
+    while True:
+        try:
+            mode = os.stat(p).st_mode
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.ENOTDIR) and p.parent != p:
+                p = p.parent  # not there yet (or below a file: found on the way up)
+                continue
+            return f"cannot use {p}: {e.strerror or e}"
+        if not stat.S_ISDIR(mode):
+            what = "a regular file" if stat.S_ISREG(mode) else "not a folder (a pipe, socket or device)"
+            return f"{p} is {what}, where a folder is needed; remove it or set NSL_EXTENSIONS_DIR to another folder"
+        if not os.access(p, os.W_OK | os.X_OK):
+            return (f"{p} is not writable, so {folder} cannot be created; set NSL_EXTENSIONS_DIR to a writable folder"
+                    if p != folder else f"{p} is not writable; set NSL_EXTENSIONS_DIR to a writable folder")
+        return None
 
 
 def _sha256(path: Path) -> str:
@@ -132,9 +166,15 @@ def verify(spec: KernelSpec, fingerprint: dict | None = None) -> str | None:
 
 
 def status(spec: KernelSpec) -> tuple[Path, str]:
-    """``(published folder, 'built' | 'not built' | 'damaged: ...')`` without building or loading."""
+    """``(published folder, 'built' | 'not built' | 'damaged: ...' | 'unusable: ...')`` without building or
+    loading (``unusable``: :func:`cache_problem` of the cache folder)."""
     fingerprint = spec.fingerprint()
-    return spec.directory(fingerprint), verify(spec, fingerprint) or "built"
+    state = verify(spec, fingerprint) or "built"
+    if state != "built":
+        problem = cache_problem(spec.parent)
+        if problem:
+            state = f"unusable: {problem}"
+    return spec.directory(fingerprint), state
 
 
 class flock:
@@ -194,15 +234,55 @@ class flock:
         self.fd = None
 
 
+def ninja_folder() -> str | None:
+    """The folder of the ``ninja`` that this interpreter's environment provides, else None.
+
+    The ``ninja`` package (a dependency of nsl) installs it beside the interpreter (``bin/`` of a venv), which is
+    on PATH only in an activated environment: not when ``/path/to/venv/bin/nsl`` runs from pipx, cron or an
+    IDE. Looked for in the package's ``BIN_DIR``, the environment's scripts folder and ``sys.executable``'s."""
+    folders = []
+    with contextlib.suppress(ImportError):
+        import ninja
+
+        folders.append(getattr(ninja, "BIN_DIR", None))
+    folders += [sysconfig.get_path("scripts"), os.path.dirname(sys.executable)]
+    for folder in folders:
+        if folder and os.path.isfile(os.path.join(folder, "ninja")) and os.access(os.path.join(folder, "ninja"),
+                                                                                    os.X_OK):
+            return folder
+    return None
+
+
+@contextlib.contextmanager
+def build_path():
+    """``PATH`` with :func:`ninja_folder` in front while this block runs (the check for ninja and the build:
+    torch's ``cpp_extension`` runs ``ninja`` by name), restored afterwards."""
+    folder, old = ninja_folder(), os.environ.get("PATH")
+    parts = (old or os.defpath).split(os.pathsep)
+    if folder is None or folder in parts:
+        yield
+        return
+    os.environ["PATH"] = os.pathsep.join([folder, *parts])
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = old
+
+
 def toolchain_problem() -> str | None:
-    """Why nothing can be compiled here (no C++ compiler ``$CXX`` / ``c++`` on PATH, no ninja), else None."""
+    """Why nothing can be compiled here (no C++ compiler ``$CXX`` / ``c++`` on PATH, no ninja on PATH or in this
+    interpreter's environment), else None."""
     from torch.utils import cpp_extension
 
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
         return f"no C++ compiler ({cxx!r} is not on PATH; install one or set CXX)"
-    if not cpp_extension.is_ninja_available():
-        return "ninja is not installed (pip install ninja)"
+    with build_path():
+        if not cpp_extension.is_ninja_available():
+            return "ninja is not installed (pip install ninja)"
     return None
 
 
@@ -248,10 +328,11 @@ def _build(spec: KernelSpec, fingerprint: dict, announce) -> Path:
             announce(tmp)
         try:
             # is_python_module=False: a plain library, loaded with torch.ops.load_library
-            cpp_extension.load(name=spec.name, sources=[str(p) for p in spec.files() if p.suffix == ".cpp"],
-                               extra_include_paths=[str(spec.source.parent)], extra_cflags=list(spec.cflags),
-                               extra_ldflags=list(spec.ldflags), build_directory=str(tmp), verbose=False,
-                               is_python_module=False)
+            with build_path():
+                cpp_extension.load(name=spec.name, sources=[str(p) for p in spec.files() if p.suffix == ".cpp"],
+                                   extra_include_paths=[str(spec.source.parent)], extra_cflags=list(spec.cflags),
+                                   extra_ldflags=list(spec.ldflags), build_directory=str(tmp), verbose=False,
+                                   is_python_module=False)
         except BaseException:
             _stop_compilers(tmp)
             raise
@@ -276,10 +357,15 @@ def load_or_build(spec: KernelSpec, announce=None) -> Path:
     """Load the library (its kernels register with the dispatcher) and return its path: the published
     build if it verifies, else a fresh build (then published).
 
-    ``announce(tmp_dir)`` is called just before a real compilation starts. Raises what the build
-    raises (compiler errors), ``TimeoutError`` when another live process builds for too long.
+    ``announce(tmp_dir)`` is called just before a real compilation starts. Raises :class:`BuildUnavailable`
+    when no build can start (an unusable cache folder, no compiler or ninja: nothing was compiled), what the
+    build raises (compiler errors), ``TimeoutError`` when another live process builds for too long.
     """
     fingerprint = spec.fingerprint()
+    if verify(spec, fingerprint) is not None:  # to be built here: the cache folder must be usable
+        problem = cache_problem(spec.parent)
+        if problem:
+            raise BuildUnavailable(f"the kernel cache cannot be used: {problem}")
     lock = spec.lock_path(fingerprint)
     so = spec.directory(fingerprint) / f"{spec.name}.so"
     with flock(lock, exclusive=False):
@@ -296,5 +382,5 @@ def load_or_build(spec: KernelSpec, announce=None) -> Path:
                 pass
         problem = toolchain_problem()
         if problem:
-            raise RuntimeError(problem)
+            raise BuildUnavailable(f"the CPU kernel cannot be compiled here: {problem}")
         return _build(spec, fingerprint, announce)

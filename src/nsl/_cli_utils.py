@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import re
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,13 +180,60 @@ def error(command: str, message: str, code: int = 2) -> int:
     return code
 
 
+#: Signals that ask a command to stop (a scheduler, ``kill``, a closed terminal); training commands handle
+#: SIGTERM and SIGUSR1 themselves while they train (a checkpoint, then exit 75).
+TERMINATION_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP", "SIGUSR1") if hasattr(signal, n))
+
+
+class Terminated(BaseException):
+    """A termination signal arrived while a command ran (:func:`terminate_by_exception`).
+
+    A ``BaseException`` like ``KeyboardInterrupt``: the library's ``except Exception`` blocks do not swallow it,
+    and every ``finally`` on the way out runs (temporary files are removed, locks released)."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        self.signal_name = signal.Signals(signum).name
+        super().__init__(f"stopped by {self.signal_name}")
+
+
+@contextlib.contextmanager
+def terminate_by_exception():
+    """While the block runs (in the main thread), :data:`TERMINATION_SIGNALS` raise :class:`Terminated`
+    instead of killing the process on the spot, which would leave temporary files behind (``nsl export``'s
+    ``.NAME.tmpPID``, a half-extracted download); handlers installed inside the block (the training loop's)
+    take precedence while they are installed. The previous handlers are restored afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    owner = os.getpid()
+
+    def handler(signum, frame):
+        if os.getpid() != owner:  # a forked child (a DataLoader worker) dies of the signal as it would have
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise Terminated(signum)
+
+    saved = {s: signal.signal(s, handler) for s in TERMINATION_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+
+
 def read_config_json(path: Path) -> dict:
     """The JSON object in a run's ``config.json``; :class:`~nsl.train.ConfigError` naming the file when it is
     unreadable, not JSON or not an object."""
     from .train import ConfigError
+    from .train.rundir import NotARegularFile, read_regular_text
 
     try:
-        d = json.loads(path.read_text())
+        d = json.loads(read_regular_text(path))
+    except NotARegularFile as e:
+        raise ConfigError(str(e)) from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
     except json.JSONDecodeError as e:

@@ -63,8 +63,16 @@ def _spec() -> _build.KernelSpec:
     return _build.KernelSpec(_EXT_NAME, _SOURCE, tuple(cflags), tuple(ldflags), _build.cache_root())
 
 
+def _say(line: str) -> None:
+    """Print ``line`` to stderr on a line of its own: any tqdm progress bar is cleared first and redrawn after."""
+    from tqdm import tqdm
+
+    with tqdm.external_write_mode(file=sys.stderr):
+        print(line, file=sys.stderr, flush=True)
+
+
 def _announce(tmp: Path) -> None:
-    print(f"nsl: compiling the CPU kernel into {tmp.parent} (once, about a minute)...", file=sys.stderr, flush=True)
+    _say(f"nsl: compiling the CPU kernel into {tmp.parent} (once; {_build.BUILD_TIME})...")
 
 
 def build_status() -> tuple[Path | None, str]:
@@ -88,6 +96,11 @@ def _not_buildable() -> str | None:
 
 def _compile():
     return _build.load_or_build(_spec(), announce=_announce)
+
+
+def _one_line(text: str) -> str:
+    """``text`` with its line breaks folded into spaces."""
+    return " ".join(text.split())
 
 
 def _first_complaint(message: str) -> str:
@@ -115,16 +128,40 @@ def _load():
                 _library = _compile()
         except Exception as e:  # noqa: BLE001 - any build failure just disables the kernel
             _library = None
-            if isinstance(e, TimeoutError):
+            if isinstance(e, _build.BuildUnavailable):  # nothing was compiled: say why, not "compiling failed"
+                _reason = str(e)
+            elif isinstance(e, TimeoutError):
                 _reason = f"waiting for the CPU kernel's build timed out: {e}"
             else:
                 _reason = f"compiling the CPU kernel failed: {type(e).__name__}: {_first_complaint(str(e))}"
         _tried = True
         if _library is None and os.environ.get("NSL_DISABLE_CPP") != "1":
-            warnings.warn(f"nsl: the fused CPU kernel is unavailable ({_reason}); dynamic layers use the slower "
-                          "pure-PyTorch backend. `nsl doctor` shows why, `nsl doctor --build` retries the build "
-                          "(NSL_DISABLE_CPP=1 silences this).", RuntimeWarning, stacklevel=3)
+            _warn_fallback(_reason)
     return _library
+
+
+def _warn_fallback(reason: str) -> None:
+    """The one ``RuntimeWarning`` of a process whose CPU kernel is unavailable, printed as one line (no source
+    line under it: it is issued for ``nsl``, not for a line of code) on a line of its own (a tqdm progress bar
+    on the terminal is cleared first and redrawn after)."""
+    from tqdm import tqdm
+
+    message = (f"the fused CPU kernel is unavailable ({_one_line(reason)}); dynamic layers use the slower "
+               "pure-PyTorch backend. `nsl doctor` shows why, `nsl doctor --build` retries the build "
+               "(NSL_DISABLE_CPP=1 silences this).")
+    with tqdm.external_write_mode(file=sys.stderr):
+        warnings.warn_explicit(message, RuntimeWarning, filename="nsl", lineno=0, module="nsl._cpp")
+
+
+def ensure_loaded() -> None:
+    """Load the kernel now (compiling it on first use) unless this process has tried already.
+
+    Called by :func:`nsl.functional.ns_conv2d` before its first CPU call of the operator: once the library is
+    loaded the dispatcher sends CPU tensors straight to the C++ kernels. Without it the first call goes through
+    the operator's Python default implementation, and PyTorch imports ``torch._dynamo`` to wrap that (about
+    2 s of the first forward, for nothing when the C++ kernel is then used)."""
+    if not _tried:
+        _load()
 
 
 def is_available() -> bool:

@@ -4,19 +4,23 @@ and ``fewshot train|eval``."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
 from dataclasses import fields
 
 from ._cli_utils import (
     TRAIN_FLAGS,
     TRAIN_LENGTH_FLAGS,
+    Terminated,
     add_field_flags,
     given_fields,
     message_of,
     one_line,
     positive_int,
     run_training,
+    terminate_by_exception,
     with_download,
 )
 from ._cli_utils import error as _cli_error
@@ -26,13 +30,22 @@ __all__ = ["main"]
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import FULL, DemoConfig, run_demo
+    from .train.loop import EXIT_PREEMPTED, Preempted
 
     names = {f.name for f in fields(DemoConfig)}
     given = {k: v for k, v in vars(args).items() if k in names and v is not None}
     if args.full:
         given = {**FULL, **given}
     cfg = DemoConfig(**given)
-    run_demo(cfg)
+    try:
+        run_demo(cfg)
+    except (Preempted, Terminated) as e:  # a signal while training (Preempted) or between runs (Terminated)
+        name = e.signal_name
+        if cfg.out is None:  # the runs were in a temporary folder, removed on the way out: nothing to resume
+            return _error("demo", f"stopped by {name}; its runs were in a temporary folder, now removed (keep them "
+                                  "with --out DIR to continue an interrupted demo)", 128 + signal.Signals[name])
+        return _error("demo", f"stopped by {name}; the runs in {cfg.out} are kept: the same nsl demo command with "
+                              f"--out {cfg.out} continues them", EXIT_PREEMPTED)
     return 0
 
 
@@ -112,7 +125,7 @@ def _download(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     import json
 
-    from .export import ExportError, export_onnx
+    from .export import INSTALL_ONNX, ExportError, export_onnx
     from .train import CheckpointError
 
     try:
@@ -134,7 +147,7 @@ def _export(args: argparse.Namespace) -> int:
         print(f"onnxruntime check: max |onnx - torch| = {res['max_abs_diff']:.2e} (tolerance {res['tolerance']:.2e}) "
               f"on a random batch of {n}")
     elif args.check:
-        print("onnxruntime is not installed: the exported graph was not checked (pip install onnxruntime)")
+        print(f"onnxruntime is not installed: the exported graph was not checked ({INSTALL_ONNX})")
     return 0
 
 
@@ -290,10 +303,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     command = " ".join(c for c in (args.command, getattr(args, "fewshot_command", None)) if c)
+    # a SIGTERM/SIGHUP/SIGUSR1 stops a command through its `finally` blocks (no temporary file is left); the
+    # training commands handle SIGTERM/SIGUSR1 themselves (a checkpoint, exit 75) and keep the default otherwise
+    training = command in ("train", "fewshot train")
     try:
-        return args.func(args)
+        with contextlib.nullcontext() if training else terminate_by_exception():
+            return args.func(args)
     except KeyboardInterrupt:
         return _cli_error(command, "interrupted", 130)
+    except Terminated as e:
+        return _cli_error(command, f"stopped by {e.signal_name}", 128 + e.signum)
     except Exception as e:  # noqa: BLE001 - the last line of defence against a traceback
         if os.environ.get("NSL_TRACEBACK") == "1":
             raise

@@ -100,24 +100,26 @@ def _run(cfg: DemoConfig, root: Path, echo) -> dict:
     results: dict[str, dict] = {}
     bar = tqdm(total=len(VARIANTS) * cfg.seeds, desc="demo runs", unit="run", disable=not cfg.progress,
                dynamic_ncols=True, leave=False)
-    for kind in VARIANTS:
-        accs, seconds, params = [], 0.0, None
-        for seed in range(cfg.seeds):
-            run_cfg = dataclasses.replace(base, layer=kind, seed=seed, out=str(root / f"{kind}-s{seed}"))
-            bar.set_postfix_str(f"training {kind} seed {seed}")
-            t0 = time.perf_counter()
-            summary = train(run_cfg, resume=(root / f"{kind}-s{seed}" / "checkpoints" / "last.pt").exists(),
-                            echo=lambda *a, **k: None)
-            seconds += time.perf_counter() - t0
-            accs.append(summary["test_acc"])
-            params = summary["params"]
-            bar.update()
-        mean, ci = mean_ci(accs)
-        results[kind] = {"accuracies": accs, "mean": mean, "ci95": ci, "params": params,
-                         "seconds_per_run": seconds / cfg.seeds}
-        with tqdm.external_write_mode():  # the result now, above the progress bar
-            echo(_line(kind, results[kind]))
-    bar.close()
+    try:  # a signal or an error mid-run: the bar is cleared before the message
+        for kind in VARIANTS:
+            accs, seconds, params = [], 0.0, None
+            for seed in range(cfg.seeds):
+                run_cfg = dataclasses.replace(base, layer=kind, seed=seed, out=str(root / f"{kind}-s{seed}"))
+                bar.set_postfix_str(f"training {kind} seed {seed}")
+                t0 = time.perf_counter()
+                summary = train(run_cfg, resume=(root / f"{kind}-s{seed}" / "checkpoints" / "last.pt").exists(),
+                                echo=lambda *a, **k: None)
+                seconds += time.perf_counter() - t0
+                accs.append(summary["test_acc"])
+                params = summary["params"]
+                bar.update()
+            mean, ci = mean_ci(accs)
+            results[kind] = {"accuracies": accs, "mean": mean, "ci95": ci, "params": params,
+                             "seconds_per_run": seconds / cfg.seeds}
+            with tqdm.external_write_mode():  # the result now, above the progress bar
+                echo(_line(kind, results[kind]))
+    finally:
+        bar.close()
     if cfg.seeds > 1:
         echo("   (overlapping intervals mean the difference is within seed noise on this small set)")
 

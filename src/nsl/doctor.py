@@ -2,8 +2,10 @@
 
 Without ``--build`` nothing is compiled or loaded: the cache is inspected (:func:`nsl._cpp.build_status`).
 ``--build`` compiles the CPU kernel now (so a training run never pays the compile in its first step).
-Exit 0 when everything usable is usable; 1 when the CPU kernel cannot be built or used (no compiler,
-no ninja, a damaged cache, a failed build) or a CUDA device cannot run the Triton kernels.
+Whether built or not, it checks what a build needs: a usable cache folder (creatable and writable; a file in
+its place is a problem), a C++ compiler and ninja (that of this interpreter's environment counts, activated
+or not). Exit 0 when everything usable is usable; 1 when the CPU kernel cannot be built or used (no compiler,
+no ninja, an unusable or damaged cache, a failed build) or a CUDA device cannot run the Triton kernels.
 """
 
 from __future__ import annotations
@@ -38,27 +40,45 @@ def doctor(build: bool = False, out=None) -> int:
 
     ok = True
     say(f"python {sys.version.split()[0]} ({sys.executable})")
+    ninja_at = _build.ninja_folder()
     say(f"torch {torch.__version__}, triton {_version('triton')}, numpy {_version('numpy')}, "
-        f"ninja {_version('ninja')}")
+        f"ninja {_version('ninja')}" + (f" (in {ninja_at})" if ninja_at else ""))
     folder, state = _cpp.build_status()
-    toolchain = _build.toolchain_problem()
-    if build and folder is not None and not (state == "built" or toolchain):
-        say(f"compiling the CPU kernel into {folder} (about a minute)...")
-        start = time.monotonic()
-        with warnings.catch_warnings():  # the reason is printed below; no second copy as a warning
-            warnings.simplefilter("ignore")
-            built = _cpp.is_available()
-        if built:
-            say(f"compiled in {time.monotonic() - start:.0f} s")
-        folder, state = _cpp.build_status()
-        if not built:
-            state = f"build failed: {_cpp.unavailable_reason()}"
+    # what a build needs: a usable cache folder, a compiler and ninja (checked even when nothing is built)
+    unusable = state.removeprefix("unusable: ") if state.startswith("unusable: ") else None
+    toolchain = _build.toolchain_problem() if folder is not None else None
+    if build and folder is not None:
+        if state == "built":
+            say("--build: nothing to do, the CPU kernel is already built")
+        elif unusable or toolchain:
+            why = f"the kernel cache cannot be used: {unusable}" if unusable else \
+                f"the CPU kernel cannot be compiled here: {toolchain}"
+            say(f"--build: skipped, nothing was compiled: {why}")
+        else:
+            say(f"--build: compiling the CPU kernel into {folder} ({_build.BUILD_TIME})...")
+            start = time.monotonic()
+            with warnings.catch_warnings():  # the reason is printed below; no second copy as a warning
+                warnings.simplefilter("ignore")
+                built = _cpp.is_available()
+            if built:
+                say(f"--build: compiled in {time.monotonic() - start:.0f} s")
+            folder, state = _cpp.build_status()
+            if not built:
+                state = f"build failed: {_cpp.unavailable_reason()}"
+                say(f"--build: failed: {_cpp.unavailable_reason()}")
+    elif build:
+        say(f"--build: skipped, nothing was compiled: {state}")
     if folder is None:
         say(f"CPU kernel cache: none ({state})")
         cpu, ok = f"pure PyTorch ({state})", state.startswith("disabled")  # disabling it on purpose is fine
+    elif unusable:
+        say(f"CPU kernel cache: {folder}: unusable: {unusable}")
+        cpu, ok = "pure PyTorch: the kernel cache cannot be used (see above)", False
     else:
         hint = ""
-        if state == "not built":
+        if state != "built" and toolchain:
+            hint = " (and it cannot be compiled here: see below)"
+        elif state == "not built":
             hint = " (compiled on first use, or now with `nsl doctor --build`)"
         elif state != "built":
             hint = " (`nsl doctor --build` rebuilds it)"
@@ -102,5 +122,6 @@ def add_parser(sub) -> None:
                                    "CUDA: the Triton kernels or why not), and where the C++ kernel cache is and "
                                    "whether it is built (nothing is compiled). --build compiles the kernel now. "
                                    "Exit 0 when all is fine, 1 when a problem is shown.")
-    p.add_argument("--build", action="store_true", help="compile the CPU kernel now if it is not built")
+    p.add_argument("--build", action="store_true", help="compile the CPU kernel now if it is not built (says what "
+                   "it did, or why it skipped the build)")
     p.set_defaults(func=_cli)

@@ -38,7 +38,10 @@ import torch.nn as nn
 from .convert import fold as fold_model
 from .layers import NSConv2d
 
-__all__ = ["ExportError", "ExportedModel", "export_module", "export_onnx", "load_for_export"]
+__all__ = ["ExportError", "ExportedModel", "INSTALL_ONNX", "export_module", "export_onnx", "load_for_export"]
+
+#: How to install what ONNX export needs (onnx, onnxscript, and onnxruntime for the check): the nsl[onnx] extra.
+INSTALL_ONNX = "`pip install 'nsl[onnx]'`"
 
 
 class ExportError(ValueError):
@@ -63,14 +66,15 @@ def _read_checkpoint(path: str | Path) -> tuple[dict, str]:
     try:
         return load_checkpoint(path), "classification"
     except CheckpointError as e:
-        first = e
+        if not e.wrong_format:  # a training checkpoint with a problem, or no readable checkpoint at all
+            raise
     try:
         return load_fewshot_checkpoint(path), "fewshot"
     except CheckpointError as e:
-        if "is not" in str(first) and "is not" in str(e):  # a readable file of neither format
-            raise CheckpointError(f"{Path(path).expanduser()} is neither an nsl training checkpoint (written by "
-                                  "`nsl train`) nor a few-shot checkpoint (written by `nsl fewshot train`)") from None
-        raise first from None
+        if not e.wrong_format:
+            raise
+    raise CheckpointError(f"{Path(path).expanduser()} is neither an nsl training checkpoint (written by `nsl train`) "
+                          "nor a few-shot checkpoint (written by `nsl fewshot train`)") from None
 
 
 def load_for_export(checkpoint: str | Path) -> ExportedModel:
@@ -189,8 +193,8 @@ def export_module(module: nn.Module, out: str | Path, input_shape: tuple[int, ..
                                   opset_version=opset, dynamo=True, external_data=False,
                                   dynamic_shapes=({0: batch},))
         except ImportError as e:
-            raise ExportError(f"ONNX export needs the onnxscript package ({e}); install it with "
-                              "`pip install onnxscript onnx`") from None
+            raise ExportError(f"ONNX export needs the packages of the nsl[onnx] extra ({e}); install them with "
+                              f"{INSTALL_ONNX}") from None
         except Exception as e:  # noqa: BLE001 - any exporter failure becomes one line naming the model
             text = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise ExportError(f"torch.onnx.export failed for {type(module).__name__}"

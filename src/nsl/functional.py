@@ -71,7 +71,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _export_math, _func, _ops
+from . import _cpp, _export_math, _func, _ops
 from ._geometry import ConvGeometry, has_shape, output_size, pair
 from ._torch_kernels import _reference, _UnfoldFn, _ZTrickFn
 
@@ -341,6 +341,8 @@ def _dynamic(x, weight, sim, stride, pads, dilation, groups, out_size) -> Tensor
         # reference formula's plain ops run (same numbers; no warning: warnings.warn breaks a fullgraph trace)
         backend = "reference"
     if backend == "op":
+        if x.device.type == "cpu" and not torch.compiler.is_compiling():
+            _cpp.ensure_loaded()  # before the first CPU dispatch (see ensure_loaded: saves ~2 s)
         if named in _ops.KERNELS:  # an explicit 'cpp' / 'triton': that kernel must serve these tensors
             _ops.require(named, x)
         if pads[0] != pads[1] or pads[2] != pads[3]:

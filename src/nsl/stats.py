@@ -14,14 +14,15 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import stats as _scipy_stats
 
 __all__ = ["mean_ci", "normal_ci", "t_quantile"]
 
 
 def t_quantile(df: int, level: float = 0.95) -> float:
     """The two-sided Student-t quantile ``t_{(1 + level) / 2, df}`` (``t_quantile(2) = 4.303``)."""
-    return float(_scipy_stats.t.ppf((1 + level) / 2, df))
+    from scipy import stats  # imported here: scipy.stats takes about a second to import, nsl's start-up none
+
+    return float(stats.t.ppf((1 + level) / 2, df))
 
 
 def mean_ci(values: Sequence[float]) -> tuple[float, float]:

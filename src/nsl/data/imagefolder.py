@@ -13,12 +13,15 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from .errors import DatasetError
+
+if TYPE_CHECKING:  # Pillow is imported where images are decoded, not when nsl starts
+    from PIL import Image
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -41,8 +44,8 @@ __all__ = [
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-_BILINEAR = getattr(Image, "Resampling", Image).BILINEAR  # Pillow < 9.1 has no enums
-_FLIP_LR = getattr(Image, "Transpose", Image).FLIP_LEFT_RIGHT
+_BILINEAR = 2  # PIL.Image.Resampling.BILINEAR (Pillow < 9.1: Image.BILINEAR, the same value)
+_FLIP_LR = 0  # PIL.Image.Transpose.FLIP_LEFT_RIGHT (Pillow < 9.1: Image.FLIP_LEFT_RIGHT)
 
 
 def _pair(size) -> tuple[int, int]:
@@ -290,6 +293,8 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def load(self, index: int) -> Image.Image:
         """Decode sample ``index`` as a PIL image in ``mode`` (no transform)."""
+        from PIL import Image, UnidentifiedImageError
+
         path = self.samples[index][0]
         try:
             with Image.open(path) as im:

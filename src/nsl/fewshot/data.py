@@ -32,15 +32,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from PIL import Image
 
 from nsl.data.cifar import cifar_class_names, load_cifar
 from nsl.data.errors import DatasetError
 
 from .sampler import EpisodeSampler
+
+if TYPE_CHECKING:  # Pillow is imported where images are decoded, not when nsl starts
+    from PIL import Image
 
 __all__ = [
     "FEWSHOT_DATASETS",
@@ -258,6 +261,7 @@ def _workers(num_workers: int | None) -> int:
 def _read_images(paths: Sequence[Path], convert: Callable[[Image.Image], Image.Image],
                  num_workers: int | None) -> torch.Tensor:
     """Decode ``paths`` with ``convert`` (to a fixed mode and size): uint8 ``[N, C, H, W]``."""
+    from PIL import Image
 
     def one(path: Path) -> np.ndarray:
         try:
@@ -291,6 +295,8 @@ def _read_images(paths: Sequence[Path], convert: Callable[[Image.Image], Image.I
 
 
 def _resizer(mode: str, image_size: int | None) -> Callable[[Image.Image], Image.Image]:
+    from PIL import Image
+
     def convert(im: Image.Image) -> Image.Image:
         im = im.convert(mode)
         if image_size is not None and im.size != (image_size, image_size):

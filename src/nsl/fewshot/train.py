@@ -57,7 +57,6 @@ __all__ = ["FEWSHOT_HEADS", "FewShotConfig", "apply_fewshot_overrides", "build_f
            "load_fewshot_split", "train_fewshot", "FewShotTask"]
 
 CHECKPOINT_FORMAT = "nsl-fewshot"
-CHECKPOINT_VERSION = 1
 
 
 @dataclass
@@ -222,9 +221,12 @@ def build_fewshot_model(cfg: FewShotConfig, in_channels: int, image_size: int) -
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
-def load_fewshot_checkpoint(path: str | Path) -> dict:
-    """Read a checkpoint written by ``nsl fewshot train`` (``weights_only=True``); CheckpointError otherwise."""
-    return load_checkpoint(path, CHECKPOINT_FORMAT, "a few-shot checkpoint (written by `nsl fewshot train`)")
+def load_fewshot_checkpoint(path: str | Path, resume: bool = False) -> dict:
+    """Read a checkpoint written by ``nsl fewshot train`` (``weights_only=True``), its fields checked with the
+    few-shot counters (``episode``, ``episodes``, ``best_episode``: :func:`nsl.train.run.check_checkpoint`);
+    CheckpointError otherwise."""
+    return load_checkpoint(path, CHECKPOINT_FORMAT, "a few-shot checkpoint (written by `nsl fewshot train`)",
+                           (FewShotTask.unit, FewShotTask.total_key, FewShotTask.best_key), resume)
 
 
 def _model_from_checkpoint(ckpt: dict, path) -> tuple[FewShotClassifier, FewShotConfig]:
@@ -263,8 +265,8 @@ class FewShotTask(Task):
         self.eval_every = cfg.val_every
         self.name = f"{cfg.backbone}/{cfg.layer}"
 
-    def load_checkpoint(self, path):
-        return load_fewshot_checkpoint(path)
+    def load_checkpoint(self, path, resume: bool = False):
+        return load_fewshot_checkpoint(path, resume)
 
     def setup(self, process: Process, ckpt: dict | None) -> None:
         cfg = self.cfg

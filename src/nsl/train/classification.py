@@ -38,7 +38,8 @@ __all__ = ["ClassificationTask", "train", "evaluate", "evaluate_checkpoint", "lo
 STRUCTURAL = ("dataset", "model", "layer", "width", "predictor_width", "share_predictor", "predictor_norm",
               "predictor_stride", "share_prediction", "bias",
               "paper_init", "train_subset", "batch_size", "seed", "bn_eps", "input", "shape_active", "shape_method",
-              "shape_per_filter")
+              "shape_per_filter",
+              "optimizer", "decay_bn")  # another optimizer's state, or other parameter groups, cannot be continued
 
 
 # -- evaluation ----------------------------------------------------------------------------------
@@ -272,8 +273,8 @@ class ClassificationTask(Task):
         self.name = f"{cfg.model}/{cfg.layer}"
         self.shaper = None
 
-    def load_checkpoint(self, path):
-        return load_checkpoint(path)
+    def load_checkpoint(self, path, resume: bool = False):
+        return load_checkpoint(path, resume=resume)
 
     def setup(self, process: Process, ckpt: dict | None) -> None:
         cfg = self.cfg

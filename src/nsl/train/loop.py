@@ -45,6 +45,8 @@ import torch.nn as nn
 
 from .config import ConfigError
 from .run import (
+    CHECKPOINT_VERSION,
+    CheckpointError,
     Process,
     RunDir,
     autocast_and_scaler,
@@ -64,7 +66,12 @@ PREEMPT_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGUSR1") if ha
 
 class Preempted(Exception):
     """Training was stopped by a preemption signal (:data:`PREEMPT_SIGNALS`): the current step finished and
-    ``checkpoints/last.pt`` was written; ``--resume`` continues bit-exactly. The CLI exits :data:`EXIT_PREEMPTED`."""
+    ``checkpoints/last.pt`` was written; ``--resume`` continues bit-exactly. The CLI exits :data:`EXIT_PREEMPTED`.
+    ``signal_name``: the signal's name (``"SIGTERM"``)."""
+
+    def __init__(self, message: str, signal_name: str = "SIGTERM"):
+        super().__init__(message)
+        self.signal_name = signal_name
 
 
 class _SignalFlag:
@@ -85,7 +92,6 @@ class _SignalFlag:
             signal.signal(s, h)
         self.saved = {}
 
-CHECKPOINT_VERSION = 1
 
 
 class TrainingDiverged(RuntimeError):
@@ -132,8 +138,9 @@ class Task:
     def throughput_key(self) -> str:
         return f"{self.items}_per_s"
 
-    def load_checkpoint(self, path: Path) -> dict:
-        """Read (format-checked) the checkpoint at ``path``."""
+    def load_checkpoint(self, path: Path, resume: bool = False) -> dict:
+        """Read the checkpoint at ``path``, its format and fields checked (:func:`nsl.train.run.check_checkpoint`
+        with this task's counters; ``resume``: also what :meth:`_Training.restore` reads)."""
         raise NotImplementedError
 
     def setup(self, process: Process, ckpt: dict | None) -> None:
@@ -374,8 +381,9 @@ class _Training:
                 if preempt:
                     if self.process.distributed:  # no rank exits (torchrun then stops the others) before last.pt
                         dist.barrier()
-                    raise Preempted(f"stopped by {signal.Signals(preempt).name} at {unit} {self.step} of "
-                                    f"{self.total}; checkpoint {self.run_dir.last} written; continue with --resume")
+                    name = signal.Signals(preempt).name
+                    raise Preempted(f"stopped by {name} at {unit} {self.step} of {self.total}; checkpoint "
+                                    f"{self.run_dir.last} written; continue with --resume", name)
                 self.t_mark = time.perf_counter()  # evaluations and checkpoint writes are not training time
             self.flush()
         finally:
@@ -413,20 +421,53 @@ class _Training:
         the logging window and collapse watch it was taken in."""
         task, unit = self.task, self.unit
         load_model_state(self.model, ckpt["model"], self.run_dir.last)
-        self.opt.load_state_dict(ckpt["optimizer"])
-        if "loader" in ckpt:
-            states = ckpt["loader"]
-            task.load_loader_state(states[self.process.rank] if isinstance(states, list) else states)
-        set_rng_state(ckpt["rng"])
-        task.load_state_dict(ckpt)
-        if self.scaler is not None and "scaler" in ckpt:
-            self.scaler.load_state_dict(ckpt["scaler"])
-        self.step, self.best_acc, self.best_step = int(ckpt[unit]), float(ckpt["best_acc"]), int(ckpt[task.best_key])
-        self.window.load_state_dict(ckpt["window"])  # the logging window the checkpoint was taken in
+        self.restore_optimizer(ckpt["optimizer"])
+        try:  # the entries were checked by type (check_checkpoint); what is inside them is checked here
+            if "loader" in ckpt:
+                states = ckpt["loader"]
+                task.load_loader_state(states[self.process.rank] if isinstance(states, list) else states)
+            set_rng_state(ckpt["rng"])
+            task.load_state_dict(ckpt)
+            if self.scaler is not None and "scaler" in ckpt:
+                self.scaler.load_state_dict(ckpt["scaler"])
+            self.window.load_state_dict(ckpt["window"])  # the logging window the checkpoint was taken in
+            self.collapse.load_state_dict(ckpt["collapse_watch"])
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+            text = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            raise CheckpointError(f"checkpoint {self.run_dir.last}: cannot restore the training state it holds "
+                                  f"({type(e).__name__}: {text})") from None
+        self.step, self.best_acc, self.best_step = ckpt[unit], float(ckpt["best_acc"]), ckpt[task.best_key]
         self.ema_loss = ckpt["ema_loss"]
-        self.collapse.load_state_dict(ckpt["collapse_watch"])
         if self.step >= self.total:
             self.say(f"the run in {self.run_dir} is already complete ({self.step} of {self.total} {unit}s)")
+
+    def restore_optimizer(self, state: dict) -> None:
+        """Load the optimizer's state from the checkpoint (momentum buffers, Adam moments, step counts) and keep
+        this run's hyperparameters: every entry of each parameter group but ``params`` (``weight_decay``,
+        ``momentum``, ``nesterov``, ``betas``, ``lr``, ...) is the one the config built, so a resumed run does
+        what its recorded config says (``torch.optim.Optimizer.load_state_dict`` would bring back the saved
+        values). The groups must be the run's: the same names and sizes, in order (:class:`CheckpointError`
+        otherwise, as for a state that does not load)."""
+        path, opt = self.run_dir.last, self.opt
+        groups = state.get("param_groups")
+        if not isinstance(groups, list) or not isinstance(state.get("state"), dict) \
+                or not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
+            raise CheckpointError(f"checkpoint {path}: 'optimizer' is not an optimizer state (no 'state' and "
+                                  "'param_groups')")
+        now = [(g.get("name"), len(g["params"])) for g in opt.param_groups]
+        saved = [(g.get("name"), len(g["params"])) for g in groups]
+        if now != saved:
+            raise CheckpointError(f"checkpoint {path}: its optimizer's parameter groups (name, size) {saved} are not "
+                                  f"this run's {now}; resume with the settings the run was started with")
+        config = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+        try:
+            opt.load_state_dict(state)
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            raise CheckpointError(f"checkpoint {path}: its optimizer state does not load into this run's "
+                                  f"{type(opt).__name__} ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})"
+                                  ) from None
+        for group, hyper in zip(opt.param_groups, config):
+            group.update(hyper)
 
     def wrap(self) -> None:
         """``self.net``: the model in DistributedDataParallel and/or ``torch.compile`` (the uncompiled

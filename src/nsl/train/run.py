@@ -27,24 +27,36 @@ import torch
 from .config import ConfigError
 from .domains import ENGINE_DOMAINS
 from .rundir import (
+    NotARegularFile,
     RunLock,
     atomic_write_text,
     clean_stale_temps,
     describe_os_error,
     ensure_dir,
+    open_regular,
     os_error_reason,
     read_jsonl,
     write_atomically,
 )
 
-__all__ = ["CheckpointError", "RunDir", "Process", "atomic_save", "load_checkpoint", "load_model_state",
-           "model_from_checkpoint",
-           "nonfinite_tensors", "rng_state",
-           "set_rng_state", "resolve_device", "dist_env", "autocast_and_scaler"]
+__all__ = ["CheckpointError", "CHECKPOINT_VERSION", "READABLE_VERSIONS", "RunDir", "Process", "atomic_save",
+           "check_checkpoint", "load_checkpoint", "load_model_state", "model_from_checkpoint", "nonfinite_tensors",
+           "rng_state", "set_rng_state", "resolve_device", "dist_env", "autocast_and_scaler"]
+
+#: The checkpoint format version that this nsl writes (the ``"version"`` entry) ...
+CHECKPOINT_VERSION = 1
+#: ... and the versions it reads (:func:`check_checkpoint`).
+READABLE_VERSIONS = (1,)
 
 
 class CheckpointError(ValueError):
-    """A checkpoint file is missing, unreadable or not an nsl training checkpoint."""
+    """A checkpoint file is missing, unreadable, not an nsl training checkpoint, or claims what it cannot be.
+
+    ``wrong_format``: the file is a readable checkpoint of another format (so another reader may take it)."""
+
+    def __init__(self, message: str, wrong_format: bool = False):
+        super().__init__(message)
+        self.wrong_format = wrong_format
 
 
 # -- checkpoint files ------------------------------------------------------------------------------
@@ -73,12 +85,78 @@ def _torch_write_error(e: Exception) -> str:
     return text.strip().splitlines()[-1][:200] if text.strip() else type(e).__name__
 
 
-def load_checkpoint(path: str | Path, format: str = "nsl-train",
-                    what: str = "an nsl training checkpoint (written by `nsl train`)") -> dict:
-    """Read an nsl checkpoint (``weights_only=True``) whose ``format`` field is ``format``.
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
-    Raises :class:`CheckpointError` naming the reason (a directory, missing, corrupt or truncated,
-    or not ``what``).
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _shown(v) -> str:
+    """A short, one-line rendering of a checkpoint value for a message."""
+    if torch.is_tensor(v):
+        return f"a tensor of shape {list(v.shape)}"
+    if isinstance(v, (dict, list, tuple)):
+        return f"a {type(v).__name__} of {len(v)} entries"
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_checkpoint(ckpt: dict, path, counters: tuple[str, str, str] = ("step", "iters", "best_step"),
+                     resume: bool = False) -> dict:
+    """The one check of what a checkpoint claims, for every reader (eval, export, viz, resume, few-shot).
+
+    ``counters``: the names of its step counter, run length and best step (``step``, ``iters``, ``best_step``
+    for ``nsl train``; ``episode``, ``episodes``, ``best_episode`` for ``nsl fewshot train``). Checked: the
+    format version is one this nsl reads (:data:`READABLE_VERSIONS`), the step counter is an integer >= 0, and
+    with ``resume`` every entry the training loop restores is there with its type (the run length >= 1 and not
+    below the step, the best step in ``-1 .. step``, ``world_size`` >= 1, the optimizer, RNG, logging window and
+    collapse-watch states dicts, ``best_acc`` and ``ema_loss`` numbers). Returns ``ckpt``; else
+    :class:`CheckpointError`, one line naming the file and the field.
+    """
+    def refuse(field: str, problem: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint {path}: {field!r} {problem} (a damaged or edited file, or not one "
+                               "written by nsl)")
+
+    version = ckpt.get("version")
+    if "version" not in ckpt:
+        raise refuse("version", "is missing: the format version of the file is unknown")
+    if not _int(version) or version not in READABLE_VERSIONS:
+        newer = " (written by a newer nsl?)" if _int(version) and version > max(READABLE_VERSIONS) else ""
+        readable = ", ".join(map(str, READABLE_VERSIONS))
+        raise CheckpointError(f"checkpoint {path}: format version {_shown(version)} is unknown to this nsl, which "
+                              f"reads version {readable}{newer}")
+    unit, total_key, best_key = counters
+    fields = {unit: (lambda v: _int(v) and v >= 0, "an integer >= 0")}
+    if resume:
+        fields |= {total_key: (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+                   best_key: (lambda v: _int(v) and v >= -1, "an integer >= -1"),
+                   "world_size": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+                   "best_acc": (_number, "a number"),
+                   "ema_loss": (lambda v: v is None or _number(v), "a number or None"),
+                   **{k: (lambda v: isinstance(v, dict), "a dict") for k in ("optimizer", "rng", "window",
+                                                                             "collapse_watch")}}
+    for field, (ok, expected) in fields.items():
+        if field not in ckpt:
+            raise refuse(field, f"is missing (expected {expected})")
+        if not ok(ckpt[field]):
+            raise refuse(field, f"is {_shown(ckpt[field])}, expected {expected}")
+    if resume and ckpt[unit] > ckpt[total_key]:
+        raise refuse(unit, f"is {ckpt[unit]}, past the run's length {total_key}={ckpt[total_key]}")
+    if resume and ckpt[best_key] > ckpt[unit]:
+        raise refuse(best_key, f"is {ckpt[best_key]}, after the checkpoint's {unit} {ckpt[unit]}")
+    return ckpt
+
+
+def load_checkpoint(path: str | Path, format: str = "nsl-train",
+                    what: str = "an nsl training checkpoint (written by `nsl train`)",
+                    counters: tuple[str, str, str] = ("step", "iters", "best_step"), resume: bool = False) -> dict:
+    """Read an nsl checkpoint (``weights_only=True``) whose ``format`` field is ``format``, and check what it
+    claims (:func:`check_checkpoint` with ``counters`` and ``resume``).
+
+    Raises :class:`CheckpointError` naming the reason (not a regular file: a directory, a named pipe, a
+    device, refused at once; missing, corrupt or truncated; not ``what``; a field it cannot hold).
     """
     path = Path(path).expanduser()
     if path.is_dir():
@@ -86,16 +164,22 @@ def load_checkpoint(path: str | Path, format: str = "nsl-train",
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with open_regular(path) as f:  # a named pipe or device is refused here, never waited on
+            ckpt = torch.load(f, map_location="cpu", weights_only=True)
+    except NotARegularFile as e:
+        raise CheckpointError(f"checkpoint {e}") from None
+    except OSError as e:
+        raise CheckpointError(describe_os_error(e, path, "read checkpoint")) from None
     except Exception as e:  # truncated, corrupt, or not a torch file
         raise CheckpointError(f"cannot read checkpoint {path}: it is corrupt, truncated or not a PyTorch "
                               f"checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != format or not isinstance(ckpt.get("model"), dict):
-        raise CheckpointError(f"{path} is not {what}")
+        raise CheckpointError(f"{path} is not {what}", wrong_format=True)
     missing = [k for k in ("config", "meta") if not isinstance(ckpt.get(k), dict)]
     if missing:
         raise CheckpointError(f"{path} is not {what}: it has no {' or '.join(missing)} entry (a checkpoint written "
                               "by an nsl training run holds both)")
+    check_checkpoint(ckpt, path, counters, resume)
     bad = nonfinite_tensors(ckpt["model"])
     if bad:
         raise CheckpointError(f"checkpoint {path} holds non-finite values (NaN or inf) in {len(bad)} tensor(s), "
@@ -203,7 +287,8 @@ class RunDir:
         another process holds it; ``ConfigError`` naming ``out`` when it is a file or not writable), and stale
         temporary files are removed. With ``resume``: a missing ``last.pt`` starts fresh (None); else the saved
         config must equal ``cfg`` on every field in ``structural`` (``ConfigError`` listing the differences).
-        Without: the directory must not hold a run already. ``load`` reads the checkpoint (format-checked).
+        Without: the directory must not hold a run already. ``load(path, resume=True)`` reads the checkpoint
+        (format and fields checked: :func:`check_checkpoint`).
         """
         if lock:
             self.lock.acquire()
@@ -219,7 +304,7 @@ class RunDir:
         if resume and not self.last.exists():  # a requeued job stopped before its first checkpoint
             return None
         if resume:
-            ckpt = load(self.last)
+            ckpt = load(self.last, resume=True)
             try:
                 saved = type(cfg).from_dict(ckpt["config"])
             except ConfigError as e:
@@ -268,9 +353,12 @@ class RunDir:
 
     def last_step(self, key: str) -> int | None:
         """``key`` (the step counter) of ``last.pt``, or ``None`` when there is no checkpoint yet."""
-        if not self.last.exists():
+        try:
+            with open_regular(self.last) as f:
+                step = torch.load(f, map_location="cpu", weights_only=True)[key]
+        except Exception:  # noqa: BLE001 - missing, unreadable or not ours: no step to name
             return None
-        return int(torch.load(self.last, map_location="cpu", weights_only=True)[key])
+        return int(step) if _int(step) else None
 
 
 # -- the process: device, DDP, AMP ------------------------------------------------------------------

@@ -19,6 +19,7 @@ import errno
 import json
 import os
 import socket
+import stat
 import time
 from pathlib import Path
 
@@ -30,8 +31,8 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None
     import msvcrt
 
-__all__ = ["RunLock", "RunDirBusy", "clean_stale_temps", "write_atomically", "atomic_write_text", "read_jsonl",
-           "ensure_dir", "describe_os_error", "os_error_reason"]
+__all__ = ["RunLock", "RunDirBusy", "NotARegularFile", "open_regular", "read_regular_text", "clean_stale_temps",
+           "write_atomically", "atomic_write_text", "read_jsonl", "ensure_dir", "describe_os_error", "os_error_reason"]
 
 LOCK_NAME = ".lock"
 
@@ -47,6 +48,43 @@ def os_error_reason(e: OSError) -> str:
             errno.ENOTDIR: "a part of the path is a file, not a folder",
             errno.EEXIST: "it exists and is not a folder", errno.EDQUOT: "disk quota exceeded"}.get(
         e.errno, e.strerror or type(e).__name__)
+
+
+class NotARegularFile(OSError):
+    """A path to be read as a file is a directory, a named pipe, a socket or a device (:func:`open_regular`)."""
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def open_regular(path: str | Path):
+    """``path`` opened for binary reading, or :class:`NotARegularFile` at once when it is not a regular file.
+
+    Opened without blocking (``O_NONBLOCK``) and checked on the open descriptor (``fstat``, so nothing can swap
+    the file in between): a named pipe with no writer, which a plain ``open`` waits on forever, or a device
+    is refused with one line naming the path and what it is; a regular file is then read normally."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotARegularFile(f"{path} is {_file_kind(mode)}, not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular_text(path: str | Path) -> str:
+    """The text of the regular file ``path`` (UTF-8); :class:`NotARegularFile` at once for anything else."""
+    with open_regular(path) as f:
+        return f.read().decode()
 
 
 def describe_os_error(e: OSError, path: Path | str, doing: str) -> str:
@@ -204,9 +242,11 @@ def read_jsonl(path: str | Path) -> tuple[list[dict], bool]:
     anywhere else raises :class:`ConfigError` naming the file and the line number."""
     path = Path(path)
     try:
-        lines = path.read_text().splitlines()
+        lines = read_regular_text(path).splitlines()
     except FileNotFoundError:
         return [], False
+    except NotARegularFile as e:
+        raise ConfigError(str(e)) from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read {path}: {e}") from None
     records, torn = [], False
