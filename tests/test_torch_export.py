@@ -83,6 +83,19 @@ def test_export_with_a_batch_dim_runs_at_every_batch(kind, options):
     _check_batches(ep.module(), model)
 
 
+@pytest.mark.parametrize("backend", ["unfold", "ztrick", "reference"])
+def test_export_with_a_batch_dim_on_the_pure_pytorch_backends(backend):
+    """The explicit backends trace to plain ops; the lean ones chunk the batch, one chunk when it is symbolic
+    (a Python loop over a symbolic batch put a guard on it: 'You marked batch as dynamic but your code
+    specialized it to be a constant (2)')."""
+    import nsl.functional as NF
+
+    model = _net("dynamic-diagonal")
+    with NF.use_backend(backend):
+        ep = torch.export.export(model, (torch.randn(2, 3, 16, 16),), dynamic_shapes=({0: Dim("batch")},))
+        _check_batches(ep.module(), model)
+
+
 def test_export_shared_prediction_cnn9_with_a_batch_dim():
     """CNN-9 with one prediction per stage (the stage's g held between its layers' calls)."""
     torch.manual_seed(0)

@@ -79,6 +79,10 @@ def linear_vjp(fn, grad: Tensor, inputs, needs) -> list[Tensor | None]:
 
 
 def _chunks(n: int, per_sample: int) -> list[slice]:
+    """Slices of the batch ``n`` whose column tensors hold at most about ``_CHUNK_ELEMENTS`` elements; one slice
+    for a symbolic batch (``torch.export`` / ``torch.compile`` with a dynamic batch), so that no guard is put on it."""
+    if not isinstance(n, int):
+        return [slice(None)]
     step = max(1, min(n, _CHUNK_ELEMENTS // max(1, per_sample)))
     return [slice(s, min(n, s + step)) for s in range(0, n, step)]
 
