@@ -188,6 +188,7 @@ def _small_cnn() -> nn.Module:
     )
 
 
+@pytest.mark.slow  # tier 2 (README: the slow tests)
 def test_in_small_cnn_trains_and_compiles():
     torch.manual_seed(6)
     model = _small_cnn()

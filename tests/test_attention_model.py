@@ -93,6 +93,7 @@ def _run(tmp_path, name, data_root, **kw):
     return cfg, train(cfg, echo=lambda *a, **k: None)
 
 
+@pytest.mark.slow  # tier 2 (README: the slow tests)
 def test_paper_attention_trains_with_the_orthogonality_term(tmp_path, data_root):
     cfg, summary = _run(tmp_path, "orth", data_root)
     assert summary["step"] == 2 and 0 <= summary["test_acc"] <= 1

@@ -12,6 +12,7 @@ from nsl.demo import FULL, VARIANTS, DemoConfig, run_demo
 pytestmark = pytest.mark.usefixtures("unfold_backend")  # no C++ compile wait
 
 
+@pytest.mark.slow  # tier 2 (README: the slow tests)
 def test_demo_cli_prints_every_variant_and_keeps_runs(tmp_path, capsys):
     code = main(["demo", "--epochs", "1", "--seeds", "2", "--no-progress", "--out", str(tmp_path)])
     out = capsys.readouterr().out

@@ -78,6 +78,7 @@ def test_export_dynamic_diagonal_cnn9_uses_standard_ops(tmp_path):
         torch.testing.assert_close(_run_onnx(path, x), model(x), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow  # tier 2 (README: the slow tests)
 def test_export_fewshot_dynamic_checkpoint_exports_the_backbone(tmp_path):
     from nsl.fewshot.train import CHECKPOINT_FORMAT, FewShotConfig, build_fewshot_model
 

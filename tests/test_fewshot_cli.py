@@ -44,7 +44,7 @@ def trained_run(data_root, tmp_path_factory):
 
 
 # -- end to end ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("layer", ["conv", "dynamic-diagonal"])
+@pytest.mark.parametrize("layer", ["conv", pytest.param("dynamic-diagonal", marks=pytest.mark.slow)])
 def test_train_then_eval(data_root, tmp_path, capsys, layer):
     out = tmp_path / layer
     assert _train(data_root, out, "--layer", layer, "--episodes", "3", "--val-every", "2") == 0
@@ -75,6 +75,7 @@ def test_train_then_eval(data_root, tmp_path, capsys, layer):
 
 
 # -- resume ----------------------------------------------------------------------------------------
+@pytest.mark.slow  # tier 2 (README: the slow tests)
 def test_resume_gives_identical_weights(data_root, tmp_path, trained_run):
     full, half = trained_run, tmp_path / "half"  # trained_run: 4 episodes in one go
     assert _train(data_root, half, "--episodes", "2", "--val-every", "2") == 0
@@ -89,6 +90,7 @@ def test_resume_gives_identical_weights(data_root, tmp_path, trained_run):
     assert [r["episode"] for r in recs if r["kind"] == "val"] == [2, 4]
 
 
+@pytest.mark.slow  # tier 2 (README: the slow tests)
 def test_sigusr1_saves_exits_75_and_resume_equals_uninterrupted(data_root, tmp_path):
     """``nsl fewshot train`` trains through the one loop (:func:`nsl.train.fit`), so a real SIGUSR1 to a real
     process stops it as it stops ``nsl train``: the episode finishes, last.pt is written, one line says how to

@@ -265,6 +265,7 @@ def omniglot_trees(data_root, tmp_path_factory):
     return base / "flat", base / "official"
 
 
+@pytest.mark.slow  # tier 2 (README: the slow tests)
 def test_omniglot_full_evaluation_set(data_root):
     ds = load_omniglot(data_root, "test")
     assert ds.images.dtype == torch.uint8 and ds.images.shape == (659 * 20, 1, 28, 28)

@@ -294,6 +294,7 @@ def test_evaluate_paired_episodes_and_batching():
 # Real data: a few ProtoNet training episodes on CIFAR-FS
 
 
+@pytest.mark.slow  # tier 2 (README: the slow tests)
 def test_protonet_conv4_training_reduces_the_loss_on_cifar_fs(data_root):
     ds = get_fewshot_dataset("cifar-fs", data_root, "train")
     torch.manual_seed(0)

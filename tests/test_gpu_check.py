@@ -19,6 +19,7 @@ pytest.importorskip("triton", reason="triton is not installed (CI installs trito
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # tier 2 (README: the slow tests)
 def test_gpu_check_cpu_interpret(tmp_path):
     out = tmp_path / "gpu_check.json"
     env = dict(os.environ, TRITON_INTERPRET="1")

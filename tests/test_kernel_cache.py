@@ -137,6 +137,7 @@ def _start_and_kill(root: Path, sig: int) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.slow  # a real kernel build (tier 2)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc to see the compiler start")
 def test_build_killed_with_sigkill_then_a_fresh_process_rebuilds(tmp_path, built_cache):
     root = tmp_path / "ext"
@@ -147,6 +148,7 @@ def test_build_killed_with_sigkill_then_a_fresh_process_rebuilds(tmp_path, built
     assert not list(_spec(root).parent.glob(".*build*")), "the killed build's temporary folder was left"
 
 
+@pytest.mark.slow  # a real kernel build (tier 2)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc to see the compiler start")
 def test_build_interrupted_with_sigint_leaves_nothing_that_blocks(tmp_path, built_cache):
     root = tmp_path / "ext"
@@ -162,6 +164,7 @@ def test_build_interrupted_with_sigint_leaves_nothing_that_blocks(tmp_path, buil
     assert "compiling" not in res.stderr and "waiting" not in res.stderr
 
 
+@pytest.mark.slow  # a real kernel build (tier 2)
 def test_truncated_so_is_rebuilt_never_sigbus(tmp_path, built_cache):
     root = _copy(built_cache[0], tmp_path / "ext")
     so = _spec(root).directory() / "nsl_dynamic_ns_conv.so"
@@ -175,6 +178,7 @@ def test_truncated_so_is_rebuilt_never_sigbus(tmp_path, built_cache):
     assert _build.verify(_spec(root)) is None
 
 
+@pytest.mark.slow  # a real kernel build (tier 2)
 def test_damaged_cache_is_detected_before_loading(tmp_path, built_cache):
     """Same size, one byte changed; a wrong manifest; no manifest: each is 'damaged', nothing is loaded."""
     root = _copy(built_cache[0], tmp_path / "ext")
@@ -205,6 +209,7 @@ def test_key_follows_the_source_content_not_its_time(tmp_path):
     assert _build.KernelSpec("k", src, ("-O2",), (), tmp_path).key() != spec.key()
 
 
+@pytest.mark.slow  # a real kernel build (tier 2)
 def test_a_live_lock_holder_makes_the_next_process_wait_and_say_so(tmp_path, built_cache):
     """The holder keeps the lock until the waiter has said that it waits; then the waiter proceeds."""
     root = _copy(built_cache[0], tmp_path / "ext")
@@ -233,6 +238,7 @@ def test_a_live_lock_holder_makes_the_next_process_wait_and_say_so(tmp_path, bui
     assert "waiting" not in err and "compiling" not in err  # one line, and no rebuild
 
 
+@pytest.mark.slow  # a real kernel build (tier 2)
 def test_two_processes_loading_at_once(tmp_path, built_cache):
     root = _copy(built_cache[0], tmp_path / "ext")
     procs = [subprocess.Popen([sys.executable, "-c", USE_LAYER], env=_env(root), stdout=subprocess.PIPE,
@@ -263,6 +269,7 @@ def test_no_compiler_falls_back_with_one_warning(tmp_path):
 
 
 # -- nsl doctor ---------------------------------------------------------------------------------------
+@pytest.mark.slow  # a real kernel build (tier 2)
 def test_doctor_build_builds_into_the_cache_and_reports_it(built_cache):
     root, out = built_cache
     folder = _spec(root).directory()

@@ -36,7 +36,8 @@ def test_registry_lists():
     assert {"static-lowrank", "dynamic-diagonal-light", "dynamic-full-light"} < set(LAYER_KINDS)
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("resnet32", "resnet50", "resnet56")
+                                  else n for n in MODELS])  # the deep ResNets: tier 2
 def test_every_model_and_kind_shapes(name):
     torch.manual_seed(0)
     s = SIZES[name]

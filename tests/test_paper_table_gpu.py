@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "paper_table_gpu.py"
 
@@ -17,6 +19,7 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=600)
 
 
+@pytest.mark.slow  # tier 2 (README: the slow tests)
 def test_tiny_table_stops_resumes_and_reports(data_root, tmp_path):
     out = tmp_path / "paper"
     # first call: every run stops after 3 of its 6 iterations, as a call cut off by the time limit would

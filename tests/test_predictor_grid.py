@@ -204,7 +204,7 @@ def test_config_builds_the_variant():
     assert isinstance(model.stage2.prediction.predictor, PooledPredictor)
 
 
-@pytest.mark.parametrize("stride", [pytest.param(2, marks=pytest.mark.slow), 0])  # about 25 s each
+@pytest.mark.parametrize("stride", [pytest.param(s, marks=pytest.mark.slow) for s in (2, 0)])  # about 25 s each
 def test_share_prediction_compiles_and_exports(stride, tmp_path):
     """A shared-prediction CNN-9 (the stage's g held between its layers' calls) under torch.compile (one graph,
     forward and gradients as eager) and ONNX export (standard operators, onnxruntime computing the model)."""

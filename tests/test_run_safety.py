@@ -47,6 +47,7 @@ HOLDER = "import sys, time; from nsl.train.rundir import RunLock; RunLock(sys.ar
          "print('locked', flush=True); time.sleep(120)"
 
 
+@pytest.mark.slow  # tier 2 (README: the slow tests)
 def test_a_run_directory_has_one_writer(tmp_path, capsys):
     out = tmp_path / "run"
     assert run([*BASE, "--iters", "2", "--out", str(out)], capsys)[0] == 0

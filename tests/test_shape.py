@@ -404,7 +404,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("similarity", ["diagonal", "full"])
+@pytest.mark.parametrize("similarity", ["diagonal", pytest.param("full", marks=pytest.mark.slow)])
 def test_shape_learning_on_digits(similarity, one_thread):
     """5 of 9 positions per 3x3 layer on scikit-learn digits (16x16), 200 dense + 200 shaping steps.
 

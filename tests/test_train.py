@@ -104,7 +104,7 @@ def test_recalibrate_bn_is_the_exact_batch_average():
 
 
 # -- end to end through the CLI ---------------------------------------------------------------------
-@pytest.mark.parametrize("layer", ["static-full", "dynamic-diagonal"])
+@pytest.mark.parametrize("layer", ["static-full", pytest.param("dynamic-diagonal", marks=pytest.mark.slow)])
 def test_cli_train_and_eval_fold_on_cifar10_subset(data_root, tmp_path, capsys, layer):
     out = tmp_path / "run"
     code, _, err = run(["train", "--dataset", "cifar10", "--data-dir", str(data_root), "--model", "cnn9",
@@ -130,6 +130,7 @@ def test_cli_train_and_eval_fold_on_cifar10_subset(data_root, tmp_path, capsys, 
     assert res["max_abs_logit_diff"] < 1e-2 * max(1.0, abs(res["test_loss"]))
 
 
+@pytest.mark.slow  # tier 2 (README: the slow tests)
 def test_cli_fast_protocol_on_digits_with_epochs(tmp_path, capsys):
     out = tmp_path / "digits"
     code, stdout, err = run(["train", "--dataset", "digits", "--model", "resnet20", "--layer", "dynamic-filter",
@@ -142,6 +143,7 @@ def test_cli_fast_protocol_on_digits_with_epochs(tmp_path, capsys):
     assert code == 0 and "test accuracy" in stdout and "450 images" in stdout
 
 
+@pytest.mark.slow  # tier 2 (README: the slow tests)
 def test_resume_gives_identical_weights(tmp_path, capsys):
     common = ["train", "--dataset", "digits", "--model", "cnn9", "--layer", "dynamic-diagonal", "--iters", "6",
               "--batch-size", "32", "--eval-every", "2", "--bn-recalibrate", "1", "--seed", "3", "--test-subset", "100",
@@ -163,6 +165,7 @@ def test_resume_gives_identical_weights(tmp_path, capsys):
     assert [r["step"] for r in records(b, "train")] == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.slow  # tier 2 (README: the slow tests)
 def test_sigterm_saves_exits_75_and_resume_equals_uninterrupted(tmp_path):
     """A real SIGTERM to a real ``nsl train``: the step finishes, last.pt is written, one line says --resume,
     exit EXIT_PREEMPTED; the resumed run's weights equal an uninterrupted run's, bitwise."""
@@ -246,6 +249,7 @@ def test_nsl_entry_point_help():
     assert res.returncode == 0 and "--seeds" in res.stdout
 
 
+@pytest.mark.slow  # tier 2 (README: the slow tests)
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 def test_ddp_two_cpu_processes(tmp_path):
     """torchrun with 2 gloo processes: shards, reduced test metrics, one writer, per-rank loader states."""
@@ -279,6 +283,7 @@ def test_amp_bf16_and_channels_last_on_cpu(tmp_path, capsys):
     assert code == 2 and "amp=fp16 needs CUDA" in err
 
 
+@pytest.mark.slow  # tier 2 (README: the slow tests)
 def test_imagefolder_stream_train_resume_and_eval(tmp_path, capsys):
     from PIL import Image
 
@@ -376,6 +381,7 @@ def _check_preempted_ddp_run(out, stdout: str, err: str, signame: str) -> int:
 
 @pytest.mark.skipif(not torch.distributed.is_available() or not sys.platform.startswith("linux"),
                     reason="needs torch.distributed and Linux signals")
+@pytest.mark.slow  # tier 2 (README: the slow tests)
 def test_torchrun_sigterm_to_the_agent_stops_every_rank_and_resume_equals_uninterrupted(tmp_path):
     """What a scheduler does: a real SIGTERM to the torchrun agent, which passes it to its ranks. Every rank
     finishes the same step, last.pt is written once, rank 0 prints the one line, the ranks exit 75 and torchrun

@@ -25,7 +25,7 @@ def test_width_sets_the_channels_and_is_checked():
         make_config("fast", width=-1)
 
 
-@pytest.mark.parametrize("method", ["learned", "magnitude"])
+@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow) for m in ("learned", "magnitude")])
 def test_shaped_run_ends_with_exact_budget_and_folds_to_zeros(tmp_path, capsys, method):
     out = tmp_path / method
     code, _, err = run([*COMMON, "--iters", "30", "--out", str(out), "--set", "shape_active=3",

@@ -91,6 +91,7 @@ def test_every_variant_is_listed():
             assert NT.pick_config(kernel, channels) in NT.LAUNCH_CONFIGS[kernel]
 
 
+@pytest.mark.slow  # tier 2 (README: the slow tests)
 def test_resources_within_device_limits(compiled):
     assert len(compiled) == 2 * len(NT.aot_variants())
     problems = []
