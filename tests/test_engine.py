@@ -47,8 +47,8 @@ class TinyTask(Task):
         self.collapse_at = collapse_at  # from this step on the logits are zero (a finite, input-independent loss)
         self.name, self.calls = kind, 0
 
-    def load_checkpoint(self, path):
-        return load_checkpoint(path)
+    def load_checkpoint(self, path, resume=False):
+        return load_checkpoint(path, resume=resume)
 
     def setup(self, process, ckpt):
         g = torch.Generator().manual_seed(0)

@@ -36,8 +36,8 @@ def test_registry_lists():
     assert {"static-lowrank", "dynamic-diagonal-light", "dynamic-full-light"} < set(LAYER_KINDS)
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("resnet32", "resnet50", "resnet56")
-                                  else n for n in MODELS])  # the deep ResNets: tier 2
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("resnet18", "resnet32", "resnet50", "resnet56")
+                                  else n for n in MODELS])  # the deep and the ImageNet ResNets: tier 2
 def test_every_model_and_kind_shapes(name):
     torch.manual_seed(0)
     s = SIZES[name]
@@ -94,7 +94,7 @@ def test_unknown_names_list_valid_ones():
         build_model("cnn9", "conv", image_size=12)
 
 
-@pytest.mark.parametrize("name", ["cnn9", "resnet20", "resnet18"])
+@pytest.mark.parametrize("name", ["cnn9", "resnet20", pytest.param("resnet18", marks=pytest.mark.slow)])
 def test_native_nsl_equals_converted_conv_model(name):
     """With the default (identity) inits, an NSL model given the baseline's weights computes the same
     function, and its state dict is exactly what nsl.convert makes of the baseline."""

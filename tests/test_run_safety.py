@@ -25,6 +25,7 @@ def _records(run_dir):
             for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # tier 2: two short trainings (resume is also covered by test_faults and test_engine)
 def test_resumed_run_writes_the_uninterrupted_metrics_record_for_record(tmp_path, capsys):
     common = [*BASE, "--iters", "11", "--eval-every", "5", "--set", "log_every=4"]
     a, b = tmp_path / "a", tmp_path / "b"
