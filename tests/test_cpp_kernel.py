@@ -135,6 +135,25 @@ def test_gemm_backends(layout, backend):
         torch.testing.assert_close(g.double(), r, **tol)
 
 
+@pytest.mark.parametrize("layout", ["diag", "full"])
+def test_wide_tiles_past_l2(layout):
+    """Column tiles larger than L2 with more than 64 output channels: backend 0 sends dW's GEMM to BLAS
+    instead of brgemm (gemm.cpp's L2 rule) and the forward's to brgemm; same result."""
+    geom = (2, 64, 96, 16, 16, (3, 3), (1, 1), (1, 1), (1, 1), 1)
+    tensors, geo = _inputs(geom, layout, torch.float32, seed=5)
+    ref_out, ref_grads = _grads(reference, *[t.double() for t in tensors], geo)
+    ext = _cpp._ext()
+    old = ext.set_tile_bytes(4 << 20)  # one 256-location tile per image: a [576, 256] float column tile
+    try:
+        out, grads = _grads(_cpp.dynamic_ns_conv2d, *tensors, geo)
+    finally:
+        ext.set_tile_bytes(old)
+    tol = dict(rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(out.double(), ref_out, **tol)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g.double(), r, **tol)
+
+
 @pytest.mark.parametrize("num_threads", [1, 2])
 def test_thread_counts(num_threads):
     geom = (3, 4, 5, 8, 8, (3, 3), (1, 1), (1, 1), (1, 1), 1)

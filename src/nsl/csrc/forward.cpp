@@ -3,6 +3,7 @@
 
 #include "gemm.h"
 #include "kernel.h"
+#include "profile.h"
 #include "tiles.h"
 
 namespace nsl {
@@ -19,16 +20,27 @@ NSL_MULTIVERSION void forward_tile(const Args<scalar_t>& a, int64_t n, int64_t t
   const scalar_t* simt = a.sim + n * a.sim_stride + t0;
   scalar_t* B = ws;
   scalar_t* C = ws + g.K * g.T;
+  scalar_t* colok = nullptr;  // column masks (shift path)
+  if (g.shift_path) {
+    colok = ws + 2 * g.K * g.T + 2 * g.K * 16 + g.P * g.P * 16;
+    column_masks<scalar_t>(g, tl, ld, colok);
+  }
   for (int64_t grp = 0; grp < g.groups; ++grp) {
     const scalar_t* xg = a.x + (n * g.C_in + grp * g.cin_g) * g.H * g.W;
     if (a.full) {
-      build_cols<scalar_t>(g, tl, xg, nullptr, ld, C);
+      {
+        NSL_PHASE(kFwdBuild);
+        build_cols<scalar_t>(g, tl, xg, nullptr, ld, C, colok);
+      }
+      NSL_PHASE(kFwdMix);
       mix_positions<scalar_t>(g, simt, false, tl.len, C, B, ld, ws + 2 * g.K * g.T);
     } else {
-      build_cols<scalar_t>(g, tl, xg, simt, ld, B);
+      NSL_PHASE(kFwdBuild);
+      build_cols<scalar_t>(g, tl, xg, simt, ld, B, colok);
     }
     const scalar_t* wg = a.w + grp * g.cout_g * g.K;
     scalar_t* og = out + (n * g.C_out + grp * g.cout_g) * g.L + t0;
+    NSL_PHASE(kFwdGemm);
     gemm_nn<scalar_t>(g.cout_g, tl.len, g.K, wg, g.K, B, ld, false, og, g.L);
   }
 }

@@ -14,26 +14,72 @@ namespace nsl {
 // Column tiles, one row (c, q = i * kw + j) at a time
 // ------------------------------------------------------------------------------------------
 
+// Bit masks in scalar_t slots: all ones (keep) or all zeros (drop). keep_if(v, mask) is v or +0
+// by a bitwise and, which GCC vectorizes (a floating-point select in a loop it does not, under
+// -ftrapping-math) and which keeps a non-finite v out of the result (unlike v * 0).
+template <typename scalar_t> struct mask_bits;
+template <> struct mask_bits<float> { typedef uint32_t type; };
+template <> struct mask_bits<double> { typedef uint64_t type; };
+
+template <typename scalar_t>
+NSL_INLINE scalar_t keep_if(scalar_t v, const scalar_t* mask) {
+  typename mask_bits<scalar_t>::type a, b;
+  std::memcpy(&a, &v, sizeof a);
+  std::memcpy(&b, mask, sizeof b);
+  a &= b;
+  std::memcpy(&v, &a, sizeof a);
+  return v;
+}
+
+template <typename scalar_t>
+NSL_INLINE void set_mask(scalar_t* slot, bool keep) {
+  const typename mask_bits<scalar_t>::type b = keep ? ~typename mask_bits<scalar_t>::type(0) : 0;
+  std::memcpy(slot, &b, sizeof b);
+}
+
+// colok[j * ld + t]: keep (all ones) where tile location t's output column is inside
+// [xlo[j], xhi[j]) (kernel column j reads inside the image), else drop; ld >= the tile's length.
+template <typename scalar_t>
+NSL_INLINE void column_masks(const Geom& g, const Tile& tl, int64_t ld, scalar_t* colok) {
+  for (int64_t j = 0; j < g.kw; ++j) {
+    scalar_t* r = colok + j * ld;
+    for (const Segment& s : tl.segs)
+      for (int64_t x = s.x0; x < s.x1; ++x)
+        set_mask(r + s.off + x - s.x0, x >= g.xlo[j] && x < g.xhi[j]);
+    for (int64_t t = tl.len; t < ld; ++t) set_mask(r + t, false);
+  }
+}
+
 // d[t] = (m[t] *) col[c, q](t0 + t) for t in [0, len); xc: input plane of channel c [H, W];
-// m (may be null): m[n, q, t0].
+// m (may be null): m[n, q, t0]; okj (may be null): column_masks' row of kernel column j, which
+// makes the shift path one select loop instead of a pass per output row over the border columns.
 template <typename scalar_t>
 NSL_INLINE void build_row(const Geom& g, const Tile& tl, int64_t i, int64_t j,
                           const scalar_t* __restrict xc, const scalar_t* __restrict m,
-                          scalar_t* __restrict d) {
+                          scalar_t* __restrict d, const scalar_t* __restrict okj = nullptr) {
   if (g.shift_path) {
     const Bulk b = bulk_range(g, tl, i, j);
     const scalar_t* __restrict src = xc + tl.t0 + b.shift;
+    const bool border = g.xlo[j] > 0 || g.xhi[j] < g.Wo;
     if (m) {
       pad_fill(m, d, 0, b.lo);
-      for (int64_t t = b.lo; t < b.hi; ++t) d[t] = m[t] * src[t];
+      if (border && okj) {
+        for (int64_t t = b.lo; t < b.hi; ++t) d[t] = m[t] * keep_if(src[t], okj + t);  // m * 0
+      } else {
+        for (int64_t t = b.lo; t < b.hi; ++t) d[t] = m[t] * src[t];
+        pad_border_cols(g, tl, j, m, d);
+      }
       pad_fill(m, d, b.hi, tl.len);
-      pad_border_cols(g, tl, j, m, d);
       return;
     }
     for (int64_t t = 0; t < b.lo; ++t) d[t] = 0;
-    if (b.hi > b.lo) std::memcpy(d + b.lo, src + b.lo, (b.hi - b.lo) * sizeof(scalar_t));
+    if (border && okj) {
+      for (int64_t t = b.lo; t < b.hi; ++t) d[t] = keep_if(src[t], okj + t);
+    } else {
+      if (b.hi > b.lo) std::memcpy(d + b.lo, src + b.lo, (b.hi - b.lo) * sizeof(scalar_t));
+      zero_border_cols(g, tl, j, d);
+    }
     for (int64_t t = b.hi; t < tl.len; ++t) d[t] = 0;
-    zero_border_cols(g, tl, j, d);
     return;
   }
   const int64_t xlo = g.xlo[j], xhi = g.xhi[j], coff = g.dw * j - g.pw, sw = g.sw;
@@ -102,16 +148,17 @@ NSL_INLINE void scatter_row(const Geom& g, const Tile& tl, int64_t i, int64_t j,
 }
 
 // All rows of a column tile: buf[(c * P + q) * ld + t] = (m *) col[c, q](t0 + t);
-// xg: [cin_g, H, W] planes of the group; m (may be null): m[n, 0, t0] (rows L apart).
+// xg: [cin_g, H, W] planes of the group; m (may be null): m[n, 0, t0] (rows L apart); colok
+// (may be null): column_masks of the tile, leading dimension ld.
 template <typename scalar_t>
 NSL_INLINE void build_cols(const Geom& g, const Tile& tl, const scalar_t* xg, const scalar_t* m,
-                           int64_t ld, scalar_t* buf) {
+                           int64_t ld, scalar_t* buf, const scalar_t* colok = nullptr) {
   for (int64_t c = 0; c < g.cin_g; ++c)
     for (int64_t i = 0; i < g.kh; ++i)
       for (int64_t j = 0; j < g.kw; ++j) {
         const int64_t q = i * g.kw + j;
         build_row(g, tl, i, j, xg + c * g.H * g.W, m ? m + q * g.L : nullptr,
-                  buf + (c * g.P + q) * ld);
+                  buf + (c * g.P + q) * ld, colok ? colok + j * ld : nullptr);
       }
 }
 
@@ -347,43 +394,53 @@ NSL_INLINE void accumulate_dM(const Geom& g, scalar_t* dMt, int64_t len, const s
 // Diagonal backward, shift path, one row (c, q) of a tile, fused into a single loop:
 //   dm[t] += H[t] col(t),  C[t] = m[t] col(t) (the forward tile, for dW),
 //   dx(input location of col(t)) += m[t] H[t].
-// H's border columns are zeroed first (they multiply zero columns), so the bulk loop needs no
-// masking; C gets zeros outside the image afterwards.
-template <typename scalar_t, bool DM, bool DW, bool DX>
+// On border columns (ok[t] drops, BORDER) col and H count as zero, so the bulk loop needs no
+// separate masking passes; C gets m * 0 outside the image afterwards.
+template <typename scalar_t, bool DM, bool DW, bool DX, bool BORDER>
 NSL_INLINE void diag_bwd_bulk(const scalar_t* __restrict src, const scalar_t* __restrict m,
-                              const scalar_t* __restrict h, scalar_t* __restrict dm,
-                              scalar_t* __restrict cr, scalar_t* __restrict dx, int64_t lo,
-                              int64_t hi) {
+                              const scalar_t* __restrict h, const scalar_t* __restrict ok,
+                              scalar_t* __restrict dm, scalar_t* __restrict cr,
+                              scalar_t* __restrict dx, int64_t lo, int64_t hi) {
   for (int64_t t = lo; t < hi; ++t) {
-    const scalar_t v = src[t];
-    if (DM) dm[t] += h[t] * v;
+    const scalar_t v = BORDER ? keep_if(src[t], ok + t) : src[t];
+    const scalar_t hv = BORDER ? keep_if(h[t], ok + t) : h[t];
+    if (DM) dm[t] += hv * v;
     if (DW) cr[t] = m[t] * v;
-    if (DX) dx[t] += m[t] * h[t];
+    if (DX) dx[t] += m[t] * hv;
   }
 }
 
+// okj: column_masks' row of kernel column j (required on the shift path).
 template <typename scalar_t>
 NSL_INLINE void diag_bwd_row_shift(const Geom& g, const Tile& tl, int64_t i, int64_t j,
-                                   const scalar_t* xc, const scalar_t* m, scalar_t* h,
-                                   scalar_t* dm, scalar_t* cr, scalar_t* dxc) {
-  zero_border_cols(g, tl, j, h);
+                                   const scalar_t* xc, const scalar_t* m, const scalar_t* h,
+                                   scalar_t* dm, scalar_t* cr, scalar_t* dxc,
+                                   const scalar_t* okj) {
   const Bulk b = bulk_range(g, tl, i, j);
   const scalar_t* src = xc + tl.t0 + b.shift;  // indexed by tile offset
   scalar_t* dx = dxc ? dxc + tl.t0 + b.shift : nullptr;
+  const bool border = g.xlo[j] > 0 || g.xhi[j] < g.Wo;
+#define NSL_BULK(DM, DW, DX)                                                                    \
+  if (border) {                                                                                 \
+    diag_bwd_bulk<scalar_t, DM, DW, DX, true>(src, m, h, okj, dm, cr, dx, b.lo, b.hi);          \
+  } else {                                                                                      \
+    diag_bwd_bulk<scalar_t, DM, DW, DX, false>(src, m, h, okj, dm, cr, dx, b.lo, b.hi);         \
+  }                                                                                             \
+  break
   switch ((dm ? 4 : 0) | (cr ? 2 : 0) | (dxc ? 1 : 0)) {
-    case 1: diag_bwd_bulk<scalar_t, false, false, true>(src, m, h, dm, cr, dx, b.lo, b.hi); break;
-    case 2: diag_bwd_bulk<scalar_t, false, true, false>(src, m, h, dm, cr, dx, b.lo, b.hi); break;
-    case 3: diag_bwd_bulk<scalar_t, false, true, true>(src, m, h, dm, cr, dx, b.lo, b.hi); break;
-    case 4: diag_bwd_bulk<scalar_t, true, false, false>(src, m, h, dm, cr, dx, b.lo, b.hi); break;
-    case 5: diag_bwd_bulk<scalar_t, true, false, true>(src, m, h, dm, cr, dx, b.lo, b.hi); break;
-    case 6: diag_bwd_bulk<scalar_t, true, true, false>(src, m, h, dm, cr, dx, b.lo, b.hi); break;
-    case 7: diag_bwd_bulk<scalar_t, true, true, true>(src, m, h, dm, cr, dx, b.lo, b.hi); break;
+    case 1: NSL_BULK(false, false, true);
+    case 2: NSL_BULK(false, true, false);
+    case 3: NSL_BULK(false, true, true);
+    case 4: NSL_BULK(true, false, false);
+    case 5: NSL_BULK(true, false, true);
+    case 6: NSL_BULK(true, true, false);
+    case 7: NSL_BULK(true, true, true);
     default: break;
   }
+#undef NSL_BULK
   if (cr) {  // the forward's modulated row: m * 0 where the column is padding
     pad_fill(m, cr, 0, b.lo);
     pad_fill(m, cr, b.hi, tl.len);
-    pad_border_cols(g, tl, j, m, cr);
   }
 }
 
@@ -401,11 +458,11 @@ struct Args {
   int64_t sim_stride;   // elements per image of sim
 };
 
-// Workspace of one thread: nbuf tiles of K * T elements, the packing area of the fixed-P loops
-// (2 * K * 16 + P * P * 16 elements: 16 is the longest vector, 16 floats), and a transposed tile
-// of grad_out (T * cout_g).
+// Workspace of one forward thread: nbuf tiles of K * T elements, the packing area of the fixed-P
+// loops (2 * K * 16 + P * P * 16 elements: 16 is the longest vector, 16 floats), and the column
+// masks (kw * T).
 inline int64_t workspace_size(const Geom& g, int64_t nbuf) {
-  return nbuf * g.K * g.T + 2 * g.K * 16 + g.P * g.P * 16 + g.T * g.cout_g;
+  return nbuf * g.K * g.T + 2 * g.K * 16 + g.P * g.P * 16 + g.kw * g.T;
 }
 
 
