@@ -1,17 +1,16 @@
-"""Per-phase time of the fused CPU kernel (forward and backward), from a profiling build.
+"""Per-phase CPU time of the fused CPU kernel (forward and backward), from a profiling build.
 
-Builds the kernel's sources (``src/nsl/csrc``) once more with ``-DNSL_PROFILE`` (see ``csrc/profile.h``:
-each phase's wall time is summed over threads) into ``--build-dir`` (default: a folder of the system temp
-dir named after the sources' hash), loads it instead of the normal build
-(``NSL_DISABLE_CPP=1`` for this process), and for each ``benchmarks/layers.py`` shape and layout
-(``diag``, ``full``) runs the operator's forward and its backward (dx, dweight, dsim) ``--repeat`` times,
-printing per call: the CPU time (``time.process_time``, all threads: time spent descheduled on a loaded
-machine does not count; min over the rounds), ``nn.functional.conv2d``'s forward and forward + backward from the
-same rounds (ratios), and each phase's CPU time (the round with the smallest total). Writes JSON to
-``--out``.
+Builds the kernel's sources (``src/nsl/csrc``) once more with ``-DNSL_PROFILE`` (``csrc/profile.h``: each
+phase's CPU time, summed over threads) into ``--build-dir`` (default: a folder of the system temp dir named
+after the sources' hash) and loads it instead of the normal build (``NSL_DISABLE_CPP=1`` for this process).
+For each ``benchmarks/layers.py`` shape (or ``NxC_INxC_OUTxHW``) and layout (``diag``, ``full``) it runs the
+operator's forward and its backward (dx, dweight, dsim) ``--repeat`` times, interleaved with
+``nn.functional.conv2d``'s forward and forward + backward, and prints per call the CPU time
+(``time.process_time``: time spent descheduled on a loaded machine does not count; min over the rounds),
+the ratios to conv, and each phase's CPU time in the round with the smallest total. Writes JSON to ``--out``.
 
     python benchmarks/kernel_phases.py [--shapes cifar-c32,...] [--layouts diag,full] [--threads 1]
-        [--repeat 5] [--out FILE]
+        [--repeat 5] [--build-dir DIR] [--out FILE]
 """
 
 from __future__ import annotations
@@ -54,8 +53,19 @@ def build(build_dir: Path | None) -> None:
                        build_directory=str(build_dir), is_python_module=False, verbose=False)
 
 
+def shape_of(name: str) -> tuple[int, int, int, int]:
+    """``(N, C_in, C_out, H = W)`` of a ``benchmarks/layers.py`` shape name, or of ``NxC_INxC_OUTxHW``
+    (e.g. ``2x4x4x8``); ``ValueError`` for anything else."""
+    if name in SHAPES:
+        return SHAPES[name]
+    parts = name.split("x")
+    if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"unknown shape {name!r}; expected one of {', '.join(SHAPES)} or NxC_INxC_OUTxHW")
+    return tuple(int(p) for p in parts)
+
+
 def inputs(shape: str, layout: str):
-    n, c, o, hw = SHAPES[shape]
+    n, c, o, hw = shape_of(shape)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(n, c, hw, hw, generator=gen)
     w = torch.randn(o, c, 3, 3, generator=gen) / (9 * c) ** 0.5
@@ -67,13 +77,19 @@ def inputs(shape: str, layout: str):
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--shapes", default=",".join(SHAPES),
+                        help="comma-separated benchmarks/layers.py shapes or NxC_INxC_OUTxHW")
     parser.add_argument("--layouts", default="diag,full")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--build-dir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "kernel_phases.json")
     args = parser.parse_args(argv)
+    for name in args.shapes.split(","):
+        try:
+            shape_of(name)
+        except ValueError as e:
+            parser.error(f"--shapes: {e}")
     torch.set_num_threads(args.threads)
     build(args.build_dir)
     ext = torch.ops.nsl_cpu

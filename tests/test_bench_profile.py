@@ -1,4 +1,5 @@
-"""benchmarks/profile_step.py end to end on a tiny configuration, in a subprocess: the table's and JSON's structure."""
+"""benchmarks/profile_step.py and benchmarks/kernel_phases.py end to end on tiny configurations, in subprocesses:
+the structure of their tables and JSON (never timings)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ["convs_norms", "predictor_fwd", "predictor_bwd", "modconv_fwd", "modconv_bwd", "rest"]
@@ -39,3 +42,27 @@ def test_profile_step_tiny(tmp_path):
     assert lines[0].startswith("| kind | step ms | x conv |") and lines[1].startswith("|---|")
     assert [ln.split("|")[1].strip() for ln in lines[2:]] == list(rows)
     assert data["markdown"] in res.stdout
+
+
+@pytest.mark.slow  # compiles the kernel once more with -DNSL_PROFILE: 2-10 minutes on 2 shared cores
+def test_kernel_phases_tiny(tmp_path):
+    pytest.importorskip("ninja", reason="ninja builds the profiling kernel")
+    out = tmp_path / "phases.json"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_phases.py"), "--shapes", "2x3x4x6",
+                          "--repeat", "1", "--build-dir", str(tmp_path / "build"), "--out", str(out)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=1800)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["shape"], r["layout"]) for r in rows] == [("2x3x4x6", "diag"), ("2x3x4x6", "full")]
+    for r in rows:
+        assert set(r["ms"]) == {"conv.fwd", "conv.fwd+bwd", "op.fwd", "op.bwd"}
+        phases = set(r["phases_ms"])
+        assert {"fwd.build", "fwd.gemm", "bwd.gemm_H", "bwd.gemm_dW"} <= phases  # every call reached them
+        assert ("fwd.mix" in phases) == (r["layout"] == "full") and ("bwd.dM" in phases) == (r["layout"] == "full")
+
+
+def test_kernel_phases_rejects_a_bad_shape(tmp_path):
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_phases.py"), "--shapes", "2x3x4",
+                          "--out", str(tmp_path / "p.json")], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 2 and "--shapes: unknown shape '2x3x4'" in res.stderr
+    assert not (tmp_path / "p.json").exists()
