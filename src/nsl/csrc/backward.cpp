@@ -11,18 +11,22 @@ namespace nsl {
 namespace {
 
 // Where backward_tile's buffers lie in its workspace (elements): the column tile C, H = W^T g, X
-// (the full layout's mixes), the fixed-P loops' packing area, the column masks, grad_out^T.
+// (the full layout's mixes; 32 elements apart, so that equal rows of C, H and X do not fall 4 KiB
+// apart), the fixed-P loops' packing area, the column masks, grad_out^T, and the tile-local copy
+// of m (diagonal) and accumulator of dsim (rows sim_ld apart, see sim_ld).
 struct BwdLayout {
-  int64_t C, H, X, pack, colok, gT, total;  // offsets
+  int64_t C, H, X, pack, colok, gT, S, D, total;  // offsets
   explicit BwdLayout(const Geom& g) {
-    const int64_t kt = g.K * g.T;
+    const int64_t kt = g.K * g.T + 32;
     C = 0;
     H = C + kt;
     X = H + kt;
     pack = X + kt;
-    colok = pack + 2 * g.K * 16 + g.P * g.P * 16;
+    colok = pack + pack_size(g);
     gT = colok + g.kw * g.T;
-    total = gT + g.T * g.cout_g;
+    S = gT + g.T * g.cout_g;
+    D = S + g.P * sim_ld(g);
+    total = D + g.P * g.P * sim_ld(g);
   }
 };
 
@@ -51,8 +55,18 @@ NSL_MULTIVERSION void backward_tile(const Args<scalar_t>& a, const BwdLayout& la
   const int64_t t0 = tile * g.T, ld = g.T, HW = g.H * g.W;
   tl.set(g, t0, std::min(g.T, g.L - t0));
   const int64_t len = tl.len;
-  const scalar_t* simt = a.sim + n * a.sim_stride + t0;
-  scalar_t* dsimt = dsim ? dsim + n * a.sim_stride + t0 : nullptr;
+  // dsim's accumulator for the tile, rows lm apart (written out at the end), and, diagonal, sim's
+  // tile copied likewise (the full layout's P x P loops read M straight: they pack it anyway).
+  const int64_t lm = sim_ld(g), srows = a.full ? g.P * g.P : g.P;
+  const int64_t lsim = a.full ? g.L : lm;  // row stride of simt
+  const scalar_t* simt = a.full ? a.sim + n * a.sim_stride + t0 : ws + lay.S;
+  scalar_t* dsimt = dsim ? ws + lay.D : nullptr;
+  {
+    NSL_PHASE(kBwdSetup);
+    if (!a.full) copy_rows(a.sim + n * a.sim_stride + t0, g.L, ws + lay.S, lm, srows, len);
+    for (int64_t r = 0; dsimt && r < srows; ++r)
+      std::fill(dsimt + r * lm, dsimt + r * lm + len, scalar_t(0));
+  }
   scalar_t* C = ws + lay.C;
   scalar_t* Hb = ws + lay.H;
   scalar_t* X = ws + lay.X;
@@ -81,23 +95,25 @@ NSL_MULTIVERSION void backward_tile(const Args<scalar_t>& a, const BwdLayout& la
     if (a.full) {
       if (dsimt || dW) {
         NSL_PHASE(kBwdBuild);
-        build_cols<scalar_t>(g, tl, xg, nullptr, ld, C, colok);
+        build_cols<scalar_t>(g, tl, xg, nullptr, 0, ld, C, colok);
       }
       if (dsimt) {
         NSL_PHASE(kBwdDM);
-        accumulate_dM<scalar_t>(g, dsimt, len, Hb, C, ld, pack);
+        accumulate_dM<scalar_t>(g, dsimt, lm, len, Hb, C, ld, pack);
       }
       if (dxg) {
         {
           NSL_PHASE(kBwdMixT);
-          mix_positions<scalar_t>(g, simt, true, len, Hb, X, ld, pack);  // sum_p M[p, q] H[c, p]
+          // sum_p M[p, q] H[c, p]
+          mix_positions<scalar_t>(g, simt, lsim, true, len, Hb, X, ld, pack);
         }
         NSL_PHASE(kBwdScatter);
         scatter_cols<scalar_t>(g, tl, dxg, ld, X);
       }
       if (dW) {
         NSL_PHASE(kBwdMix);
-        mix_positions<scalar_t>(g, simt, false, len, C, X, ld, pack);  // sum_q M[p, q] C[c, q]
+        // sum_q M[p, q] C[c, q]
+        mix_positions<scalar_t>(g, simt, lsim, false, len, C, X, ld, pack);
         Bw = X;
       }
     } else {
@@ -110,16 +126,16 @@ NSL_MULTIVERSION void backward_tile(const Args<scalar_t>& a, const BwdLayout& la
             const int64_t q = i * g.kw + j;
             scalar_t* __restrict cr = C + (c * g.P + q) * ld;
             scalar_t* __restrict hr = Hb + (c * g.P + q) * ld;
-            const scalar_t* __restrict mq = simt + q * g.L;
+            const scalar_t* __restrict mq = simt + q * lm;
             if (g.shift_path) {
               diag_bwd_row_shift<scalar_t>(g, tl, i, j, xg + c * HW, mq, hr,
-                                           dsimt ? dsimt + q * g.L : nullptr, dW ? cr : nullptr,
+                                           dsimt ? dsimt + q * lm : nullptr, dW ? cr : nullptr,
                                            dxg ? dxg + c * HW : nullptr, colok + j * ld);
               continue;
             }
             if (dsimt || dW) build_row<scalar_t>(g, tl, i, j, xg + c * HW, nullptr, cr);
             if (dsimt) {
-              scalar_t* __restrict d = dsimt + q * g.L;
+              scalar_t* __restrict d = dsimt + q * lm;
               for (int64_t t = 0; t < len; ++t) d[t] += hr[t] * cr[t];
             }
             if (dW) {
@@ -137,6 +153,10 @@ NSL_MULTIVERSION void backward_tile(const Args<scalar_t>& a, const BwdLayout& la
       NSL_PHASE(kBwdGemmW);
       gemm_nn<scalar_t>(g.K, g.cout_g, len, Bw, ld, gT, g.cout_g, true, dWg, g.cout_g);
     }
+  }
+  if (dsimt) {  // the tile's dsim, complete (every group added): written, not accumulated
+    NSL_PHASE(kBwdReduce);
+    copy_rows(dsimt, lm, dsim + n * a.sim_stride + t0, g.L, srows, len);
   }
 }
 
@@ -158,14 +178,14 @@ std::vector<at::Tensor> backward(const at::Tensor& gout_in, const at::Tensor& x,
                   gout.size(2) == g.Ho && gout.size(3) == g.Wo,
               "grad_out must be a CPU tensor of shape [N, C_out, H_out, W_out] and x's dtype");
   const int64_t nthreads = at::get_num_threads();
-  // One image per work item (dx[n] and dsim[n] zeroed by the thread that fills them, while they
-  // are hot), or the tiles of one image split across threads when images are fewer than threads.
+  // One image per work item (dx[n] zeroed by the thread that fills it, while it is hot), or the
+  // tiles of one image split across threads when images are fewer than threads.
   const bool per_image = g.N >= nthreads;
   at::Tensor dx, dw, dsim;
   {
     NSL_PHASE(kBwdSetup);
     if (need_dx) dx = per_image ? at::empty_like(x) : at::zeros_like(x);
-    if (need_dsim) dsim = per_image ? at::empty_like(sim) : at::zeros_like(sim);
+    if (need_dsim) dsim = at::empty_like(sim);  // every tile writes its part (backward_tile)
     if (need_dw) dw = at::zeros_like(w);
   }
   if (g.N == 0 || !(need_dx || need_dw || need_dsim)) {
@@ -191,14 +211,12 @@ std::vector<at::Tensor> backward(const at::Tensor& gout_in, const at::Tensor& x,
 
     if (per_image) {
       // Each image belongs to one thread: dx[n] is written without races.
-      const int64_t sim_img = sim.numel() / g.N;
       at::parallel_for(0, g.N, 1, [&](int64_t begin, int64_t end) {
         std::vector<scalar_t> ws(lay.total);
         Tile tl;
         scalar_t* dWt = dwa ? dwa + at::get_thread_num() * wsize : nullptr;
         for (int64_t n = begin; n < end; ++n) {
           if (dxp) std::fill(dxp + n * img, dxp + (n + 1) * img, scalar_t(0));
-          if (dsp) std::fill(dsp + n * sim_img, dsp + (n + 1) * sim_img, scalar_t(0));
           for (int64_t tile = 0; tile < g.ntiles; ++tile)
             backward_tile<scalar_t>(a, lay, go, n, tile, dxp ? dxp + n * img : nullptr, dWt, dsp,
                                     ws.data(), tl);

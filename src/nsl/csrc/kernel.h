@@ -34,7 +34,10 @@
 // each thread), or over tiles of one image when there are fewer images than threads. Each
 // thread owns its workspace and a dW accumulator; dx of an image is written by one thread only
 // (per-thread dx buffers in the tile-parallel mode), so there are no races; in the per-image mode
-// that thread also zeroes dx[n] and dsim[n] just before filling them (no separate zeroing pass).
+// that thread also zeroes dx[n] just before filling it (no separate zeroing pass). Each tile
+// accumulates its part of dsim in rows sim_ld apart (tiles.h) and writes it once (diagonal: it
+// also reads a copy of its m so): sim's own rows, L apart, fall in the same L1 sets when L is a
+// multiple of 1024 (32 x 32 images) and evicted each other in the loops across positions.
 // On the common stride-1 "same" geometry the column rows are contiguous shifted runs of the
 // input planes (see Bulk), so building, scattering and the diagonal backward are long
 // vectorised loops, with the border columns (reading the padding) dropped by per-tile bit masks

@@ -148,16 +148,16 @@ NSL_INLINE void scatter_row(const Geom& g, const Tile& tl, int64_t i, int64_t j,
 }
 
 // All rows of a column tile: buf[(c * P + q) * ld + t] = (m *) col[c, q](t0 + t);
-// xg: [cin_g, H, W] planes of the group; m (may be null): m[n, 0, t0] (rows L apart); colok
+// xg: [cin_g, H, W] planes of the group; m (may be null): m[q](t0 + t) at m[q * lm + t]; colok
 // (may be null): column_masks of the tile, leading dimension ld.
 template <typename scalar_t>
 NSL_INLINE void build_cols(const Geom& g, const Tile& tl, const scalar_t* xg, const scalar_t* m,
-                           int64_t ld, scalar_t* buf, const scalar_t* colok = nullptr) {
+                           int64_t lm, int64_t ld, scalar_t* buf, const scalar_t* colok = nullptr) {
   for (int64_t c = 0; c < g.cin_g; ++c)
     for (int64_t i = 0; i < g.kh; ++i)
       for (int64_t j = 0; j < g.kw; ++j) {
         const int64_t q = i * g.kw + j;
-        build_row(g, tl, i, j, xg + c * g.H * g.W, m ? m + q * g.L : nullptr,
+        build_row(g, tl, i, j, xg + c * g.H * g.W, m ? m + q * lm : nullptr,
                   buf + (c * g.P + q) * ld, colok ? colok + j * ld : nullptr);
       }
 }
@@ -249,47 +249,65 @@ NSL_INLINE void mix_generic(int64_t P, int64_t cin, const scalar_t* __restrict M
 }
 
 #if NSL_VECTOR_EXT
-// Same with P fixed at compile time, on whole vectors; returns the first location not done.
-// The vector of M values for each (a, b) is first packed contiguously (pack: P * P * VL), so
-// the unrolled loops address it with constant offsets (81 separately strided pointers would
-// not fit in registers).
-template <typename scalar_t, int P, int VB>
-NSL_INLINE int64_t mix_fixed(int64_t cin, const scalar_t* Mt, int64_t sa, int64_t sb,
-                             const scalar_t* src, scalar_t* dst, int64_t ld, int64_t len,
-                             scalar_t* __restrict pack) {
+// Same with P fixed at compile time, on NV whole vectors of locations from t (NV = 2: each cache
+// line of the 2 * P * cin rows read or written serves both vectors before it leaves L1, where one
+// vector per step fetched every line twice). The vectors of M for each (a, b) are first packed
+// contiguously (pack: NV * P * P * VL), so the unrolled loops address them with constant offsets
+// (81 separately strided pointers would not fit in registers).
+template <typename scalar_t, int P, int VB, int NV>
+NSL_INLINE void mix_fixed_step(int64_t cin, const scalar_t* Mt, int64_t sa, int64_t sb,
+                               const scalar_t* src, scalar_t* dst, int64_t ld, int64_t t,
+                               scalar_t* __restrict pack) {
   typedef scalar_t V __attribute__((vector_size(VB)));
   constexpr int64_t VL = VB / sizeof(scalar_t);
-  int64_t t = 0;
-  for (; t + VL <= len; t += VL) {
+  for (int v = 0; v < NV; ++v)
     for (int a = 0; a < P; ++a)
       for (int b = 0; b < P; ++b)
-        std::memcpy(pack + (a * P + b) * VL, Mt + a * sa + b * sb + t, sizeof(V));
-    const scalar_t* sp = src + t;
-    scalar_t* dp = dst + t;
-    for (int64_t c = 0; c < cin; ++c, sp += P * ld, dp += P * ld) {
+        std::memcpy(pack + ((v * P + a) * P + b) * VL, Mt + a * sa + b * sb + t + v * VL,
+                    sizeof(V));
+  const scalar_t* sp = src + t;
+  scalar_t* dp = dst + t;
+  for (int64_t c = 0; c < cin; ++c, sp += P * ld, dp += P * ld) {
+    for (int v = 0; v < NV; ++v) {
+      const scalar_t* pv = pack + v * P * P * VL;
       V s[P];
 #pragma GCC unroll 32
-      for (int b = 0; b < P; ++b) s[b] = vload<V>(sp + b * ld);
+      for (int b = 0; b < P; ++b) s[b] = vload<V>(sp + b * ld + v * VL);
 #pragma GCC unroll 32
       for (int a = 0; a < P; ++a) {
-        V acc = vload<V>(pack + a * P * VL) * s[0];
+        V acc = vload<V>(pv + a * P * VL) * s[0];
 #pragma GCC unroll 32
-        for (int b = 1; b < P; ++b) acc += vload<V>(pack + (a * P + b) * VL) * s[b];
-        vstore(dp + a * ld, acc);
+        for (int b = 1; b < P; ++b) acc += vload<V>(pv + (a * P + b) * VL) * s[b];
+        vstore(dp + a * ld + v * VL, acc);
       }
     }
   }
+}
+
+// mix_fixed_step over [0, len) in steps of two vectors, then one; returns the first location not
+// done.
+template <typename scalar_t, int P, int VB>
+NSL_INLINE int64_t mix_fixed(int64_t cin, const scalar_t* Mt, int64_t sa, int64_t sb,
+                             const scalar_t* src, scalar_t* dst, int64_t ld, int64_t len,
+                             scalar_t* pack) {
+  constexpr int64_t VL = VB / sizeof(scalar_t);
+  int64_t t = 0;
+  for (; t + 2 * VL <= len; t += 2 * VL)
+    mix_fixed_step<scalar_t, P, VB, 2>(cin, Mt, sa, sb, src, dst, ld, t, pack);
+  for (; t + VL <= len; t += VL)
+    mix_fixed_step<scalar_t, P, VB, 1>(cin, Mt, sa, sb, src, dst, ld, t, pack);
   return t;
 }
 #endif
 
 // Full layout mixing: dst[c, a](t) = sum_b M_ab(t) src[c, b](t) for t in [0, len), with
 // M_ab = Mt[(a * P + b) * L] (trans = false) or Mt[(b * P + a) * L] (trans = true); Mt points
-// at M[n, 0, 0, t0]; src and dst rows have leading dimension ld.
+// at M[n, 0, 0, t0] or a tile-local copy, rows L apart; src and dst rows have leading dimension ld.
 template <typename scalar_t>
-NSL_INLINE void mix_positions(const Geom& g, const scalar_t* Mt, bool trans, int64_t len,
-                              const scalar_t* src, scalar_t* dst, int64_t ld, scalar_t* pack) {
-  const int64_t P = g.P, L = g.L;
+NSL_INLINE void mix_positions(const Geom& g, const scalar_t* Mt, int64_t L, bool trans,
+                              int64_t len, const scalar_t* src, scalar_t* dst, int64_t ld,
+                              scalar_t* pack) {
+  const int64_t P = g.P;
   const int64_t sa = trans ? L : P * L, sb = trans ? P * L : L;
   int64_t done = 0;
 #if NSL_VECTOR_EXT
@@ -335,60 +353,80 @@ NSL_INLINE void dM_generic(int64_t P, int64_t L, int64_t cin, scalar_t* __restri
 }
 
 #if NSL_VECTOR_EXT
-// Same with P fixed, on whole vectors: a row dM[p, :] of accumulators stays in registers while
-// c runs. The vectors of H and C are first packed contiguously (pack: 2 * cin * P * VL) so the
-// unrolled loops use constant offsets. Returns the first location not done.
-template <typename scalar_t, int P, int VB>
-NSL_INLINE int64_t dM_fixed(int64_t L, int64_t cin, scalar_t* dMt, const scalar_t* Hb,
-                            const scalar_t* Cb, int64_t ld, int64_t len,
-                            scalar_t* __restrict pack) {
+// Channels per block of dM_fixed_step.
+constexpr int64_t kDMBlock = 8;
+
+// Same with P fixed, on NV whole vectors of locations from t: a row dM[p, :] of accumulators
+// stays in registers while c runs over a block of kDMBlock channels, whose rows of H and C are
+// first packed contiguously for the NV vectors (pack: 2 * NV * kDMBlock * P * VL; NV = 2: each of
+// their cache lines is fetched once for both vectors, and the packed block stays in L1).
+template <typename scalar_t, int P, int VB, int NV>
+NSL_INLINE void dM_fixed_step(int64_t L, int64_t cin, scalar_t* dMt, const scalar_t* Hb,
+                              const scalar_t* Cb, int64_t ld, int64_t t,
+                              scalar_t* __restrict pack) {
   typedef scalar_t V __attribute__((vector_size(VB)));
   constexpr int64_t VL = VB / sizeof(scalar_t);
-  const int64_t K = cin * P;
-  scalar_t* __restrict hp = pack;
-  scalar_t* __restrict cp = pack + K * VL;
-  int64_t t = 0;
-  for (; t + VL <= len; t += VL) {
-    for (int64_t r = 0; r < K; ++r) {
-      std::memcpy(hp + r * VL, Hb + r * ld + t, sizeof(V));
-      std::memcpy(cp + r * VL, Cb + r * ld + t, sizeof(V));
-    }
-    for (int p = 0; p < P; ++p) {
-      V acc[P];
-#pragma GCC unroll 32
-      for (int q = 0; q < P; ++q) acc[q] = vload<V>(dMt + (p * P + q) * L + t);
-      const scalar_t* hc = hp + p * VL;
-      const scalar_t* cc = cp;
-      for (int64_t c = 0; c < cin; ++c, hc += P * VL, cc += P * VL) {
-        const V h = vload<V>(hc);
-#pragma GCC unroll 32
-        for (int q = 0; q < P; ++q) acc[q] += h * vload<V>(cc + q * VL);
+  for (int64_t c0 = 0; c0 < cin; c0 += kDMBlock) {
+    const int64_t cb = std::min(kDMBlock, cin - c0), rows = cb * P;
+    scalar_t* __restrict hp = pack;                 // [NV][rows][VL]
+    scalar_t* __restrict cp = pack + NV * rows * VL;  // [NV][rows][VL]
+    for (int64_t r = 0; r < rows; ++r)
+      for (int v = 0; v < NV; ++v) {
+        std::memcpy(hp + (v * rows + r) * VL, Hb + (c0 * P + r) * ld + t + v * VL, sizeof(V));
+        std::memcpy(cp + (v * rows + r) * VL, Cb + (c0 * P + r) * ld + t + v * VL, sizeof(V));
       }
+    for (int v = 0; v < NV; ++v) {
+      scalar_t* dv = dMt + t + v * VL;
+      for (int p = 0; p < P; ++p) {
+        V acc[P];
 #pragma GCC unroll 32
-      for (int q = 0; q < P; ++q) vstore(dMt + (p * P + q) * L + t, acc[q]);
+        for (int q = 0; q < P; ++q) acc[q] = vload<V>(dv + (p * P + q) * L);
+        const scalar_t* hc = hp + (v * rows + p) * VL;
+        const scalar_t* cc = cp + v * rows * VL;
+        for (int64_t c = 0; c < cb; ++c, hc += P * VL, cc += P * VL) {
+          const V h = vload<V>(hc);
+#pragma GCC unroll 32
+          for (int q = 0; q < P; ++q) acc[q] += h * vload<V>(cc + q * VL);
+        }
+#pragma GCC unroll 32
+        for (int q = 0; q < P; ++q) vstore(dv + (p * P + q) * L, acc[q]);
+      }
     }
   }
+}
+
+// dM_fixed_step over [0, len) in steps of two vectors, then one; returns the first location not
+// done.
+template <typename scalar_t, int P, int VB>
+NSL_INLINE int64_t dM_fixed(int64_t L, int64_t cin, scalar_t* dMt, const scalar_t* Hb,
+                            const scalar_t* Cb, int64_t ld, int64_t len, scalar_t* pack) {
+  constexpr int64_t VL = VB / sizeof(scalar_t);
+  int64_t t = 0;
+  for (; t + 2 * VL <= len; t += 2 * VL)
+    dM_fixed_step<scalar_t, P, VB, 2>(L, cin, dMt, Hb, Cb, ld, t, pack);
+  for (; t + VL <= len; t += VL)
+    dM_fixed_step<scalar_t, P, VB, 1>(L, cin, dMt, Hb, Cb, ld, t, pack);
   return t;
 }
 #endif
 
 // Full layout: dMt[(p * P + q) * L + t] += sum_c Hb[c, p](t) Cb[c, q](t), t in [0, len).
 template <typename scalar_t>
-NSL_INLINE void accumulate_dM(const Geom& g, scalar_t* dMt, int64_t len, const scalar_t* Hb,
-                              const scalar_t* Cb, int64_t ld, scalar_t* pack) {
+NSL_INLINE void accumulate_dM(const Geom& g, scalar_t* dMt, int64_t L, int64_t len,
+                              const scalar_t* Hb, const scalar_t* Cb, int64_t ld, scalar_t* pack) {
   int64_t done = 0;
 #if NSL_VECTOR_EXT
   if (g.P == 9 && g_avx512) {
-    done = dM_fixed<scalar_t, 9, 64>(g.L, g.cin_g, dMt, Hb, Cb, ld, len, pack);
+    done = dM_fixed<scalar_t, 9, 64>(L, g.cin_g, dMt, Hb, Cb, ld, len, pack);
   } else if (g.P == 9) {
-    done = dM_fixed<scalar_t, 9, 32>(g.L, g.cin_g, dMt, Hb, Cb, ld, len, pack);
+    done = dM_fixed<scalar_t, 9, 32>(L, g.cin_g, dMt, Hb, Cb, ld, len, pack);
   } else if (g.P == 4) {
-    done = dM_fixed<scalar_t, 4, 32>(g.L, g.cin_g, dMt, Hb, Cb, ld, len, pack);
+    done = dM_fixed<scalar_t, 4, 32>(L, g.cin_g, dMt, Hb, Cb, ld, len, pack);
   } else if (g.P == 25) {
-    done = dM_fixed<scalar_t, 25, 32>(g.L, g.cin_g, dMt, Hb, Cb, ld, len, pack);
+    done = dM_fixed<scalar_t, 25, 32>(L, g.cin_g, dMt, Hb, Cb, ld, len, pack);
   }
 #endif
-  dM_generic(g.P, g.L, g.cin_g, dMt, Hb, Cb, ld, done, len);
+  dM_generic(g.P, L, g.cin_g, dMt, Hb, Cb, ld, done, len);
 }
 
 // Diagonal backward, shift path, one row (c, q) of a tile, fused into a single loop:
@@ -458,11 +496,33 @@ struct Args {
   int64_t sim_stride;   // elements per image of sim
 };
 
+// Leading dimension of the tile-local copies of sim and dsim: T rounded up to 16 elements, plus 16
+// where that is a multiple of 128. Rows a power-of-two number of bytes apart share L1 sets: sim's
+// own rows, L = 1024 locations (4 KiB) apart at 32 x 32, evicted each other in the loops that
+// read them across positions (81 rows of M in the P x P loops; 2 x 9 rows of m and dm for 8 ways).
+inline int64_t sim_ld(const Geom& g) {
+  const int64_t l = (g.T + 15) / 16 * 16;
+  return l % 128 ? l : l + 16;
+}
+
+// dst[r * dld + t] = src[r * sld + t] for r < rows, t < len.
+template <typename scalar_t>
+NSL_INLINE void copy_rows(const scalar_t* src, int64_t sld, scalar_t* dst, int64_t dld,
+                          int64_t rows, int64_t len) {
+  for (int64_t r = 0; r < rows; ++r)
+    std::memcpy(dst + r * dld, src + r * sld, len * sizeof(scalar_t));
+}
+
+// Elements of the packing area of the fixed-P loops: the larger of mix_fixed's (2 vectors of P * P)
+// and dM_fixed's (2 * 2 vectors of a block's rows of H and C), in vectors of up to 16 elements.
+inline int64_t pack_size(const Geom& g) {
+  return std::max(2 * g.P * g.P, 4 * std::min<int64_t>(g.cin_g, 8) * g.P) * 16;
+}
+
 // Workspace of one forward thread: nbuf tiles of K * T elements, the packing area of the fixed-P
-// loops (2 * K * 16 + P * P * 16 elements: 16 is the longest vector, 16 floats), and the column
-// masks (kw * T).
+// loops (pack_size), the column masks (kw * T) and the tile-local copy of m (P * sim_ld).
 inline int64_t workspace_size(const Geom& g, int64_t nbuf) {
-  return nbuf * g.K * g.T + 2 * g.K * 16 + g.P * g.P * 16 + g.kw * g.T;
+  return nbuf * g.K * g.T + pack_size(g) + g.kw * g.T + g.P * sim_ld(g);
 }
 
 
