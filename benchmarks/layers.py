@@ -12,17 +12,19 @@ For each shape (CIFAR- and ImageNet-like 3x3 layers) it measures, in one run:
 * ``deform_conv2d``: ``torchvision.ops.deform_conv2d`` with zero offsets and ``mask = m`` (computes
   dynamic diagonal NSL), where torchvision is importable.
 
-Columns: forward + backward time (min over ``--repeat`` interleaved rounds after warm-up), its ratio to ``conv``, bytes
+Columns: forward + backward time (min over ``--repeat`` interleaved rounds after warm-up; wall time, or CPU time
+with ``--clock cpu``), its ratio to ``conv``, bytes
 saved for backward, and the peak resident-memory increase of one forward + backward in a fresh
 process (``--rss``; ratio to conv's). Writes JSON to ``--out``.
 
-    python benchmarks/layers.py [--shapes cifar-c32,...] [--threads 2] [--rss] [--out FILE]
+    python benchmarks/layers.py [--shapes cifar-c32,...] [--threads 2] [--clock wall|cpu] [--rss] [--out FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -128,6 +130,9 @@ def main() -> None:
     parser.add_argument("--impls", default=None, help="comma-separated subset of the implementations")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall time, or the process's CPU time (all threads; on a loaded machine it leaves out "
+                             "the time spent waiting for a core)")
     parser.add_argument("--rss", action="store_true", help="also measure peak RSS in fresh processes")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "layers.json")
     parser.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
@@ -147,7 +152,8 @@ def main() -> None:
     rows = []
     for shape in shapes:
         cases = {impl: make_run(shape, impl) for impl in impls}
-        times = time_cases({impl: case[0] for impl, case in cases.items()}, args.repeat)
+        clock = time.process_time if args.clock == "cpu" else time.perf_counter
+        times = time_cases({impl: case[0] for impl, case in cases.items()}, args.repeat, clock=clock)
         base_rss = None
         for impl in impls:
             t = times[impl]
@@ -169,7 +175,8 @@ def main() -> None:
     if args.rss:
         columns += [("peak_rss_mb", "peak RSS MiB", ".1f"), ("rss_x_conv", "RSS x conv", ".2f")]
     print_table(rows, columns)
-    write_json(args.out, {"environment": environment(), "shapes": {k: SHAPES[k] for k in shapes}, "rows": rows})
+    write_json(args.out, {"environment": environment(), "clock": args.clock, "shapes": {k: SHAPES[k] for k in shapes},
+                          "rows": rows})
     print(f"\nwrote {args.out}")
 
 

@@ -135,6 +135,43 @@ def test_gemm_backends(layout, backend):
         torch.testing.assert_close(g.double(), r, **tol)
 
 
+@pytest.mark.parametrize("geom", [
+    (2, 12, 5, 7, 9, (3, 3), (1, 1), (1, 1), (1, 1), 1),  # 12 channels: blocks of 8 and 4; 63 locations
+    (2, 10, 3, 9, 9, (5, 5), (1, 1), (2, 2), (1, 1), 1),  # P = 25, blocks of 8 and 2
+    (1, 18, 4, 6, 11, (2, 2), (1, 1), (1, 1), (1, 1), 2),  # P = 4, 9 channels per group: blocks of 8 and 1
+], ids=_geom_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_full_layout_channel_blocks(geom, dtype):
+    """The full layout's register-blocked P x P loops over more than one block of 8 channels, with tiles
+    that end in a two-vector step, a one-vector step and a scalar remainder."""
+    tensors, geo = _inputs(geom, "full", torch.float64, seed=6)
+    ref_out, ref_grads = _grads(reference, *tensors, geo)
+    out, grads = _grads(_cpp.dynamic_ns_conv2d, *[t.to(dtype) for t in tensors], geo)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out.double(), ref_out, **tol)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g.double(), r, **tol)
+
+
+@pytest.mark.parametrize("layout", ["diag", "full"])
+def test_wide_tiles_past_l2(layout):
+    """Column tiles larger than L2 with more than 64 output channels: backend 0 sends dW's GEMM to BLAS
+    instead of brgemm (gemm.cpp's L2 rule) and the forward's to brgemm; same result."""
+    geom = (2, 64, 96, 16, 16, (3, 3), (1, 1), (1, 1), (1, 1), 1)
+    tensors, geo = _inputs(geom, layout, torch.float32, seed=5)
+    ref_out, ref_grads = _grads(reference, *[t.double() for t in tensors], geo)
+    ext = _cpp._ext()
+    old = ext.set_tile_bytes(4 << 20)  # one 256-location tile per image: a [576, 256] float column tile
+    try:
+        out, grads = _grads(_cpp.dynamic_ns_conv2d, *tensors, geo)
+    finally:
+        ext.set_tile_bytes(old)
+    tol = dict(rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(out.double(), ref_out, **tol)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g.double(), r, **tol)
+
+
 @pytest.mark.parametrize("num_threads", [1, 2])
 def test_thread_counts(num_threads):
     geom = (3, 4, 5, 8, 8, (3, 3), (1, 1), (1, 1), (1, 1), 1)

@@ -13,6 +13,7 @@
 #include "gemm.h"
 #include "geometry.h"
 #include "kernel.h"
+#include "profile.h"
 
 namespace nsl {
 namespace {
@@ -61,4 +62,17 @@ TORCH_LIBRARY(nsl_cpu, m) {
   m.def("set_min_tile(int locations) -> int", &nsl::set_min_tile);        // fewest output locations per tile
   m.def("set_gemm_backend(int backend) -> int", &nsl::set_gemm_backend);  // 0 best, 1 BLAS, 2 at::mm
   m.def("gemm_backends() -> str[]", &nsl::gemm_backends);                 // available, fastest first
+#ifdef NSL_PROFILE
+  m.def("phase_names() -> str[]", [] {  // profiling builds only (see profile.h)
+    return std::vector<std::string>(nsl::kPhaseNames, nsl::kPhaseNames + nsl::kNumPhases);
+  });
+  m.def("phase_times() -> float[]", [] {  // milliseconds per phase, summed over threads
+    std::vector<double> r;
+    for (auto& ns : nsl::g_phase_ns) r.push_back(1e-6 * ns.load());
+    return r;
+  });
+  m.def("reset_phase_times() -> ()", [] {
+    for (auto& ns : nsl::g_phase_ns) ns.store(0);
+  });
+#endif
 }

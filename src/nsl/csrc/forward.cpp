@@ -3,6 +3,7 @@
 
 #include "gemm.h"
 #include "kernel.h"
+#include "profile.h"
 #include "tiles.h"
 
 namespace nsl {
@@ -16,19 +17,40 @@ NSL_MULTIVERSION void forward_tile(const Args<scalar_t>& a, int64_t n, int64_t t
   const Geom& g = *a.g;
   const int64_t t0 = tile * g.T, ld = g.T;
   tl.set(g, t0, std::min(g.T, g.L - t0));
-  const scalar_t* simt = a.sim + n * a.sim_stride + t0;
   scalar_t* B = ws;
   scalar_t* C = ws + g.K * g.T;
+  scalar_t* colok = nullptr;  // column masks (shift path)
+  if (g.shift_path) {
+    colok = ws + 2 * g.K * g.T + pack_size(g);
+    column_masks<scalar_t>(g, tl, ld, colok);
+  }
+  // Diagonal: the tile of m, copied with rows sim_ld apart (see sim_ld); the full layout's mix
+  // reads M straight (it packs it anyway).
+  const scalar_t* simt = a.sim + n * a.sim_stride + t0;
+  int64_t lm = g.L;
+  if (!a.full) {
+    NSL_PHASE(kFwdBuild);
+    scalar_t* copy = ws + 2 * g.K * g.T + pack_size(g) + g.kw * g.T;
+    lm = sim_ld(g);
+    copy_rows(simt, g.L, copy, lm, g.P, tl.len);
+    simt = copy;
+  }
   for (int64_t grp = 0; grp < g.groups; ++grp) {
     const scalar_t* xg = a.x + (n * g.C_in + grp * g.cin_g) * g.H * g.W;
     if (a.full) {
-      build_cols<scalar_t>(g, tl, xg, nullptr, ld, C);
-      mix_positions<scalar_t>(g, simt, false, tl.len, C, B, ld, ws + 2 * g.K * g.T);
+      {
+        NSL_PHASE(kFwdBuild);
+        build_cols<scalar_t>(g, tl, xg, nullptr, 0, ld, C, colok);
+      }
+      NSL_PHASE(kFwdMix);
+      mix_positions<scalar_t>(g, simt, lm, false, tl.len, C, B, ld, ws + 2 * g.K * g.T);
     } else {
-      build_cols<scalar_t>(g, tl, xg, simt, ld, B);
+      NSL_PHASE(kFwdBuild);
+      build_cols<scalar_t>(g, tl, xg, simt, lm, ld, B, colok);
     }
     const scalar_t* wg = a.w + grp * g.cout_g * g.K;
     scalar_t* og = out + (n * g.C_out + grp * g.cout_g) * g.L + t0;
+    NSL_PHASE(kFwdGemm);
     gemm_nn<scalar_t>(g.cout_g, tl.len, g.K, wg, g.K, B, ld, false, og, g.L);
   }
 }

@@ -33,14 +33,20 @@
 // Work is parallelised over images (at::parallel_for; the GEMMs then run single-threaded inside
 // each thread), or over tiles of one image when there are fewer images than threads. Each
 // thread owns its workspace and a dW accumulator; dx of an image is written by one thread only
-// (per-thread dx buffers in the tile-parallel mode), so there are no races.
+// (per-thread dx buffers in the tile-parallel mode), so there are no races; in the per-image mode
+// that thread also zeroes dx[n] just before filling it (no separate zeroing pass). Each tile
+// accumulates its part of dsim in rows sim_ld apart (tiles.h) and writes it once (diagonal: it
+// also reads a copy of its m so): sim's own rows, L apart, fall in the same L1 sets when L is a
+// multiple of 1024 (32 x 32 images) and evicted each other in the loops across positions.
 // On the common stride-1 "same" geometry the column rows are contiguous shifted runs of the
 // input planes (see Bulk), so building, scattering and the diagonal backward are long
-// vectorised loops; the P x P products of the full layout are register-blocked for P = 4, 9, 25.
+// vectorised loops, with the border columns (reading the padding) dropped by per-tile bit masks
+// (column_masks); the P x P products of the full layout are register-blocked for P = 4, 9, 25.
 //
 // Sources, by job: geometry.h/.cpp (argument checks, geometry, tiling), tiles.h (element-wise
-// work on column tiles), gemm.h/.cpp (GEMM backends), forward.cpp, backward.cpp, and
-// dynamic_ns_conv.cpp (the CPU kernels' registration with the dispatcher, TORCH_LIBRARY_IMPL).
+// work on column tiles), gemm.h/.cpp (GEMM backends), forward.cpp, backward.cpp,
+// dynamic_ns_conv.cpp (the CPU kernels' registration with the dispatcher, TORCH_LIBRARY_IMPL) and
+// profile.h (per-phase timing of a -DNSL_PROFILE build: benchmarks/kernel_phases.py).
 #pragma once
 
 #include <ATen/ATen.h>
