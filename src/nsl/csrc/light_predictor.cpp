@@ -47,6 +47,9 @@
 
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"  // vector helpers are always inlined
+// The tile rows are short: GCC would turn copy and zeroing loops into calls of memcpy/memset
+// (measured: 7-13% of the time in libc on CIFAR shapes).
+#pragma GCC optimize("no-tree-loop-distribute-patterns")
 #endif
 
 namespace nsl {
@@ -119,8 +122,11 @@ struct LGeom {
   int64_t N, C, H, W, kh, kw, P, sh, sw, ph, pw, dh, dw, Ho, Wo, L;
   int64_t hid, outc;
   int64_t rows, ntiles;  // output rows per tile, tiles per image
-  int64_t ld;            // leading dimension of the tile buffers: >= rows * Wo, a multiple of 16
   int64_t Rp, Wp;        // zero-padded input patch of a full tile: rows, columns
+  bool flat;             // stride 1: tile buffers use the patch's row pitch (see Work)
+  int64_t pitch;         // columns per output row in the tile buffers: Wp (flat) or Wo
+  int64_t ld;            // leading dimension of the tile buffers: >= rows * pitch, a multiple of 16
+  int64_t psize;         // patch elements per channel (Rp * Wp and slack for vector over-reads)
   int64_t idstep;        // identity on channels c with c % idstep == 0; 0: none
 };
 
@@ -162,8 +168,11 @@ LGeom make_lgeom(const at::Tensor& x, const at::Tensor& wdw, const at::Tensor& w
   g.ntiles = (g.Ho + rows - 1) / rows;
   g.rows = (g.Ho + g.ntiles - 1) / g.ntiles;  // evened out
   g.ntiles = (g.Ho + g.rows - 1) / g.rows;
-  g.ld = round_up(g.rows * g.Wo, 16);
   g.Rp = (g.rows - 1) * g.sh + g.dh * (g.kh - 1) + 1;
+  g.flat = g.sh == 1 && g.sw == 1;
+  g.pitch = g.flat ? g.Wp : g.Wo;
+  g.ld = round_up(g.rows * g.pitch, 16);
+  g.psize = round_up(g.Rp * g.Wp + g.dw * (g.kw - 1) + 16, 16);
   g.idstep = !identity ? 0 : (g.outc == g.P ? 1 : g.P + 1);
   return g;
 }
@@ -190,6 +199,7 @@ NSL_INLINE void build_patch(const LGeom& g, const T* __restrict xc, int64_t y0, 
     if (hi > lo) copy_row(d + lo, xc + ih * g.W + (lo - g.pw), hi - lo);
     for (int64_t s = std::max(lo, hi); s < g.Wp; ++s) d[s] = 0;
   }
+  zero_row(patch + rp * g.Wp, g.psize - rp * g.Wp);  // what the flat loops over-read: finite
 }
 
 // out[yr * Wo + x] = sum_{i, j} w[i * kw + j] patch[(yr sh + dh i) * Wp + x sw + dw j].
@@ -243,80 +253,133 @@ NSL_INLINE void dw_rows(const LGeom& g, const T* __restrict patch, const T* __re
   }
 }
 
-// Adjoint of dw_rows for the rows of one channel: gw[q] += sum dA (x) shifted patch (when gw), and
-// dx plane += dw^T dA (when dxc); dpatch: scratch of the patch's size.
-// Stride 1, 3x3: the weight gradient with nine accumulators in one sweep, and dx as a gather (each
-// input location reads the zero-padded dA at its nine taps) instead of nine overlapping scatters.
+// Flat layout (stride 1): out[t] = sum_{i, j} w[i * kw + j] patch[t + dh i Wp + dw j] for every
+// t < ncols; t = yr * Wp + x is output (yr, x) for x < Wo, the other columns are garbage.
 template <typename T>
-NSL_INLINE void dw_backward_s1k3(const LGeom& g, const T* __restrict patch, const T* __restrict w,
-                                 const T* __restrict dA, int64_t y0, int64_t rows,
-                                 T* __restrict gw, T* __restrict dpad, T* __restrict dxc) {
+NSL_INLINE void dw_flat(const LGeom& g, const T* __restrict patch, const T* __restrict w,
+                        T* __restrict out, int64_t ncols) {
   typedef typename VecT<T>::V V;
   constexpr int64_t VL = kVB / sizeof(T);
-  const int64_t Wo = g.Wo, Wp = g.Wp, dh = g.dh, dw = g.dw;
-  if (gw) {
-    V acc[9];
-    T tail[9];
-#pragma GCC unroll 9
-    for (int q = 0; q < 9; ++q) {
-      acc[q] = V{};
-      tail[q] = 0;
+  const int64_t Wp = g.Wp, dh = g.dh, dw = g.dw;
+  const V z = {};
+  if (g.kh == 3 && g.kw == 3) {
+    const T* __restrict r0 = patch;
+    const T* __restrict r1 = patch + dh * Wp;
+    const T* __restrict r2 = patch + 2 * dh * Wp;
+    const int64_t d1 = dw, d2 = 2 * dw;
+    const V v0 = z + w[0], v1 = z + w[1], v2 = z + w[2], v3 = z + w[3], v4 = z + w[4],
+            v5 = z + w[5], v6 = z + w[6], v7 = z + w[7], v8 = z + w[8];
+    for (int64_t t = 0; t < ncols; t += VL) {
+      const V a = v0 * vld<V>(r0 + t) + v1 * vld<V>(r0 + t + d1) + v2 * vld<V>(r0 + t + d2) +
+                  v3 * vld<V>(r1 + t) + v4 * vld<V>(r1 + t + d1) + v5 * vld<V>(r1 + t + d2) +
+                  v6 * vld<V>(r2 + t) + v7 * vld<V>(r2 + t + d1) + v8 * vld<V>(r2 + t + d2);
+      vst(out + t, a);
     }
-    for (int64_t yr = 0; yr < rows; ++yr) {
-      const T* __restrict a = dA + yr * Wo;
-      const T* __restrict p = patch + yr * Wp;
-      int64_t x = 0;
-      for (; x + VL <= Wo; x += VL) {
-        const V av = vld<V>(a + x);
-#pragma GCC unroll 9
-        for (int q = 0; q < 9; ++q) acc[q] += av * vld<V>(p + (q / 3) * dh * Wp + (q % 3) * dw + x);
+    return;
+  }
+  for (int64_t t = 0; t < ncols; t += VL) {
+    V a = z;
+    for (int64_t i = 0; i < g.kh; ++i)
+      for (int64_t j = 0; j < g.kw; ++j)
+        a += (z + w[i * g.kw + j]) * vld<V>(patch + t + dh * i * Wp + dw * j);
+    vst(out + t, a);
+  }
+}
+
+// Zero the garbage columns of a tile buffer row: x >= Wo of each output row (flat layout) and
+// [rows * pitch, ncols).
+template <typename T>
+NSL_INLINE void clean(const LGeom& g, T* a, int64_t rows, int64_t ncols) {
+  if (g.pitch > g.Wo)
+    for (int64_t yr = 0; yr < rows; ++yr)
+      for (int64_t x = g.Wo; x < g.pitch; ++x) a[yr * g.pitch + x] = 0;
+  zero_row(a + rows * g.pitch, ncols - rows * g.pitch);
+}
+
+// Adjoint of dw_flat (dA clean, ncols columns): gw[q] += sum_t dA[t] patch[t + off_q] (when gw),
+// and the dx plane += dw^T dA (when dxc), as a gather: input (r, s) of the patch takes
+// sum_q w_q dA[(r - dh i) Wp + s - dw j] from dA placed between zeros in dpad.
+template <typename T>
+NSL_INLINE void dw_backward_flat(const LGeom& g, const T* __restrict patch,
+                                 const T* __restrict w, const T* __restrict dA, int64_t y0,
+                                 int64_t rows, int64_t ncols, T* __restrict gw,
+                                 T* __restrict dpad, T* __restrict dxc) {
+  typedef typename VecT<T>::V V;
+  constexpr int64_t VL = kVB / sizeof(T);
+  const int64_t Wp = g.Wp, dh = g.dh, dw = g.dw;
+  const bool k3 = g.kh == 3 && g.kw == 3;
+  if (gw && k3) {
+    const T* __restrict p0 = patch;
+    const T* __restrict p1 = patch + dh * Wp;
+    const T* __restrict p2 = patch + 2 * dh * Wp;
+    const int64_t e1 = dw, e2 = 2 * dw;
+    V c0 = {}, c1 = {}, c2 = {}, c3 = {}, c4 = {}, c5 = {}, c6 = {}, c7 = {}, c8 = {};
+    for (int64_t t = 0; t < ncols; t += VL) {
+      const V av = vld<V>(dA + t);
+      c0 += av * vld<V>(p0 + t); c1 += av * vld<V>(p0 + t + e1); c2 += av * vld<V>(p0 + t + e2);
+      c3 += av * vld<V>(p1 + t); c4 += av * vld<V>(p1 + t + e1); c5 += av * vld<V>(p1 + t + e2);
+      c6 += av * vld<V>(p2 + t); c7 += av * vld<V>(p2 + t + e1); c8 += av * vld<V>(p2 + t + e2);
+    }
+    gw[0] += hsum<T>(c0); gw[1] += hsum<T>(c1); gw[2] += hsum<T>(c2);
+    gw[3] += hsum<T>(c3); gw[4] += hsum<T>(c4); gw[5] += hsum<T>(c5);
+    gw[6] += hsum<T>(c6); gw[7] += hsum<T>(c7); gw[8] += hsum<T>(c8);
+  } else if (gw) {
+    for (int64_t i = 0; i < g.kh; ++i)
+      for (int64_t j = 0; j < g.kw; ++j) {
+        const T* __restrict p = patch + dh * i * Wp + dw * j;
+        V a0 = {}, a1 = {};
+        int64_t t = 0;
+        for (; t + 2 * VL <= ncols; t += 2 * VL) {
+          a0 += vld<V>(dA + t) * vld<V>(p + t);
+          a1 += vld<V>(dA + t + VL) * vld<V>(p + t + VL);
+        }
+        for (; t < ncols; t += VL) a0 += vld<V>(dA + t) * vld<V>(p + t);
+        gw[i * g.kw + j] += hsum<T>(a0 + a1);
       }
-      for (; x < Wo; ++x)
-#pragma GCC unroll 9
-        for (int q = 0; q < 9; ++q) tail[q] += a[x] * p[(q / 3) * dh * Wp + (q % 3) * dw + x];
-    }
-#pragma GCC unroll 9
-    for (int q = 0; q < 9; ++q) gw[q] += hsum<T>(acc[q]) + tail[q];
   }
   if (!dxc) return;
-  // dpad[(yr + 2 dh) * Wq + x + 2 dw] = dA[yr * Wo + x], zero around
-  const int64_t Wq = Wo + 4 * dw, Rq = rows + 4 * dh;
-  zero_row(dpad, 2 * dh * Wq);
-  for (int64_t yr = 0; yr < rows; ++yr) {
-    T* __restrict d = dpad + (yr + 2 * dh) * Wq;
-    zero_row(d, 2 * dw);
-    copy_row(d + 2 * dw, dA + yr * Wo, Wo);
-    zero_row(d + 2 * dw + Wo, 2 * dw);
-  }
-  zero_row(dpad + (rows + 2 * dh) * Wq, 2 * dh * Wq);
+  const int64_t span = rows * Wp, pre = dh * (g.kh - 1) * Wp + dw * (g.kw - 1);
+  zero_row(dpad, pre);
+  copy_row(dpad + pre, dA, span);
+  zero_row(dpad + pre + span, dh * (g.kh - 1) * Wp + 2 * VL);
+  const int64_t rp = rows + dh * (g.kh - 1), r0 = y0 - g.ph, ncol = std::min(g.W, Wp - g.pw);
   const V z = {};
-  const V v0 = z + w[8], v1 = z + w[7], v2 = z + w[6], v3 = z + w[5], v4 = z + w[4], v5 = z + w[3],
-          v6 = z + w[2], v7 = z + w[1], v8 = z + w[0];
-  const int64_t rp = rows + 2 * dh, r0 = y0 - g.ph, ncol = std::min(g.W, Wp - g.pw);
   for (int64_t r = 0; r < rp; ++r) {
     const int64_t ih = r0 + r;
     if (ih < 0 || ih >= g.H) continue;
-    // tap (i, j) of input column iw reads dpad row r + dh (2 - i), column iw + pw + dw (2 - j)
-    const T* __restrict q0 = dpad + r * Wq + g.pw;  // i = 2
-    const T* __restrict q1 = q0 + dh * Wq;          // i = 1
-    const T* __restrict q2 = q1 + dh * Wq;          // i = 0
-    const int64_t e1 = dw, e2 = 2 * dw;
+    const T* __restrict b = dpad + pre + r * Wp + g.pw;  // tap (i, j) reads b[x - dh i Wp - dw j]
     T* __restrict d = dxc + ih * g.W;
-    int64_t x = 0;
-    for (; x + VL <= ncol; x += VL) {
-      const V s = v0 * vld<V>(q0 + x) + v1 * vld<V>(q0 + x + e1) + v2 * vld<V>(q0 + x + e2) +
-                  v3 * vld<V>(q1 + x) + v4 * vld<V>(q1 + x + e1) + v5 * vld<V>(q1 + x + e2) +
-                  v6 * vld<V>(q2 + x) + v7 * vld<V>(q2 + x + e1) + v8 * vld<V>(q2 + x + e2);
-      vst(d + x, vld<V>(d + x) + s);
-    }
-    for (; x < ncol; ++x) {
-      d[x] += w[8] * q0[x] + w[7] * q0[x + e1] + w[6] * q0[x + e2] + w[5] * q1[x] +
-              w[4] * q1[x + e1] + w[3] * q1[x + e2] + w[2] * q2[x] + w[1] * q2[x + e1] +
-              w[0] * q2[x + e2];
+    if (k3) {
+      const T* __restrict q0 = b;
+      const T* __restrict q1 = b - dh * Wp;
+      const T* __restrict q2 = b - 2 * dh * Wp;
+      const int64_t e1 = dw, e2 = 2 * dw;
+      const V v0 = z + w[0], v1 = z + w[1], v2 = z + w[2], v3 = z + w[3], v4 = z + w[4],
+              v5 = z + w[5], v6 = z + w[6], v7 = z + w[7], v8 = z + w[8];
+      int64_t x = 0;
+      for (; x + VL <= ncol; x += VL) {
+        const V s = v0 * vld<V>(q0 + x) + v1 * vld<V>(q0 + x - e1) + v2 * vld<V>(q0 + x - e2) +
+                    v3 * vld<V>(q1 + x) + v4 * vld<V>(q1 + x - e1) + v5 * vld<V>(q1 + x - e2) +
+                    v6 * vld<V>(q2 + x) + v7 * vld<V>(q2 + x - e1) + v8 * vld<V>(q2 + x - e2);
+        vst(d + x, vld<V>(d + x) + s);
+      }
+      for (; x < ncol; ++x)
+        d[x] += w[0] * q0[x] + w[1] * q0[x - e1] + w[2] * q0[x - e2] + w[3] * q1[x] +
+                w[4] * q1[x - e1] + w[5] * q1[x - e2] + w[6] * q2[x] + w[7] * q2[x - e1] +
+                w[8] * q2[x - e2];
+    } else {
+      for (int64_t x = 0; x < ncol; ++x) {
+        T s = 0;
+        for (int64_t i = 0; i < g.kh; ++i)
+          for (int64_t j = 0; j < g.kw; ++j) s += w[i * g.kw + j] * b[x - dh * i * Wp - dw * j];
+        d[x] += s;
+      }
     }
   }
 }
 
+// Adjoint of dw_rows for the rows of one channel: gw[q] += sum dA (x) shifted patch (when gw), and
+// dx plane += dw^T dA (when dxc); dpatch: scratch of the patch's size.
 template <typename T>
 NSL_INLINE void dw_backward(const LGeom& g, const T* __restrict patch, const T* __restrict w,
                             const T* __restrict dA, int64_t y0, int64_t rows, T* __restrict gw,
@@ -324,10 +387,6 @@ NSL_INLINE void dw_backward(const LGeom& g, const T* __restrict patch, const T* 
   typedef typename VecT<T>::V V;
   constexpr int64_t VL = kVB / sizeof(T);
   if (!gw && !dxc) return;
-  if (g.sh == 1 && g.sw == 1 && g.kh == 3 && g.kw == 3) {
-    dw_backward_s1k3(g, patch, w, dA, y0, rows, gw, dpatch, dxc);
-    return;
-  }
   const int64_t Wo = g.Wo, Wp = g.Wp, rp = (rows - 1) * g.sh + g.dh * (g.kh - 1) + 1;
   if (dxc) zero_row(dpatch, rp * Wp);
   for (int64_t i = 0; i < g.kh; ++i)
@@ -482,57 +541,68 @@ NSL_INLINE void gemm_nn(int64_t M, int64_t K, const T* __restrict A, int64_t lda
   }
 }
 
-// G[m * ldg + k] += sum_{t < n} D[m * ldd + t] R[k * ldr + t] (a weight gradient): 4 x 2 blocks of
-// vector accumulators, reduced at the end.
-template <typename T, int MB, int KB>
-NSL_INLINE void gemm_nt_block(const T* D, int64_t ldd, const T* R, int64_t ldr, int64_t n, T* G,
-                              int64_t ldg) {
-  typedef typename VecT<T>::V V;
-  constexpr int64_t VL = kVB / sizeof(T);
-  V acc[MB][KB];
-#pragma GCC unroll 8
-  for (int a = 0; a < MB; ++a)
-#pragma GCC unroll 8
-    for (int b = 0; b < KB; ++b) acc[a][b] = V{};
-  int64_t t = 0;
-  for (; t + VL <= n; t += VL) {
-    V d[MB], r[KB];
-#pragma GCC unroll 8
-    for (int a = 0; a < MB; ++a) d[a] = vld<V>(D + a * ldd + t);
-#pragma GCC unroll 8
-    for (int b = 0; b < KB; ++b) r[b] = vld<V>(R + b * ldr + t);
-#pragma GCC unroll 8
-    for (int a = 0; a < MB; ++a)
-#pragma GCC unroll 8
-      for (int b = 0; b < KB; ++b) acc[a][b] += d[a] * r[b];
-  }
-#pragma GCC unroll 8
-  for (int a = 0; a < MB; ++a)
-#pragma GCC unroll 8
-    for (int b = 0; b < KB; ++b) {
-      T s = hsum<T>(acc[a][b]);
-      for (int64_t u = t; u < n; ++u) s += D[a * ldd + u] * R[b * ldr + u];
-      G[a * ldg + b] += s;
-    }
-}
-
+// G[m * ldg + k] += sum_{t < n} D[m * ldd + t] R[k * ldr + t] for m < M, k < K (a weight gradient;
+// n a multiple of the vector length): 4 x 2 blocks of vector accumulators (plain variables: arrays
+// of vectors would go through memory), reduced at the end.
 template <typename T>
 NSL_INLINE void gemm_nt_acc(int64_t M, int64_t K, const T* D, int64_t ldd, const T* R,
                             int64_t ldr, int64_t n, T* G, int64_t ldg) {
+  typedef typename VecT<T>::V V;
+  constexpr int64_t VL = kVB / sizeof(T);
   int64_t m = 0;
   for (; m + 4 <= M; m += 4) {
+    const T* d0 = D + m * ldd;
+    const T* d1 = d0 + ldd;
+    const T* d2 = d1 + ldd;
+    const T* d3 = d2 + ldd;
     int64_t k = 0;
-    for (; k + 2 <= K; k += 2)
-      gemm_nt_block<T, 4, 2>(D + m * ldd, ldd, R + k * ldr, ldr, n, G + m * ldg + k, ldg);
-    for (; k < K; ++k)
-      gemm_nt_block<T, 4, 1>(D + m * ldd, ldd, R + k * ldr, ldr, n, G + m * ldg + k, ldg);
+    for (; k + 2 <= K; k += 2) {
+      const T* r0 = R + k * ldr;
+      const T* r1 = r0 + ldr;
+      V a00 = {}, a01 = {}, a10 = {}, a11 = {}, a20 = {}, a21 = {}, a30 = {}, a31 = {};
+      for (int64_t t = 0; t < n; t += VL) {
+        const V x0 = vld<V>(r0 + t), x1 = vld<V>(r1 + t);
+        V e = vld<V>(d0 + t);
+        a00 += e * x0; a01 += e * x1;
+        e = vld<V>(d1 + t);
+        a10 += e * x0; a11 += e * x1;
+        e = vld<V>(d2 + t);
+        a20 += e * x0; a21 += e * x1;
+        e = vld<V>(d3 + t);
+        a30 += e * x0; a31 += e * x1;
+      }
+      T* gm = G + m * ldg + k;
+      gm[0] += hsum<T>(a00); gm[1] += hsum<T>(a01);
+      gm[ldg] += hsum<T>(a10); gm[ldg + 1] += hsum<T>(a11);
+      gm[2 * ldg] += hsum<T>(a20); gm[2 * ldg + 1] += hsum<T>(a21);
+      gm[3 * ldg] += hsum<T>(a30); gm[3 * ldg + 1] += hsum<T>(a31);
+    }
+    for (; k < K; ++k) {
+      const T* r0 = R + k * ldr;
+      V a0 = {}, a1 = {}, a2 = {}, a3 = {};
+      for (int64_t t = 0; t < n; t += VL) {
+        const V x0 = vld<V>(r0 + t);
+        a0 += vld<V>(d0 + t) * x0; a1 += vld<V>(d1 + t) * x0;
+        a2 += vld<V>(d2 + t) * x0; a3 += vld<V>(d3 + t) * x0;
+      }
+      T* gm = G + m * ldg + k;
+      gm[0] += hsum<T>(a0); gm[ldg] += hsum<T>(a1);
+      gm[2 * ldg] += hsum<T>(a2); gm[3 * ldg] += hsum<T>(a3);
+    }
   }
   for (; m < M; ++m) {
-    int64_t k = 0;
-    for (; k + 2 <= K; k += 2)
-      gemm_nt_block<T, 1, 2>(D + m * ldd, ldd, R + k * ldr, ldr, n, G + m * ldg + k, ldg);
-    for (; k < K; ++k)
-      gemm_nt_block<T, 1, 1>(D + m * ldd, ldd, R + k * ldr, ldr, n, G + m * ldg + k, ldg);
+    const T* d0 = D + m * ldd;
+    for (int64_t k = 0; k < K; ++k) {
+      const T* r0 = R + k * ldr;
+      V a0 = {}, a1 = {};
+      int64_t t = 0;
+      for (; t + 2 * VL <= n; t += 2 * VL) {
+        a0 += vld<V>(d0 + t) * vld<V>(r0 + t);
+        a1 += vld<V>(d0 + t + VL) * vld<V>(r0 + t + VL);
+      }
+      for (; t < n; t += VL) a0 += vld<V>(d0 + t) * vld<V>(r0 + t);
+      G[m * ldg + k] += hsum<T>(a0 + a1);
+    }
   }
 }
 
@@ -611,16 +681,19 @@ struct Acc {
 };
 
 // One thread's tile buffers, carved from a thread-local arena kept between calls (no page faults of
-// fresh allocations on every pass). Padding columns [len, ncols) of the buffers hold stale values:
-// every operation is column-local, and only columns < len are read back.
+// fresh allocations on every pass): the patches of all channels, a scratch, and [rows, ld] buffers.
+// Column t = yr * pitch + x of a buffer is output (y0 + yr, x) for x < Wo; the other columns (the
+// flat layout's x >= Wo, and [rows * pitch, ncols)) are garbage: every operation is column-local,
+// A0 is cleaned (zeroed there) as soon as it is computed so that garbage stays finite, and every
+// reduction over columns has a clean operand.
 template <typename T>
 struct Work {
   T *patch, *dpatch, *A0, *R0, *D0, *A1, *R1, *D1, *Z;
   explicit Work(const LGeom& g) {
     static thread_local std::vector<T> arena;
-    const int64_t scratch = std::max(g.Rp * g.Wp, (g.rows + 2 * g.dh * (g.kh - 1)) *
-                                                      (g.Wo + 2 * g.dw * (g.kw - 1)));
-    const int64_t sizes[9] = {round_up(g.C * g.Rp * g.Wp, 16), round_up(scratch, 16),
+    const int64_t scratch = std::max(g.Rp * g.Wp, g.ld + 2 * g.dh * (g.kh - 1) * g.Wp +
+                                                      g.dw * (g.kw - 1) + 16);
+    const int64_t sizes[9] = {g.C * g.psize, round_up(scratch, 16),
                               g.C * g.ld, g.C * g.ld, g.C * g.ld, g.hid * g.ld, g.hid * g.ld,
                               g.hid * g.ld, g.outc * g.ld};
     int64_t total = 0;
@@ -635,85 +708,105 @@ struct Work {
   }
 };
 
+// The depthwise backward of channel ch for a tile (a function, not a lambda: a lambda would not be
+// compiled for the multiversioned caller's instruction set).
+template <typename T>
+NSL_INLINE void dw_back(const LGeom& g, const Work<T>& w, const T* wdw, T* gdw, T* dxn, int64_t ch,
+                        const T* d0, int64_t y0, int64_t rows, int64_t ncols) {
+  T* gw = gdw ? gdw + ch * g.P : nullptr;
+  T* dxc = dxn ? dxn + ch * g.H * g.W : nullptr;
+  if (g.flat) {
+    dw_backward_flat(g, w.patch + ch * g.psize, wdw + ch * g.P, d0, y0, rows, ncols, gw, w.dpatch,
+                     dxc);
+  } else {
+    dw_backward(g, w.patch + ch * g.psize, wdw + ch * g.P, d0, y0, rows, gw, w.dpatch, dxc);
+  }
+}
+
 template <typename T, int PASS>
 NSL_MULTIVERSION void tile_pass(const Ctx<T>& c, const Acc<T>& acc, Work<T>& w, int64_t n,
                                 int64_t tile, T* dxn) {
   constexpr int64_t VL = kVB / sizeof(T);
   const LGeom& g = *c.g;
   const int64_t C = g.C, hid = g.hid, P = g.P, HW = g.H * g.W, ld = g.ld, L = g.L;
-  const int64_t y0 = tile * g.rows, rows = std::min(g.rows, g.Ho - y0), len = rows * g.Wo;
-  const int64_t ncols = round_up(len, 2 * VL);
-  const int64_t psize = g.Rp * g.Wp;
+  const int64_t y0 = tile * g.rows, rows = std::min(g.rows, g.Ho - y0), pitch = g.pitch;
+  const int64_t ncols = round_up(rows * pitch, 2 * VL);
   const T* xn = c.x + n * C * HW;
   const bool dw_grad = PASS == kBwdOne || PASS == kBwd2 || PASS == kBwd3;
   T* gdw = dw_grad && c.params ? acc.gdw : nullptr;
   // depthwise conv (and, pass 3 of the backward, the rest of dA0 through its adjoint)
   for (int64_t ch = 0; ch < C; ++ch) {
-    T* pc = w.patch + ch * psize;
+    T* pc = w.patch + ch * g.psize;
     build_patch(g, xn + ch * HW, y0, rows, pc);
     T* a0 = w.A0 + ch * ld;
-    dw_rows(g, pc, c.wdw + ch * P, rows, a0);
-    if (PASS == kStats0) sum_sq(a0, len, acc.a0[n * C + ch], acc.b0[n * C + ch]);
+    if (g.flat) {
+      dw_flat(g, pc, c.wdw + ch * P, a0, ncols);
+    } else {
+      dw_rows(g, pc, c.wdw + ch * P, rows, a0);
+    }
+    clean(g, a0, rows, ncols);
+    if (PASS == kStats0) sum_sq(a0, ncols, acc.a0[n * C + ch], acc.b0[n * C + ch]);
     if (PASS == kBwd3) {
       const T u = c.U0[n * C + ch], v = c.V0[n * C + ch];
       T* d0 = w.D0 + ch * ld;
-      for (int64_t t = 0; t < len; ++t) d0[t] = u * a0[t] + v;
-      dw_backward(g, pc, c.wdw + ch * P, d0, y0, rows, gdw ? gdw + ch * P : nullptr,
-                  w.dpatch, dxn ? dxn + ch * HW : nullptr);
+      for (int64_t t = 0; t < ncols; ++t) d0[t] = u * a0[t] + v;
+      clean(g, d0, rows, ncols);
+      dw_back(g, w, c.wdw, gdw, dxn, ch, d0, y0, rows, ncols);
     }
   }
   if (PASS == kStats0 || PASS == kBwd3) return;
   for (int64_t ch = 0; ch < C; ++ch)
-    affine_relu(w.A0 + ch * ld, c.S0[n * C + ch], c.T0[n * C + ch], w.R0 + ch * ld,
-                ncols);
+    affine_relu(w.A0 + ch * ld, c.S0[n * C + ch], c.T0[n * C + ch], w.R0 + ch * ld, ncols);
   gemm_nn(hid, C, c.wpw, C, w.R0, ld, w.A1, ld, ncols, static_cast<const T*>(nullptr));
   if (PASS == kStats1) {
-    for (int64_t o = 0; o < hid; ++o)
-      sum_sq(w.A1 + o * ld, len, acc.a1[n * hid + o], acc.b1[n * hid + o]);
+    for (int64_t o = 0; o < hid; ++o) {
+      clean(g, w.A1 + o * ld, rows, ncols);
+      sum_sq(w.A1 + o * ld, ncols, acc.a1[n * hid + o], acc.b1[n * hid + o]);
+    }
     return;
   }
   for (int64_t o = 0; o < hid; ++o)
-    affine_relu(w.A1 + o * ld, c.S1[n * hid + o], c.T1[n * hid + o], w.R1 + o * ld,
-                ncols);
-  const int64_t outc = g.outc;
+    affine_relu(w.A1 + o * ld, c.S1[n * hid + o], c.T1[n * hid + o], w.R1 + o * ld, ncols);
+  const int64_t outc = g.outc, Wo = g.Wo;
   if (PASS == kOut) {
     gemm_nn(outc, hid, c.wout, hid, w.R1, ld, w.Z, ld, ncols, c.bout);
     for (int64_t p = 0; p < outc; ++p) {
       T* z = w.Z + p * ld;
-      tanh_rows(z, len);
+      tanh_rows(z, ncols);
       const T id = g.idstep && p % g.idstep == 0 ? T(1) : T(0);
-      T* __restrict s = c.sim_out + (n * outc + p) * L + y0 * g.Wo;
-      if (id != T(0)) {
-        for (int64_t t = 0; t < len; ++t) s[t] = z[t] + id;
+      T* __restrict s = c.sim_out + (n * outc + p) * L + y0 * Wo;
+      if (pitch == Wo && id == T(0)) {
+        copy_row(s, z, rows * Wo);
       } else {
-        copy_row(s, z, len);
+        for (int64_t yr = 0; yr < rows; ++yr)
+          for (int64_t x = 0; x < Wo; ++x) s[yr * Wo + x] = z[yr * pitch + x] + id;
       }
     }
     return;
   }
-  // ---- backward: dZ = dsim (1 - g^2), g = sim - identity
+  // ---- backward: dZ = dsim (1 - g^2), g = sim - identity (clean)
   for (int64_t p = 0; p < outc; ++p) {
     T* __restrict z = w.Z + p * ld;
     const T id = g.idstep && p % g.idstep == 0 ? T(1) : T(0);
-    const T* __restrict s = c.sim + (n * outc + p) * L + y0 * g.Wo;
-    const T* __restrict ds = c.dsim + (n * outc + p) * L + y0 * g.Wo;
-    for (int64_t t = 0; t < len; ++t) {
-      const T gv = s[t] - id;
-      z[t] = ds[t] * (T(1) - gv * gv);
-    }
-    for (int64_t t = len; t < ncols; ++t) z[t] = 0;
+    const T* __restrict s = c.sim + (n * outc + p) * L + y0 * Wo;
+    const T* __restrict ds = c.dsim + (n * outc + p) * L + y0 * Wo;
+    for (int64_t yr = 0; yr < rows; ++yr)
+      for (int64_t x = 0; x < Wo; ++x) {
+        const T gv = s[yr * Wo + x] - id;
+        z[yr * pitch + x] = ds[yr * Wo + x] * (T(1) - gv * gv);
+      }
+    clean(g, z, rows, ncols);
   }
   if ((PASS == kBwdOne || PASS == kBwd1) && c.params) {
-    gemm_nt_acc(outc, hid, w.Z, ld, w.R1, ld, len, acc.gout, hid);
+    gemm_nt_acc(outc, hid, w.Z, ld, w.R1, ld, ncols, acc.gout, hid);
     for (int64_t p = 0; p < outc; ++p) {
       double s1 = 0, s2 = 0;
-      sum_dot(w.Z + p * ld, w.Z + p * ld, len, s1, s2);
+      sum_sq(w.Z + p * ld, ncols, s1, s2);
       acc.gb[p] += T(s1);
     }
   }
-  // dY1 = [Y1 > 0] Wout^T dZ
-  gemm_nn(hid, outc, c.woutT, outc, w.Z, ld, w.D1, ld, ncols,
-          static_cast<const T*>(nullptr));
+  // dY1 = [Y1 > 0] Wout^T dZ (clean)
+  gemm_nn(hid, outc, c.woutT, outc, w.Z, ld, w.D1, ld, ncols, static_cast<const T*>(nullptr));
   for (int64_t o = 0; o < hid; ++o) {
     T* __restrict d = w.D1 + o * ld;
     const T* __restrict r = w.R1 + o * ld;
@@ -721,11 +814,10 @@ NSL_MULTIVERSION void tile_pass(const Ctx<T>& c, const Acc<T>& acc, Work<T>& w, 
   }
   if (PASS == kBwd1 || (PASS == kBwdOne && c.sums)) {
     for (int64_t o = 0; o < hid; ++o)
-      sum_dot(w.D1 + o * ld, w.A1 + o * ld, len, acc.a1[n * hid + o],
-              acc.b1[n * hid + o]);
+      sum_dot(w.D1 + o * ld, w.A1 + o * ld, ncols, acc.a1[n * hid + o], acc.b1[n * hid + o]);
   }
   if (PASS == kBwd1) return;
-  // dA1 = S1 dY1 (+ U1 A1 + V1)
+  // dA1 = S1 dY1 (+ U1 A1 + V1, then cleaned)
   for (int64_t o = 0; o < hid; ++o) {
     T* __restrict d = w.D1 + o * ld;
     const T s = c.S1[n * hid + o];
@@ -733,24 +825,23 @@ NSL_MULTIVERSION void tile_pass(const Ctx<T>& c, const Acc<T>& acc, Work<T>& w, 
       const T* __restrict a = w.A1 + o * ld;
       const T u = c.U1[n * hid + o], v = c.V1[n * hid + o];
       for (int64_t t = 0; t < ncols; ++t) d[t] = s * d[t] + u * a[t] + v;
+      clean(g, d, rows, ncols);
     } else {
       for (int64_t t = 0; t < ncols; ++t) d[t] *= s;
     }
   }
-  if (c.params) gemm_nt_acc(hid, C, w.D1, ld, w.R0, ld, len, acc.gpw, C);
-  // dY0 = [Y0 > 0] Wpw^T dA1; dA0 = S0 dY0 (+ U0 A0 + V0 in pass 3)
-  gemm_nn(C, hid, c.wpwT, hid, w.D1, ld, w.D0, ld, ncols,
-          static_cast<const T*>(nullptr));
+  if (c.params) gemm_nt_acc(hid, C, w.D1, ld, w.R0, ld, ncols, acc.gpw, C);
+  // dY0 = [Y0 > 0] Wpw^T dA1; dA0 = S0 dY0 (clean; + U0 A0 + V0 in pass 3)
+  gemm_nn(C, hid, c.wpwT, hid, w.D1, ld, w.D0, ld, ncols, static_cast<const T*>(nullptr));
   const bool sums0 = PASS == kBwd2 || (PASS == kBwdOne && c.sums);
   for (int64_t ch = 0; ch < C; ++ch) {
     T* __restrict d = w.D0 + ch * ld;
     const T* __restrict r = w.R0 + ch * ld;
-    for (int64_t t = 0; t < len; ++t) d[t] = r[t] > T(0) ? d[t] : T(0);
-    if (sums0) sum_dot(d, w.A0 + ch * ld, len, acc.a0[n * C + ch], acc.b0[n * C + ch]);
+    for (int64_t t = 0; t < ncols; ++t) d[t] = r[t] > T(0) ? d[t] : T(0);
+    if (sums0) sum_dot(d, w.A0 + ch * ld, ncols, acc.a0[n * C + ch], acc.b0[n * C + ch]);
     const T s = c.S0[n * C + ch];
-    for (int64_t t = 0; t < len; ++t) d[t] *= s;
-    dw_backward(g, w.patch + ch * psize, c.wdw + ch * P, d, y0, rows,
-                gdw ? gdw + ch * P : nullptr, w.dpatch, dxn ? dxn + ch * HW : nullptr);
+    for (int64_t t = 0; t < ncols; ++t) d[t] *= s;
+    dw_back(g, w, c.wdw, gdw, dxn, ch, d, y0, rows, ncols);
   }
 }
 
