@@ -49,6 +49,13 @@ class FusedCalls:
         return out
 
 
+@pytest.fixture(autouse=True)
+def _any_size():
+    """The fused kernel on the small maps of these tests too (:data:`nsl._light_ops.MIN_LOCATIONS`)."""
+    with mock.patch.dict(_light_ops.MIN_LOCATIONS, {"one-pass": 0, "multi-pass": 0}):
+        yield
+
+
 @pytest.fixture
 def fused_calls():
     spy = FusedCalls()
@@ -361,6 +368,16 @@ def test_pytorch_math_matches_modules(norm, full):
     for got, want in zip(grads, expected):
         if want is not None:
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.cpp
+def test_small_maps_take_the_module_path(fused_calls):
+    layer = _layer()
+    with mock.patch.dict(_light_ops.MIN_LOCATIONS, {"one-pass": 43, "multi-pass": 42}):
+        layer(torch.randn(2, 4, 7, 6, dtype=F64))  # 42 locations, batch statistics: fused
+        assert fused_calls.count == 1
+        layer.eval()(torch.randn(2, 4, 7, 6, dtype=F64))  # running statistics: 42 < 43, the modules
+        assert fused_calls.count == 1
 
 
 @pytest.mark.cpp

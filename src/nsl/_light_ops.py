@@ -57,13 +57,20 @@ from torch import Tensor
 from . import _cpp, _func, _ops
 from ._geometry import output_size
 
-__all__ = ["NORM_CODES", "DTYPES", "light_predictor", "light_predictor_backward", "light_math",
+__all__ = ["NORM_CODES", "DTYPES", "MIN_LOCATIONS", "light_predictor", "light_predictor_backward", "light_math",
            "light_backward_math", "fused_ready"]
 
 #: The norms' codes in the operators' ``norm`` argument (``csrc/light_predictor.cpp`` ``NormMode``).
 NORM_CODES = {"none": 0, "running": 1, "batch": 2, "group": 3}
 #: The dtypes the fused CPU kernel serves (bfloat16/float16 computed in float32).
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+#: Fewest output locations per image (``H_out * W_out``) for which the fused kernel is used: ``'one-pass'`` (norms
+#: ``none`` and ``running``) and ``'multi-pass'`` (``batch``/``group`` statistics: three passes each way, recomputing
+#: the convolutions). Below them the modules are faster on CPU (measured, 2-core AVX2 machine, 1 thread, predictor
+#: forward + backward, fused/modules: 8x8 and 14x14 maps 1.2-2.4x in both modes; 16x16 at C=32 0.86x one-pass, 1.23x
+#: multi-pass; 32x32 0.43-0.76x; 56x56 at C=64 0.59x one-pass, 1.07x multi-pass): the kernel works channel by
+#: channel on a tile, and small maps leave too little work per channel. A size, not the batch: no export guard.
+MIN_LOCATIONS = {"one-pass": 256, "multi-pass": 1024}
 
 _NORM_ARGS = ("Tensor? weight0, Tensor? bias0, Tensor? mean0, Tensor? var0, Tensor? weight1, Tensor? bias1, "
               "Tensor? mean1, Tensor? var1, SymInt[] stride, SymInt[] padding, SymInt[] dilation, int norm, "

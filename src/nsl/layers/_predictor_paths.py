@@ -16,7 +16,8 @@
   kernel writing nothing but ``g``, or ``M = I + g`` for the layer) wherever :func:`nsl._light_ops.fused_ready`
   allows and the predictor is the built-in one (plain ``nn.Conv2d`` modules of its shapes, its two norms both
   ``BatchNorm2d``, both ``GroupNorm`` or both absent, no hooks on them: ``nsl.report.count_macs`` counts with
-  forward hooks); the running statistics are then updated here exactly as ``nn.BatchNorm2d`` updates them.
+  forward hooks) and its maps are large enough to gain (:data:`nsl._light_ops.MIN_LOCATIONS`); the running
+  statistics are then updated here exactly as ``nn.BatchNorm2d`` updates them.
   Everywhere else (other devices, ``torch.func`` transforms, ONNX export and tracing, the C++ kernel not
   built) the modules run as below.
 """
@@ -155,6 +156,8 @@ def _light_fused(p, x: Tensor, identity: bool) -> Tensor | None:
     (mode, groups0, eps0, args0), (_, groups1, eps1, args1) = norms
     n, _, h, w = x.shape
     oh, ow = output_size((h, w), p.dw.kernel_size, p.dw.stride, padding, p.dw.dilation)
+    if oh * ow < _light_ops.MIN_LOCATIONS["multi-pass" if mode in ("batch", "group") else "one-pass"]:
+        return None  # small maps: the modules are faster
     count = n * oh * ow
     if mode == "batch" and (count == 1 or n == 0):  # nn.BatchNorm2d's error (or its empty-batch rule) there
         return None
