@@ -12,7 +12,7 @@ from torch import Tensor
 from .._geometry import has_shape
 from ..functional import ns_conv2d
 from ._checks import batched_input, check_conv_args, check_positive_int
-from ._predictor_paths import light_predictor_forward, sphere_predictor_forward
+from ._predictor_paths import _hooked, light_predictor_forward, sphere_predictor_forward
 from .sphere import SphereConv2d
 
 __all__ = ["DynamicNSConv2d", "SimilarityPredictor", "LightPredictor", "DYNAMIC_SIMILARITIES", "PREDICTORS",
@@ -224,8 +224,19 @@ class LightPredictor(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x, unbatched = batched_input(type(self).__name__, x, self.in_channels, self.dw.weight.dtype)
-        g = light_predictor_forward(self, x)  # tanh(out(ReLU(bn1(pw(ReLU(bn0(dw(x)))))))), CPU channels-last
+        g = light_predictor_forward(self, x)  # tanh(out(ReLU(bn1(pw(ReLU(bn0(dw(x)))))))), fused on CPU
         return g.squeeze(0) if unbatched else g
+
+    def similarity_from(self, x: Tensor) -> Tensor:
+        """``M = I + g(x)`` for :class:`DynamicNSConv2d`: ``[N, P, H_out, W_out]`` (diagonal) or
+        ``[N, P, P, H_out, W_out]`` (full) for ``x [N, C_in, H, W]``; the fused CPU operator computes ``M``
+        directly (``g`` is never written), elsewhere ``forward(x)`` plus the identity (same numbers)."""
+        x, _ = batched_input(type(self).__name__, x, self.in_channels, self.dw.weight.dtype)
+        sim = light_predictor_forward(self, x, identity=True)
+        if self.similarity == "diagonal":
+            return sim
+        P = self.dw.kernel_size[0] * self.dw.kernel_size[1]
+        return sim.view(sim.shape[0], P, P, *sim.shape[2:])
 
 
 class DynamicNSConv2d(nn.Conv2d):
@@ -320,8 +331,15 @@ class DynamicNSConv2d(nn.Conv2d):
                 self.predictor = SimilarityPredictor(in_channels, kind=predictor, **geometry)
 
     def similarity_from(self, input: Tensor) -> Tensor:
-        """``M(y)`` for ``input``: ``[N, P, H_out, W_out]`` (diagonal) or ``[N, P, P, H_out, W_out]`` (full)."""
-        g = self.predictor(input)
+        """``M(y)`` for ``input``: ``[N, P, H_out, W_out]`` (diagonal) or ``[N, P, P, H_out, W_out]`` (full).
+
+        A built-in :class:`LightPredictor` of this similarity called plainly (its own ``forward``, no hooks on it)
+        gives ``M`` by :meth:`LightPredictor.similarity_from` (on CPU one fused operator writes ``M``, never ``g``)."""
+        p = self.predictor
+        if (isinstance(p, LightPredictor) and type(p).forward is LightPredictor.forward and not _hooked(p)
+                and p.similarity == self.similarity_kind and p.dw.kernel_size == self.kernel_size):
+            return p.similarity_from(input)
+        g = p(input)
         kh, kw = self.kernel_size
         P = kh * kw
         channels = P if self.similarity_kind == "diagonal" else P * P
