@@ -36,8 +36,10 @@ def test_registry_lists():
     assert {"static-lowrank", "dynamic-diagonal-light", "dynamic-full-light"} < set(LAYER_KINDS)
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("resnet18", "resnet32", "resnet50", "resnet56")
-                                  else n for n in MODELS])  # the deep and the ImageNet ResNets: tier 2
+_TIER_2 = ("resnet18", "resnet32", "resnet50", "resnet56")  # the deep and the ImageNet ResNets
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in _TIER_2 else n for n in MODELS])
 def test_every_model_and_kind_shapes(name):
     torch.manual_seed(0)
     s = SIZES[name]
