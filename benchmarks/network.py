@@ -10,7 +10,8 @@ width=--width)``, seed 0) and times, in one run:
 
 each ``eager`` and, with ``--compile on``, ``compiled`` (``torch.compile(model)``, inductor). All kinds
 and modes of one phase are timed together by :func:`common.time_cases` (min over ``--repeat``
-interleaved rounds after warm-up), so ``x_conv`` (time over the conv model's, same phase and mode) is
+interleaved rounds after warm-up; ``--clock cpu`` times the process's CPU time, which leaves out the waits for a
+core on a loaded machine), so ``x_conv`` (time over the conv model's, same phase and mode) is
 a ratio from the same run. ``--variant NAME=KIND[,KEY=VALUE...]`` (repeatable) adds a named model: CNN-9 of
 layer kind ``KIND`` with training-config options (the ``nsl train --set`` names, e.g.
 ``sphere64-half=dynamic-diagonal,predictor_stride=2``), built as ``nsl train`` builds it. The first call
@@ -20,8 +21,8 @@ parameters. Inputs are random (the cost does not depend on the data).
 Writes JSON to ``--out``.
 
     python benchmarks/network.py [--layers conv,static-full,dynamic-diagonal,dynamic-diagonal-light]
-        [--width 16] [--train-batch 128] [--infer-batches 1,128] [--repeat 3] [--threads 2] [--compile on|off]
-        [--variant NAME=KIND[,KEY=VALUE...]]...
+        [--width 16] [--train-batch 128] [--infer-batches 1,128] [--repeat 3] [--threads 2] [--clock wall|cpu]
+        [--compile on|off] [--variant NAME=KIND[,KEY=VALUE...]]...
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ def infer(model: torch.nn.Module, x: torch.Tensor):
     return run
 
 
-def measure_phase(runs: dict[tuple[str, str], object], repeat: int) -> dict[tuple[str, str], tuple[float, float]]:
+def measure_phase(runs: dict[tuple[str, str], object], repeat: int,
+                  clock=time.perf_counter) -> dict[tuple[str, str], tuple[float, float]]:
     """Call each run once (timed as the first call, compilation included), then time all together.
 
     Returns ``{(kind, mode): (min seconds, first-call seconds)}``.
@@ -96,7 +98,7 @@ def measure_phase(runs: dict[tuple[str, str], object], repeat: int) -> dict[tupl
         t0 = time.perf_counter()
         run()
         first[key] = time.perf_counter() - t0
-    times = time_cases({f"{k}/{m}": r for (k, m), r in runs.items()}, repeat, warmup=1)
+    times = time_cases({f"{k}/{m}": r for (k, m), r in runs.items()}, repeat, warmup=1, clock=clock)
     return {key: (times[f"{key[0]}/{key[1]}"], first[key]) for key in runs}
 
 
@@ -109,6 +111,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--infer-batches", default="1,128", help="comma-separated batch sizes for inference")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall time, or the process's CPU time (all threads; on a loaded machine it leaves out "
+                             "the time spent waiting for a core)")
     parser.add_argument("--compile", choices=["on", "off"], default="on", help="also time torch.compile (inductor)")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=KIND[,KEY=VALUE...]",
                         help="also time CNN-9 of layer kind KIND with these training-config options (nsl train "
@@ -159,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
                     runs[(k, mode)] = train_step(variant(k, mode, True), x, y)
                 else:
                     runs[(k, mode)] = infer(variant(k, mode, False), torch.randn(batch, *shape, generator=gen))
-        result = measure_phase(runs, args.repeat)
+        result = measure_phase(runs, args.repeat, time.process_time if args.clock == "cpu" else time.perf_counter)
         for (k, mode), (t, first) in result.items():
             rows.append({"phase": phase, "batch": args.train_batch if batch is None else batch, "kind": k,
                          "mode": mode, "ms": 1e3 * t, "x_conv": t / result[("conv", mode)][0],
@@ -172,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
                        ("macs", "MACs/image", ",d"), ("macs_x_conv", "MACs x conv", ".2f"),
                        ("first_call_s", "first call s", ".1f")])
     write_json(args.out, {"environment": environment(), "model": "cnn9", "width": args.width, "size": args.size,
-                          "repeat": args.repeat, "modes": modes, "rows": rows,
+                          "repeat": args.repeat, "clock": args.clock, "modes": modes, "rows": rows,
                           "variants": dict(spec.partition("=")[::2] for spec in args.variant)})
     print(f"\nwrote {args.out}")
 

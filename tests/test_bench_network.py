@@ -16,12 +16,12 @@ def test_network_benchmark_tiny(tmp_path):
     out = tmp_path / "network.json"
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "network.py"), "--layers", "dynamic-diagonal",
                           "--width", "2", "--train-batch", "2", "--infer-batches", "1,2", "--repeat", "1",
-                          "--threads", "1", "--compile", "off", "--out", str(out),
+                          "--threads", "1", "--compile", "off", "--clock", "cpu", "--out", str(out),
                           "--variant", "half=dynamic-diagonal-light,predictor_stride=2,predictor_width=4"],
                          capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     data = json.loads(out.read_text())
-    assert data["modes"] == ["eager"]
+    assert data["modes"] == ["eager"] and data["clock"] == "cpu"
     assert data["variants"] == {"half": "dynamic-diagonal-light,predictor_stride=2,predictor_width=4"}
     keys = {(r["phase"], r["kind"], r["mode"]) for r in data["rows"]}
     assert keys == {(p, k, "eager") for p in ("train", "infer-b1", "infer-b2")
