@@ -33,16 +33,20 @@ For every variant it prints, and writes to ``--json``:
   and 128, each also as a ratio to conv at width 16 in that benchmark run;
 * its position against **the conv width curve** (conv at every width on the shortest schedule among the conv
   runs: 5 epochs in the study; a longer schedule is one more way to spend compute, shown as a point) at equal
-  training time and at equal batch-1 inference time. The curve is interpolated linearly in log cost between the
-  two conv widths that bracket the candidate's cost (fraction ``f``); per seed ``s`` the difference is
-  ``acc(s) - conv_lo(s) - f * mean_step``, where ``mean_step`` is the mean over seeds of
-  ``conv_hi(s) - conv_lo(s)``; its 95% interval adds the interval of ``f * mean_step`` in quadrature (the step is
-  estimated from fewer seeds than the candidate may have). A candidate cheaper than the narrowest conv or dearer
-  than the widest is compared with that end of the curve, paired by seed, and marked so.
+  training time and at equal inference time at batch 128 (:data:`INFER`: CNN-9's batch-1 times, 2-3 ms, are mostly
+  per-call overhead and not even monotone in width, conv-w12 measuring slower than conv-16; they stay in the cost
+  table). The curve is interpolated linearly in log cost between the two conv widths that bracket the candidate's
+  cost (fraction ``f``), each seed paired with the nearer of the two: per seed ``s`` the difference is
+  ``acc(s) - conv_lo(s) - f * mean_step`` (``f < 0.5``) or ``acc(s) - conv_hi(s) + (1 - f) * mean_step``, where
+  ``mean_step`` is the mean over seeds of ``conv_hi(s) - conv_lo(s)``; its 95% interval adds the interval of the
+  ``mean_step`` term in quadrature (the step is estimated from fewer seeds than the candidate may have). A candidate
+  cheaper than the narrowest conv or dearer than the widest is compared with that end of the curve, paired by seed,
+  and marked so.
 
-The figure (``--figure``): test accuracy against training time per run (log x), and against batch-1 inference time
-(log x); the conv width curve as a line through its means with the 95% bands, every other variant as a point with
-its 95% interval. A point above the curve is worth its cost; a point below it is beaten by a wider plain network.
+The figure (``--figure``): test accuracy against training time per run (log x), and against inference time at
+batch 128 (log x); the conv width curve as a line through its means with the 95% bands, every other variant as a
+point with its 95% interval. A point above the curve is worth its cost; a point below it is beaten by a wider plain
+network.
 """
 
 from __future__ import annotations
@@ -64,6 +68,8 @@ BUDGET = ("width", "epochs", "iters")  #: the options that set a run's size and 
 STUDY_OPTIONS = (*OPTIONS, *BUDGET)
 DEFAULT_WIDTH, DEFAULT_EPOCHS, STEPS_PER_EPOCH = 16, 5, 390  # 50,000 images, batch 128, last partial batch dropped
 PHASES = ("train", "infer-b1", "infer-b128")
+INFER = "infer-b128"  # the inference axis of the curve and the figure (see the module docstring)
+AXES = ("train", "infer")
 PROTOCOL = ("CIFAR-10 (all 50,000 training images), CNN-9, protocol fast, batch 128, 10,000 test images; width 16 "
             "and 5 epochs unless the options say otherwise")
 
@@ -223,27 +229,29 @@ def add_bench(variants: dict, bench: dict) -> None:
 
 def curve(variants: dict) -> list[dict]:
     """The conv width curve: conv at each width on the curve's :func:`schedule`, by width: ``{"name", "width",
-    "mean", "ci95", "runs": {seed: acc}, "train_run_s", "infer-b1"}`` (cost fields present when benchmarked)."""
+    "mean", "ci95", "runs": {seed: acc}, "train_run_s", "infer"}`` (cost fields present when benchmarked; ``infer``:
+    the :data:`INFER` ms)."""
     points, sched, primary = [], schedule(variants), primary_of(variants)
     for name, v in variants.items():
         w, epochs = budget(v)
         if is_conv(v) and epochs == sched and v["runs"] and v["machine"] == primary:
             points.append({"name": name, "machine": v["machine"], "width": w, "mean": v["mean"], "ci95": v.get("ci95"),
                            "runs": {s: r["acc"] for s, r in v["runs"].items()},
-                           "train_run_s": v.get("train_run_s"), "infer-b1": v.get("infer-b1", {}).get("ms")})
+                           "train_run_s": v.get("train_run_s"), "infer": v.get(INFER, {}).get("ms")})
     return sorted(points, key=lambda p: p["width"])
 
 
 def _cost(v: dict, axis: str):
-    return v.get("train_run_s") if axis == "train" else v.get("infer-b1", {}).get("ms")
+    return v.get("train_run_s") if axis == "train" else v.get(INFER, {}).get("ms")
 
 
 def against_curve(v: dict, points: list[dict], axis: str) -> dict | None:
     """Where variant ``v`` stands against the conv curve at equal cost on ``axis`` (``'train'``: training time per
-    run; ``'infer-b1'``: batch-1 inference): ``{"lo", "hi", "f", "seeds", "mean", "ci95", "where"}``, ``where``
-    one of ``'between'``, ``'cheaper than the narrowest'``, ``'dearer than the widest'``; None without costs."""
+    run; ``'infer'``: inference at batch 128, :data:`INFER`): ``{"lo", "hi", "f", "seeds", "mean", "ci95",
+    "where"}``, ``where`` one of ``'between'``, ``'cheaper than the narrowest'``, ``'dearer than the widest'``;
+    None without costs."""
     c = _cost(v, axis)
-    pts = [p for p in points if p["train_run_s" if axis == "train" else "infer-b1"] is not None]
+    pts = [p for p in points if _cost_of_point(p, axis) is not None]
     if c is None or not pts or not v["runs"] or v["machine"] != points[0]["machine"]:
         return None
     pts.sort(key=lambda p: _cost_of_point(p, axis))
@@ -264,17 +272,18 @@ def against_curve(v: dict, points: list[dict], axis: str) -> dict | None:
     if not steps:
         return None
     step, step_ci = mean_ci(steps)
-    diffs = [a - lo["runs"][s] - f * step for s, a in sorted(accs.items()) if s in lo["runs"]]
+    near, shift = (lo, f * step) if f < 0.5 else (hi, -(1 - f) * step)  # each seed paired with the nearer width
+    diffs = [a - near["runs"][s] - shift for s, a in sorted(accs.items()) if s in near["runs"]]
     if not diffs:
         return None
     mean, ci = mean_ci(diffs)
-    ci = None if math.isnan(ci) or math.isnan(step_ci) else math.hypot(ci, f * step_ci)
+    ci = None if math.isnan(ci) or math.isnan(step_ci) else math.hypot(ci, min(f, 1 - f) * step_ci)
     return {"lo": lo["name"], "hi": hi["name"], "f": f, "seeds": len(diffs), "mean": mean, "ci95": ci,
             "where": "between"}
 
 
 def _cost_of_point(p: dict, axis: str) -> float:
-    return p["train_run_s"] if axis == "train" else p["infer-b1"]
+    return p["train_run_s"] if axis == "train" else p["infer"]
 
 
 def _pm(mean, ci, n=None) -> str:
@@ -307,7 +316,7 @@ def markdown(variants: dict, points: list[dict]) -> str:
            "| --- | --- | ---: | ---: | --- | ---: | --- | ---: | --- |"]
     cost = ["| variant | params | MACs / image | train step ms (x conv-16) | training time per run, s | "
             "infer b1 ms (x conv-16) | infer b128 ms (x conv-16) | vs conv curve at equal training time | "
-            "vs conv curve at equal b1 inference time |",
+            "vs conv curve at equal b128 inference time |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     sched = schedule(variants)
     for name, v in variants.items():
@@ -326,7 +335,7 @@ def markdown(variants: dict, points: list[dict]) -> str:
         params = "" if v.get("params") is None else f"{v['params']:,}"
         macs = "" if v.get("macs") is None else f"{v['macs'] / 1e6:.1f}M"
         positions = ["", ""] if is_conv(v) and epochs == sched else \
-            [_position(against_curve(v, points, a)) for a in ("train", "infer-b1")]
+            [_position(against_curve(v, points, a)) for a in AXES]
         if epochs != sched:
             positions[1] = ""  # inference does not depend on the schedule: its 5-epoch twin's row says it
         cost.append(f"| {name} | {params} | {macs} | {cells[0]} | {run_s} | {cells[1]} | {cells[2]} | "
@@ -339,7 +348,7 @@ def _fmt(x, spec: str = ".2f") -> str:
 
 
 def figure(variants: dict, points: list[dict], path: Path) -> Path:
-    """Two panels (training time per run; batch-1 inference time), log x: the conv width curve with its 95%
+    """Two panels (training time per run; inference time at batch 128), log x: the conv width curve with its 95%
     band, every other variant a point with its 95% interval."""
     import matplotlib
 
@@ -351,7 +360,7 @@ def figure(variants: dict, points: list[dict], path: Path) -> Path:
     others = [(n, v) for n, v in variants.items()
               if not (is_conv(v) and budget(v)[1] == sched) and v["machine"] == primary]
     for ax, axis, xlabel in ((axes[0], "train", "training time per run, s (benchmark step time x steps, 1 thread)"),
-                             (axes[1], "infer-b1", "inference at batch 1, ms (eval mode, 1 thread)")):
+                             (axes[1], "infer", "inference at batch 128, ms (eval mode, 1 thread)")):
         pts = [p for p in points if _cost_of_point(p, axis) is not None]
         if pts:
             xs = [_cost_of_point(p, axis) for p in pts]
@@ -364,7 +373,7 @@ def figure(variants: dict, points: list[dict], path: Path) -> Path:
                 ax.annotate(f"w{p['width']}", (x, p["mean"]), textcoords="offset points", xytext=(4, -11), fontsize=8)
         for i, (name, v) in enumerate(others):
             x = _cost(v, axis)
-            if x is None or "mean" not in v or (axis == "infer-b1" and budget(v)[1] != sched):
+            if x is None or "mean" not in v or (axis == "infer" and budget(v)[1] != sched):
                 continue
             long = budget(v)[1] != sched
             ci = v.get("ci95") or 0.0
@@ -396,7 +405,7 @@ def payload(variants: dict, points: list[dict], bench: dict | None) -> dict:
                       "options": v["options"], "test_acc": r["acc"], "s_per_step": r["s_per_step"]}
                      for n, v in variants.items() for s, r in sorted(v["runs"].items())],
             "variants": {n: {**{k: val for k, val in v.items() if k != "runs"},
-                             "vs_curve": {a: against_curve(v, points, a) for a in ("train", "infer-b1")}}
+                             "vs_curve": {a: against_curve(v, points, a) for a in AXES}}
                          for n, v in variants.items()},
             "curve": points,
             "bench_environment": None if bench is None else bench.get("environment")}

@@ -45,13 +45,13 @@ def _named(variants: dict) -> dict:
 
 
 def _curve_variants():
-    """conv at widths 12, 16, 24 (training time per run 100, 200, 400 s; batch-1 inference 1, 2, 4 ms)."""
+    """conv at widths 12, 16, 24 (training time per run 100, 200, 400 s; batch-128 inference 30, 60, 120 ms)."""
     v = {"conv-w12": _variant("conv", [70.0, 71.0, 69.5], width=12),
          "conv": _variant("conv", [72.0, 72.5, 71.0, 72.2]),
          "conv-w24": _variant("conv", [74.0, 74.9, 73.0], width=24)}
     for (name, cost) in (("conv-w12", 100.0), ("conv", 200.0), ("conv-w24", 400.0)):
         v[name]["train_run_s"] = cost
-        v[name]["infer-b1"] = {"ms": cost / 100, "x_conv": cost / 200}
+        v[name]["infer-b128"] = {"ms": cost * 0.3, "x_conv": cost / 200}
     return _named(v)
 
 
@@ -77,24 +77,30 @@ def test_paired_difference_to_conv_of_the_same_width_and_epochs():
 def test_position_against_the_curve_interpolates_in_log_cost():
     v = _curve_variants()
     cand = {**_variant("dynamic-diagonal", [73.0, 74.0, 72.0, 73.5]), "name": "cand"}
-    cand["train_run_s"] = 200.0 * math.sqrt(2)  # halfway between conv (200 s) and conv-w24 (400 s) in log cost
-    cand["infer-b1"] = {"ms": 0.5, "x_conv": 0.25}  # cheaper than the narrowest conv
+    cand["train_run_s"] = 200.0 * 2 ** 0.4  # 0.4 of the way from conv (200 s) to conv-w24 (400 s) in log cost
+    cand["infer-b128"] = {"ms": 15.0, "x_conv": 0.25}  # cheaper than the narrowest conv
     CF.paired(v)
     points = CF.curve(v)
     assert [p["width"] for p in points] == [12, 16, 24]
     pos = CF.against_curve(cand, points, "train")
     assert (pos["lo"], pos["hi"], pos["where"]) == ("conv", "conv-w24", "between")
-    assert pos["f"] == pytest.approx(0.5)
+    assert pos["f"] == pytest.approx(0.4)  # each seed paired with conv, the nearer width
     steps = [74.0 - 72.0, 74.9 - 72.5, 73.0 - 71.0]  # seeds with both widths
     step, step_ci = mean_ci(steps)
-    diffs = [a - c - 0.5 * step for a, c in zip([73.0, 74.0, 72.0, 73.5], [72.0, 72.5, 71.0, 72.2])]
+    diffs = [a - c - 0.4 * step for a, c in zip([73.0, 74.0, 72.0, 73.5], [72.0, 72.5, 71.0, 72.2])]
     mean, ci = mean_ci(diffs)
     assert pos["seeds"] == 4 and pos["mean"] == pytest.approx(mean)
-    assert pos["ci95"] == pytest.approx(math.hypot(ci, 0.5 * step_ci))
+    assert pos["ci95"] == pytest.approx(math.hypot(ci, 0.4 * step_ci))
 
-    below = CF.against_curve(cand, points, "infer-b1")
+    below = CF.against_curve(cand, points, "infer")
     assert (below["lo"], below["where"], below["f"]) == ("conv-w12", "cheaper than the narrowest", 0.0)
     assert below["mean"] == pytest.approx(sum([73.0 - 70.0, 74.0 - 71.0, 72.0 - 69.5]) / 3)
+    cand["train_run_s"] = 200.0 * 2 ** 0.75  # f = 0.75: each seed paired with conv-w24, the nearer width
+    near = CF.against_curve(cand, points, "train")
+    assert near["f"] == pytest.approx(0.75) and near["seeds"] == 3  # conv-w24 has seeds 0-2
+    diffs = [a - c + 0.25 * step for a, c in zip([73.0, 74.0, 72.0], [74.0, 74.9, 73.0])]
+    mean, ci = mean_ci(diffs)
+    assert near["mean"] == pytest.approx(mean) and near["ci95"] == pytest.approx(math.hypot(ci, 0.25 * step_ci))
     cand["train_run_s"] = 1000.0
     beyond = CF.against_curve(cand, points, "train")
     assert (beyond["lo"], beyond["where"]) == ("conv-w24", "dearer than the widest")
