@@ -62,8 +62,8 @@ def test_onnx_runtime_benchmark_tiny(tmp_path):
 
 @pytest.mark.parametrize("spec,message", [
     ("half=dynamic-diagonal,predictor_stride=3", "--variant half: predictor_stride must be 0, 1 or 2"),
-    ("nokind", "--variant: expected NAME=KIND[,KEY=VALUE...], got 'nokind'"),
-    ("conv=dynamic-diagonal", "--variant: the name 'conv' is taken"),
+    pytest.param("nokind", "--variant: expected NAME=KIND[,KEY=VALUE...], got 'nokind'", marks=pytest.mark.slow),
+    pytest.param("conv=dynamic-diagonal", "--variant: the name 'conv' is taken", marks=pytest.mark.slow),
 ])
 def test_network_benchmark_rejects_bad_variant(tmp_path, spec, message):
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "network.py"), "--layers", "conv",

@@ -136,7 +136,8 @@ def test_export_bad_inputs_are_one_line(checkpoints, tmp_path, capsys):
         export_onnx(ckpt, tmp_path / "m.onnx", batch=0)
 
 
-_PREDICTOR_KINDS = [name for name, k in nsl.layers.LAYER_KINDS.items()
+LAYER_KINDS = nsl.layers.LAYER_KINDS
+_PREDICTOR_KINDS = [name for name, k in LAYER_KINDS.items()
                     if k.dynamic and k.predictor is not None and k.similarity in ("diagonal", "full")]
 
 
@@ -145,7 +146,8 @@ def _conv_groups(path):
             for n in onnx.load(str(path)).graph.node if n.op_type == "Conv"]
 
 
-@pytest.mark.parametrize("kind", _PREDICTOR_KINDS)
+@pytest.mark.parametrize("kind", [pytest.param(k, marks=pytest.mark.slow) if LAYER_KINDS[k].similarity == "full"
+                                  else k for k in _PREDICTOR_KINDS])  # full M: tier 2 (the diagonal kinds stay)
 def test_export_dynamic_layer_is_conv_mul_and_exact(kind, tmp_path):
     # stride 2, dilation 2, groups 2, uneven sizes: every geometry argument reaches the slices and 1x1 convs
     from nsl.layers import make_conv

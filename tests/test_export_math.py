@@ -93,6 +93,7 @@ class _TwoLayers(torch.nn.Module):
         return nsl.functional.ns_conv2d(y, self.w2, big_m, padding=(2, 1))
 
 
+@pytest.mark.slow  # tier 2: an ONNX export and an onnxruntime session (test_layers runs one in the default tier)
 def test_onnx_graph_runs_in_onnxruntime(tmp_path):
     onnx = pytest.importorskip("onnx", reason="onnx not installed (pip install nsl[test])")
     ort = pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip install nsl[test])")
