@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 import nsl
+from graph_spy import GraphSpy
 from nsl import _light_ops
 from nsl.layers import _predictor_paths
 
@@ -243,31 +244,6 @@ def test_torch_func_takes_the_module_path(fused_calls):
         torch.testing.assert_close(per_sample["predictor.pw.weight"][i], layer.predictor.pw.weight.grad)
 
 
-class _GraphSpy:
-    """A torch.compile backend recording the Dynamo graphs and the AOT forward/backward graphs."""
-
-    def __init__(self):
-        self.dynamo, self.forward, self.backward = [], [], []
-
-    @staticmethod
-    def _targets(gm):
-        return [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
-
-    def __call__(self, gm, inputs):
-        from functorch.compile import make_boxed_func
-        from torch._dynamo.backends.common import aot_autograd
-
-        self.dynamo.append(self._targets(gm))
-
-        def fw(g, _):
-            self.forward.append(self._targets(g))
-            return make_boxed_func(g.forward)
-
-        def bw(g, _):
-            self.backward.append(self._targets(g))
-            return make_boxed_func(g.forward)
-
-        return aot_autograd(fw_compiler=fw, bw_compiler=bw)(gm, inputs)
 
 
 @pytest.mark.cpp
@@ -276,7 +252,7 @@ def test_compile_fullgraph_calls_the_fused_operator():
     eager, model = _layer(dtype=torch.float32), _layer(dtype=torch.float32)
     x = torch.randn(2, 4, 7, 6)
     out_eager, dx_eager, gout = _step(eager, x)
-    spy = _GraphSpy()
+    spy = GraphSpy()
     compiled = torch.compile(model, backend=spy, fullgraph=True)
     out, dx, _ = _step(compiled, x, gout)
     assert len(spy.dynamo) == 1

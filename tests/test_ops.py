@@ -9,10 +9,10 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
-from torch._dynamo.backends.common import aot_autograd
 
 import nsl
 import nsl.functional as NF
+from graph_spy import GraphSpy
 from nsl import _ops
 from reference import brute_ns_conv2d
 
@@ -193,30 +193,6 @@ def test_backend_errors():
 # ---------------------------------------------------------------------------------------------
 # torch.compile: the operator in the graph, no graph break, no switch to 'reference'
 # ---------------------------------------------------------------------------------------------
-class _GraphSpy:
-    """A torch.compile backend recording the Dynamo graphs and the AOT forward/backward graphs."""
-
-    def __init__(self):
-        self.dynamo, self.forward, self.backward = [], [], []
-
-    @staticmethod
-    def _targets(gm):
-        return [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
-
-    def __call__(self, gm, inputs):
-        from functorch.compile import make_boxed_func
-
-        self.dynamo.append(self._targets(gm))
-
-        def fw(g, _):
-            self.forward.append(self._targets(g))
-            return make_boxed_func(g.forward)
-
-        def bw(g, _):
-            self.backward.append(self._targets(g))
-            return make_boxed_func(g.forward)
-
-        return aot_autograd(fw_compiler=fw, bw_compiler=bw)(gm, inputs)
 
 
 def _dynamic_model():
@@ -237,7 +213,7 @@ def test_compile_calls_the_operator_without_graph_break():
     eager.sum().backward()
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    spy = _GraphSpy()
+    spy = GraphSpy()
     compiled = torch.compile(model, backend=spy, fullgraph=True)
     out = compiled(x)
     out.sum().backward()
