@@ -19,6 +19,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def add_clock_option(parser) -> None:
+    """``--clock wall|cpu`` (default wall): the clock that :func:`time_cases` reads, through :data:`CLOCKS`."""
+    parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                        help="wall time, or the process's CPU time (all threads; on a loaded machine it leaves out "
+                             "the time spent waiting for a core)")
+
+
 def time_cases(runs: dict[str, Callable[[], None]], repeat: int = 5, warmup: int = 2,
                clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     """Min over ``repeat`` rounds of each run's time (s) by ``clock`` (default: wall time), after ``warmup``

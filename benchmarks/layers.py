@@ -24,14 +24,24 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, environment, print_table, rss_child, rss_delta, saved_bytes, time_cases, write_json  # noqa: E402
+from common import (  # noqa: E402
+    CLOCKS,
+    ROOT,
+    add_clock_option,
+    environment,
+    print_table,
+    rss_child,
+    rss_delta,
+    saved_bytes,
+    time_cases,
+    write_json,
+)
 
 sys.path.insert(0, str(ROOT / "src"))
 import nsl  # noqa: E402
@@ -130,9 +140,7 @@ def main() -> None:
     parser.add_argument("--impls", default=None, help="comma-separated subset of the implementations")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                        help="wall time, or the process's CPU time (all threads; on a loaded machine it leaves out "
-                             "the time spent waiting for a core)")
+    add_clock_option(parser)
     parser.add_argument("--rss", action="store_true", help="also measure peak RSS in fresh processes")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "layers.json")
     parser.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
@@ -152,8 +160,7 @@ def main() -> None:
     rows = []
     for shape in shapes:
         cases = {impl: make_run(shape, impl) for impl in impls}
-        clock = time.process_time if args.clock == "cpu" else time.perf_counter
-        times = time_cases({impl: case[0] for impl, case in cases.items()}, args.repeat, clock=clock)
+        times = time_cases({impl: case[0] for impl, case in cases.items()}, args.repeat, clock=CLOCKS[args.clock])
         base_rss = None
         for impl in impls:
             t = times[impl]

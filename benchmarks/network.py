@@ -37,7 +37,16 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, environment, layer_kinds_with_conv, print_table, time_cases, write_json  # noqa: E402
+from common import (  # noqa: E402
+    CLOCKS,
+    ROOT,
+    add_clock_option,
+    environment,
+    layer_kinds_with_conv,
+    print_table,
+    time_cases,
+    write_json,
+)
 
 sys.path.insert(0, str(ROOT / "src"))
 from nsl.models import build_model, count_parameters  # noqa: E402
@@ -111,9 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--infer-batches", default="1,128", help="comma-separated batch sizes for inference")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                        help="wall time, or the process's CPU time (all threads; on a loaded machine it leaves out "
-                             "the time spent waiting for a core)")
+    add_clock_option(parser)
     parser.add_argument("--compile", choices=["on", "off"], default="on", help="also time torch.compile (inductor)")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=KIND[,KEY=VALUE...]",
                         help="also time CNN-9 of layer kind KIND with these training-config options (nsl train "
@@ -164,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
                     runs[(k, mode)] = train_step(variant(k, mode, True), x, y)
                 else:
                     runs[(k, mode)] = infer(variant(k, mode, False), torch.randn(batch, *shape, generator=gen))
-        result = measure_phase(runs, args.repeat, time.process_time if args.clock == "cpu" else time.perf_counter)
+        result = measure_phase(runs, args.repeat, CLOCKS[args.clock])
         for (k, mode), (t, first) in result.items():
             rows.append({"phase": phase, "batch": args.train_batch if batch is None else batch, "kind": k,
                          "mode": mode, "ms": 1e3 * t, "x_conv": t / result[("conv", mode)][0],
