@@ -440,31 +440,7 @@ NSL_INLINE void affine_relu(const T* __restrict a, T s, T b, T* __restrict r, in
   }
 }
 
-// s1 += sum a[t], s2 += sum a[t]^2 (t < n): partial sums in T over chunks, totals in double.
-template <typename T>
-NSL_INLINE void sum_sq(const T* __restrict a, int64_t n, double& s1, double& s2) {
-  typedef typename VecT<T>::V V;
-  constexpr int64_t VL = kVB / sizeof(T), kChunk = 32 * VL;
-  for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
-    const int64_t c1 = std::min(n, c0 + kChunk);
-    V v1 = {}, v2 = {};
-    int64_t t = c0;
-    for (; t + VL <= c1; t += VL) {
-      const V v = vld<V>(a + t);
-      v1 += v;
-      v2 += v * v;
-    }
-    T t1 = hsum<T>(v1), t2 = hsum<T>(v2);
-    for (; t < c1; ++t) {
-      t1 += a[t];
-      t2 += a[t] * a[t];
-    }
-    s1 += t1;
-    s2 += t2;
-  }
-}
-
-// s1 += sum d[t], s2 += sum d[t] a[t] (t < n), as sum_sq.
+// s1 += sum d[t], s2 += sum d[t] a[t] (t < n): partial sums in T over chunks, totals in double.
 template <typename T>
 NSL_INLINE void sum_dot(const T* __restrict d, const T* __restrict a, int64_t n, double& s1,
                         double& s2) {
@@ -487,6 +463,12 @@ NSL_INLINE void sum_dot(const T* __restrict d, const T* __restrict a, int64_t n,
     s1 += t1;
     s2 += t2;
   }
+}
+
+// s1 += sum a[t], s2 += sum a[t]^2 (t < n): sum_dot of a with itself.
+template <typename T>
+NSL_INLINE void sum_sq(const T* a, int64_t n, double& s1, double& s2) {
+  sum_dot(a, a, n, s1, s2);
 }
 
 // C[m * ldc + t] = (bias[m]) + sum_k A[m * lda + k] B[k * ldb + t] for m < M, t < ncols
