@@ -3,6 +3,9 @@
 Builds the kernel's sources (``src/nsl/csrc``) once more with ``-DNSL_PROFILE`` (``csrc/profile.h``: each
 phase's CPU time, summed over threads) into ``--build-dir`` (default: a folder of the system temp dir named
 after the sources' hash) and loads it instead of the normal build (``NSL_DISABLE_CPP=1`` for this process).
+On x86-64 Linux it is built for this machine's CPU only (``-march=native -DNSL_SINGLE_ISA``: one version of
+each loop instead of the normal build's three instruction-set clones, a third of the compile time); the
+clone the normal build picks here is compiled for the same vector ISA.
 For each ``benchmarks/layers.py`` shape (or ``NxC_INxC_OUTxHW``) and layout (``diag``, ``full``) it runs the
 operator's forward and its backward (dx, dweight, dsim) ``--repeat`` times, interleaved with
 ``nn.functional.conv2d``'s forward and forward + backward, and prints per call the CPU time
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import platform
 import sys
 import tempfile
 import time
@@ -47,7 +51,10 @@ def build(build_dir: Path | None) -> None:
     if build_dir is None:
         build_dir = Path(tempfile.gettempdir()) / f"nsl-profile-{digest}"
     build_dir.mkdir(parents=True, exist_ok=True)
-    flags = ["-O3", "-DNSL_PROFILE"] + (["-fopenmp"] if sys.platform.startswith("linux") else [])
+    linux = sys.platform.startswith("linux")
+    flags = ["-O3", "-DNSL_PROFILE"] + (["-fopenmp"] if linux else [])
+    if linux and platform.machine() == "x86_64":
+        flags += ["-march=native", "-DNSL_SINGLE_ISA"]
     cpp_extension.load(name="nsl_dynamic_ns_conv_profile", sources=[str(p) for p in files if p.suffix == ".cpp"],
                        extra_cflags=flags, extra_ldflags=["-fopenmp"] if "-fopenmp" in flags else [],
                        build_directory=str(build_dir), is_python_module=False, verbose=False)

@@ -44,7 +44,7 @@ def test_profile_step_tiny(tmp_path):
     assert data["markdown"] in res.stdout
 
 
-@pytest.mark.slow  # compiles the kernel once more with -DNSL_PROFILE: 2-10 minutes on 2 shared cores
+@pytest.mark.slow  # compiles the kernel once more with -DNSL_PROFILE (one ISA): about a minute on 2 cores
 def test_kernel_phases_tiny(tmp_path):
     pytest.importorskip("ninja", reason="ninja builds the profiling kernel")
     out = tmp_path / "phases.json"

@@ -13,8 +13,10 @@
 // (GCC function multiversioning), since the extension itself is built for the baseline ISA only:
 // NSL_MULTIVERSION on the per-tile entry points, NSL_INLINE on the loops they inline. (An
 // x86-64-v4 / AVX-512 clone serves the 512-bit P x P loops of the full layout, see g_avx512.)
+// -DNSL_SINGLE_ISA compiles one version for the flags given (benchmarks/kernel_phases.py's profiling
+// build, with -march=native: a third of the compile time, for the machine it profiles).
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
-    __GNUC__ >= 11
+    __GNUC__ >= 11 && !defined(NSL_SINGLE_ISA)
 #define NSL_MULTIVERSION \
   __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
