@@ -55,7 +55,7 @@ import torch
 from .._geometry import output_size, pair
 
 __all__ = ["unavailable_reason", "forward", "backward", "LAUNCH_CONFIGS", "LaunchConfig", "aot_variants",
-           "pick_config"]
+           "pick_config", "light_forward", "LIGHT_CONFIG", "LightConfig", "light_aot_variants"]
 
 KERNELS = ("fwd", "dx", "dw", "dsim")
 
@@ -162,6 +162,68 @@ def aot_variants() -> list[tuple[str, LaunchConfig, dict[str, str], dict]]:
     return out
 
 
+# ---- the light predictor's forward (nsl._triton.light) ---------------------------------------
+LIGHT_KERNELS = ("light_fwd",)
+#: The light kernel's stages: per-tile statistics of the depthwise output, of the hidden layer, then ``sim``.
+LIGHT_STAGES = (0, 1, 2)
+
+
+@dataclass(frozen=True)
+class LightConfig:
+    """The light predictor kernel's launch configuration: ``block_m`` output locations per program, and the
+    channel blocks ``block_c`` (input channels, the 1x1 conv's reduction step), ``block_h`` (hidden channels kept
+    on chip at once) and ``block_o`` (output channels per program); every block at least 16 (``tl.dot``)."""
+
+    name: str
+    block_m: int
+    block_c: int
+    block_h: int
+    block_o: int
+    num_warps: int
+    num_stages: int
+
+    def constexprs(self) -> dict:
+        """The block-size constexprs of :func:`nsl._triton.light.light_fwd_kernel`."""
+        return {"BLOCK_M": self.block_m, "BLOCK_C": self.block_c, "BLOCK_H": self.block_h, "BLOCK_O": self.block_o}
+
+
+#: The one configuration the light launcher uses (no autotuning; unmeasured on a GPU). ``block_h = 16`` is the
+#: light predictor's default hidden width, so by default the depthwise conv is computed once per program.
+LIGHT_CONFIG = LightConfig("m64", 64, 32, 16, 16, 4, 2)
+
+
+def _light_signature(dtype: torch.dtype) -> dict[str, str]:
+    """Triton signature of ``light_fwd`` for inputs of ``dtype`` (``out_ptr``: float32 statistics in stages 0 and
+    1, ``sim`` in ``dtype`` in stage 2; the norm vectors and ``m2_ptr`` float32)."""
+    t = "*" + _TL_DTYPES[dtype]
+    sig = {"x_ptr": t, "dw_ptr": t, "pw_ptr": t, "ow_ptr": t, "bias_ptr": t}
+    sig.update(dict.fromkeys(("mean0_ptr", "scale0_ptr", "shift0_ptr", "mean1_ptr", "scale1_ptr", "shift1_ptr"),
+                             "*fp32"))
+    sig.update({"out_ptr": t, "m2_ptr": "*fp32"})
+    ints = ["C", "H", "W", "Ho", "Wo", "KW", "P", "HID", "OUTC", "SH", "SW", "PH", "PW", "DH", "DW", "NSTRIDE0",
+            "NSTRIDE1", "ID_STEP", "TILES"]
+    sig.update(dict.fromkeys(ints, "i32"))
+    names = ["STAGE", "BLOCK_M", "BLOCK_C", "BLOCK_H", "BLOCK_O", "DOT_F32", "PRECISION"]
+    sig.update(dict.fromkeys(names, "constexpr"))
+    return sig
+
+
+def light_aot_variants() -> list[tuple[str, LightConfig, dict[str, str], dict]]:
+    """Every ``(kernel name, config, signature, constexprs)`` a GPU launch of the light kernel can compile
+    (as :func:`aot_variants`): :data:`LIGHT_CONFIG` x the three stages x float32 (IEEE and TF32), bfloat16,
+    float16. Stages 0 and 1 write float32 statistics through ``out_ptr``, so their signature types it fp32."""
+    out = []
+    for stage in LIGHT_STAGES:
+        for dtype in _TL_DTYPES:
+            for precision in _precisions(dtype):
+                sig = _light_signature(dtype)
+                if stage < 2:
+                    sig["out_ptr"] = "*fp32"
+                constexprs = {"STAGE": stage, **LIGHT_CONFIG.constexprs(), "DOT_F32": False, "PRECISION": precision}
+                out.append(("light_fwd", LIGHT_CONFIG, sig, constexprs))
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # lazy kernel wrapping
 # --------------------------------------------------------------------------------------------
@@ -171,13 +233,17 @@ _probe: dict[int, str | None] = {}
 
 
 def _raw(name: str):
+    if name in LIGHT_KERNELS:
+        from . import light
+
+        return getattr(light, f"{name}_kernel")
     from . import kernels
 
     return getattr(kernels, f"ns_{name}_kernel")
 
 
 def jit_kernel(name: str, interpret: bool = False):
-    """The kernel ``name`` (one of ``fwd, dx, dw, dsim``) as a Triton ``JITFunction`` or, with
+    """The kernel ``name`` (one of ``fwd, dx, dw, dsim``, or ``light_fwd``) as a Triton ``JITFunction`` or, with
     ``interpret``, as the interpreter's ``InterpretedFunction``; built once per process."""
     key = (name, interpret)
     fn = _wrapped.get(key)
@@ -409,3 +475,178 @@ def backward(grad_out, x, weight, sim, stride, padding, dilation, groups, need_d
     ``x``, ``weight`` and ``sim`` (no saved columns). Outputs in the input dtype."""
     with _on_device(x):
         return _backward(grad_out, x, weight, sim, stride, padding, dilation, groups, need_dx, need_dw, need_dsim)
+
+
+# --------------------------------------------------------------------------------------------
+# the light predictor's forward
+# --------------------------------------------------------------------------------------------
+_NORM_NONE, _NORM_RUNNING, _NORM_BATCH, _NORM_GROUP = 0, 1, 2, 3  # nsl._light_ops.NORM_CODES
+
+
+def _light_check(x, dw_weight, pw_weight, out_weight, out_bias, norm_tensors, stride, padding, dilation, norm,
+                 groups0, groups1):
+    """Check the light launcher's arguments; ``(kh, kw, hidden, outc)``."""
+    names = ("x", "dw_weight", "pw_weight", "out_weight", "out_bias")
+    tensors = [t for t in (x, dw_weight, pw_weight, out_weight, out_bias) if t is not None]
+    _check(tensors, [nm for nm, t in zip(names, (x, dw_weight, pw_weight, out_weight, out_bias)) if t is not None])
+    for name, t in norm_tensors.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.device != x.device:
+            got = f"{t.dtype} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise TypeError(f"nsl._triton.light_forward: {name} must be a floating-point tensor on {x.device}, "
+                            f"got {got}")
+    if x.dim() != 4 or dw_weight.dim() != 4 or pw_weight.dim() != 4 or out_weight.dim() != 4:
+        raise ValueError(f"nsl._triton.light_forward: x, dw_weight, pw_weight, out_weight must be 4-d, got "
+                         f"{[list(t.shape) for t in (x, dw_weight, pw_weight, out_weight)]}")
+    c = x.shape[1]
+    _, _, kh, kw = dw_weight.shape
+    hidden, outc = pw_weight.shape[0], out_weight.shape[0]
+    p = kh * kw
+    if (tuple(dw_weight.shape[:2]) != (c, 1) or tuple(pw_weight.shape[1:]) != (c, 1, 1)
+            or tuple(out_weight.shape[1:]) != (hidden, 1, 1) or outc not in (p, p * p)
+            or (out_bias is not None and tuple(out_bias.shape) != (outc,))):
+        raise ValueError(f"nsl._triton.light_forward: inconsistent shapes x {list(x.shape)}, dw_weight "
+                         f"{list(dw_weight.shape)}, pw_weight {list(pw_weight.shape)}, out_weight "
+                         f"{list(out_weight.shape)}, out_bias {None if out_bias is None else list(out_bias.shape)} "
+                         f"(expected dw_weight [C, 1, kh, kw], pw_weight [hidden, C, 1, 1], out_weight "
+                         f"[P or P * P, hidden, 1, 1], out_bias [P or P * P], P = kh * kw)")
+    if norm not in (_NORM_NONE, _NORM_RUNNING, _NORM_BATCH, _NORM_GROUP):
+        raise ValueError(f"nsl._triton.light_forward: norm must be 0, 1, 2 or 3 (none, running, batch, group), "
+                         f"got {norm}")
+    if norm == _NORM_RUNNING and any(norm_tensors[k] is None for k in ("mean0", "var0", "mean1", "var1")):
+        raise ValueError("nsl._triton.light_forward: norm 1 (running) needs mean0, var0, mean1 and var1")
+    if norm == _NORM_GROUP and (groups0 < 1 or c % groups0 or groups1 < 1 or hidden % groups1):
+        raise ValueError(f"nsl._triton.light_forward: groups0 {groups0} must divide C = {c} and groups1 "
+                         f"{groups1} hidden = {hidden}")
+    return kh, kw, hidden, outc
+
+
+def _combine(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, dims) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and biased variance over ``dims`` of the sets with per-set ``count``, ``mean`` and ``m2`` (sum of
+    squared deviations from the set's mean), by Chan's formula in float32:
+    ``mean = sum(count mean) / sum(count)``, ``var = (sum(m2) + sum(count (mean_set - mean)^2)) / sum(count)``."""
+    count = count.expand_as(mean)
+    total = count.sum(dims, keepdim=True)
+    mu = (count * mean).sum(dims, keepdim=True) / total
+    var = (m2.sum(dims, keepdim=True) + (count * (mean - mu) ** 2).sum(dims, keepdim=True)) / total
+    return mu, var
+
+
+def _light_stats(partial_mean, partial_m2, count, norm, groups):
+    """``(mean, var)`` per channel ``[C]`` (batch) or per (sample, group) ``[N, groups]`` (group) from the per-tile
+    statistics ``[N, TILES, C]`` (``count [TILES]`` locations per tile)."""
+    n, tiles, c = partial_mean.shape
+    if norm == _NORM_BATCH:
+        mu, var = _combine(count.view(1, tiles, 1), partial_mean, partial_m2, (0, 1))
+        return mu.view(c), var.view(c)
+    shape = (n, tiles, groups, c // groups)
+    mu, var = _combine(count.view(1, tiles, 1, 1), partial_mean.view(shape), partial_m2.view(shape), (1, 3))
+    return mu.view(n, groups), var.view(n, groups)
+
+
+def _affine(norm, n, channels, groups, eps, weight, bias, mean, var, device):
+    """``(mean, scale, shift, nstride)``: norm ``(a - mean) * scale + shift`` as float32 vectors ``[1, channels]``
+    (``nstride = 0``) or ``[N, channels]`` (group, ``nstride = channels``); ``scale = weight / sqrt(var + eps)``,
+    ``shift = bias`` (weight 1, bias 0 where None); no norm: ``0, 1, 0``."""
+    f32 = {"dtype": torch.float32, "device": device}
+    if norm == _NORM_NONE:
+        return torch.zeros(1, channels, **f32), torch.ones(1, channels, **f32), torch.zeros(1, channels, **f32), 0
+    if norm == _NORM_GROUP:
+        mean = mean.float().repeat_interleave(channels // groups, dim=1)
+        var = var.float().repeat_interleave(channels // groups, dim=1)
+    else:
+        mean, var = mean.float().view(1, channels), var.float().view(1, channels)
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight.float().view(1, channels)
+    shift = torch.zeros(1, channels, **f32) if bias is None else bias.float().view(1, channels)
+    rows = scale.shape[0]
+    shift = shift.expand(rows, channels)
+    mean = mean.expand(rows, channels)
+    return mean.contiguous(), scale.contiguous(), shift.contiguous(), (channels if rows > 1 else 0)
+
+
+def _light_forward(x, dw_weight, pw_weight, out_weight, out_bias, weight0, bias0, mean0, var0, weight1, bias1, mean1,
+                   var1, stride, padding, dilation, norm, groups0, groups1, eps0, eps1, identity):
+    norm, groups0, groups1 = int(norm), int(groups0), int(groups1)
+    norm_tensors = {"weight0": weight0, "bias0": bias0, "mean0": mean0, "var0": var0, "weight1": weight1,
+                    "bias1": bias1, "mean1": mean1, "var1": var1}
+    kh, kw, hidden, outc = _light_check(x, dw_weight, pw_weight, out_weight, out_bias, norm_tensors, stride,
+                                        padding, dilation, norm, groups0, groups1)
+    stride, padding, dilation = _pairs(stride, padding, dilation)
+    n, c, h, w = x.shape
+    p = kh * kw
+    ho, wo = output_size((h, w), (kh, kw), stride, padding, dilation)
+    stats_dtype = {"dtype": torch.float32, "device": x.device}
+    sim = torch.empty(n, outc, ho, wo, dtype=x.dtype, device=x.device)
+    empty = torch.empty(0, **stats_dtype)
+    stats = [empty, empty, empty, empty]
+    if norm == _NORM_BATCH:
+        stats = [torch.full((c,), float("nan"), **stats_dtype)] * 2 + [torch.full((hidden,), float("nan"),
+                                                                                  **stats_dtype)] * 2
+    elif norm == _NORM_GROUP:
+        stats = [torch.full((n, groups0), float("nan"), **stats_dtype)] * 2 + [torch.full((n, groups1), float("nan"),
+                                                                                         **stats_dtype)] * 2
+    if n * ho * wo == 0:  # nothing to compute (batch statistics of nothing: NaN, as torch.var_mean gives)
+        return (sim, *(s.clone() for s in stats))
+    cfg = LIGHT_CONFIG
+    x = x.contiguous()
+    dw = dw_weight.reshape(c, p).contiguous()
+    pw = pw_weight.reshape(hidden, c).contiguous()
+    ow = out_weight.reshape(outc, hidden).contiguous()
+    bias = torch.zeros(outc, dtype=x.dtype, device=x.device) if out_bias is None else out_bias.contiguous()
+    interpret, dot_f32, precision = _mode(x)
+    tiles = _cdiv(ho * wo, cfg.block_m)
+    id_step = (1 if outc == p else p + 1) if identity else 0
+    geometry = (c, h, w, ho, wo, kw, p, hidden, outc, stride[0], stride[1], padding[0], padding[1], dilation[0],
+                dilation[1])
+    kernel = jit_kernel("light_fwd", interpret)
+    launch = {**cfg.constexprs(), "DOT_F32": dot_f32, "PRECISION": precision, "num_warps": cfg.num_warps,
+              "num_stages": cfg.num_stages}
+    count = torch.clamp(ho * wo - cfg.block_m * torch.arange(tiles, **stats_dtype), max=cfg.block_m)
+
+    def run(stage, blocks, norm0, norm1, out, m2):
+        kernel[(tiles, n, blocks)](x, dw, pw, ow, bias, *norm0[:3], *norm1[:3], out, m2, *geometry, norm0[3],
+                                   norm1[3], id_step, tiles, STAGE=stage, **launch)
+
+    if norm in (_NORM_BATCH, _NORM_GROUP):
+        part_mean, part_m2 = torch.empty(n, tiles, c, **stats_dtype), torch.empty(n, tiles, c, **stats_dtype)
+        dummy = _affine(_NORM_NONE, n, hidden, 1, 0.0, None, None, None, None, x.device)
+        run(0, _cdiv(c, cfg.block_c), dummy, dummy, part_mean, part_m2)
+        m0, v0 = _light_stats(part_mean, part_m2, count, norm, groups0)
+        norm0 = _affine(norm, n, c, groups0, eps0, weight0, bias0, m0, v0, x.device)
+        part_mean, part_m2 = torch.empty(n, tiles, hidden, **stats_dtype), torch.empty(n, tiles, hidden, **stats_dtype)
+        run(1, _cdiv(hidden, cfg.block_h), norm0, dummy, part_mean, part_m2)
+        m1, v1 = _light_stats(part_mean, part_m2, count, norm, groups1)
+        norm1 = _affine(norm, n, hidden, groups1, eps1, weight1, bias1, m1, v1, x.device)
+        stats = [m0, v0, m1, v1]
+    else:
+        norm0 = _affine(norm, n, c, 1, eps0, weight0, bias0, mean0, var0, x.device)
+        norm1 = _affine(norm, n, hidden, 1, eps1, weight1, bias1, mean1, var1, x.device)
+    run(2, _cdiv(outc, cfg.block_o), norm0, norm1, sim, torch.empty(0, **stats_dtype))
+    return (sim, *stats)
+
+
+def light_forward(x, dw_weight, pw_weight, out_weight, out_bias, weight0, bias0, mean0, var0, weight1, bias1, mean1,
+                  var1, stride, padding, dilation, norm, groups0, groups1, eps0, eps1, identity):
+    """The light predictor's forward ``(sim, mean0, var0, mean1, var1)`` by the Triton kernel
+    (:mod:`nsl._triton.light`), the arguments and results of ``torch.ops.nsl.light_predictor``
+    (:mod:`nsl._light_ops`)::
+
+        sim = tanh(out(ReLU(N1(pw(ReLU(N0(dw(x))))))) + out_bias)  (+ I with ``identity``)
+
+    ``x [N, C, H, W]``, ``dw_weight [C, 1, kh, kw]``, ``pw_weight [hidden, C, 1, 1]``, ``out_weight
+    [P or P * P, hidden, 1, 1]``, ``out_bias [P or P * P]`` or None, one dtype (float32, bfloat16, float16) on one
+    device (CPU only under ``TRITON_INTERPRET=1``); the norms' ``weight*/bias*/mean*/var*`` (``[C]``,
+    ``[hidden]``, any floating dtype, None where absent) on that device; ``norm`` a code of
+    ``nsl._light_ops.NORM_CODES``. ``sim [N, P or P * P, H_out, W_out]`` in ``x``'s dtype (float32
+    accumulation); the batch statistics used (biased variance) float32 ``[C]``/``[hidden]`` (batch),
+    ``[N, groups]`` (group), empty otherwise (NaN for batch statistics of an empty batch, as ``torch.var_mean``).
+    Statistics: per-tile means and squared deviations combined by Chan's formula (deterministic; two extra
+    launches, recomputing the depthwise conv). Not autograd-aware.
+    """
+    with _on_device(x):
+        return _light_forward(x, dw_weight, pw_weight, out_weight, out_bias, weight0, bias0, mean0, var0, weight1,
+                              bias1, mean1, var1, stride, padding, dilation, norm, groups0, groups1, eps0, eps1,
+                              identity)

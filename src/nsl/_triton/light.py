@@ -1,0 +1,131 @@
+"""Triton kernel of the light predictor's forward (undecorated; see ``nsl._triton.light_forward``).
+
+Like :mod:`nsl._triton.kernels`, this is plain Python in Triton's language, wrapped lazily by
+``nsl._triton.jit_kernel`` (``JITFunction`` on a GPU, ``InterpretedFunction`` under
+``TRITON_INTERPRET=1``), so importing ``nsl._triton`` never imports this module.
+
+The light predictor (``nsl._light_ops``) for one output location ``y`` of sample ``n``::
+
+    a0[c]  = sum_p dw[c, p] x_p[n, c](y)                     depthwise conv, x_p the (zero-padded) tap p
+    r0[c]  = ReLU((a0[c] - mean0[n, c]) * scale0[n, c] + shift0[n, c])
+    a1[h]  = sum_c pw[h, c] r0[c]                            1x1 conv, C -> HID
+    r1[h]  = ReLU((a1[h] - mean1[n, h]) * scale1[n, h] + shift1[n, h])
+    sim[o] = tanh(sum_h ow[o, h] r1[h] + bias[o]) + (1 if ID_STEP > 0 and o % ID_STEP == 0)
+
+Each norm is an affine map per (sample, channel) prepared by the launcher: ``mean = 0, scale = 1,
+shift = 0`` (no norm), ``scale = gamma / sqrt(var + eps)``, ``shift = beta`` (batch, running and
+group norms; ``NSTRIDE* = 0`` when the vectors are per channel, ``C`` or ``HID`` when per sample).
+
+Layouts (all contiguous): ``x [N, C, H, W]``; ``dw [C, P]``; ``pw [HID, C]``; ``ow [OUTC, HID]``;
+``bias [OUTC]``; the norm vectors float32 ``[N or 1, C or HID]``; ``sim [N, OUTC, Ho * Wo]``;
+partial statistics float32 ``[N, TILES, C or HID]``. Grid ``(TILES, N, blocks)``: a program takes
+``BLOCK_M`` output locations of one sample (so a tile never mixes samples, which group statistics
+need) and one block of channels (``STAGE`` 0: ``BLOCK_C`` of ``C``; 1: ``BLOCK_H`` of ``HID``; 2:
+``BLOCK_O`` of ``OUTC``).
+
+``STAGE`` (constexpr): 0 writes the tile's mean and sum of squared deviations from that mean
+(``m2``) of ``a0`` per channel; 1 recomputes ``a0``, applies norm 0 and writes the same of ``a1``;
+2 computes and writes ``sim`` (nothing else is written: ``a0``, ``a1`` live in registers, ``a0``
+recomputed per ``BLOCK_H`` block of hidden channels). The launcher combines the per-tile
+``(count, mean, m2)`` with Chan's formula in a fixed order (deterministic, no cancellation for
+inputs with a large mean). ``DOT_F32``/``PRECISION`` as in :mod:`nsl._triton.kernels`.
+"""
+
+import triton.language as tl
+
+
+def light_fwd_kernel(x_ptr, dw_ptr, pw_ptr, ow_ptr, bias_ptr, mean0_ptr, scale0_ptr, shift0_ptr,
+                     mean1_ptr, scale1_ptr, shift1_ptr, out_ptr, m2_ptr,
+                     C, H, W, Ho, Wo, KW, P, HID, OUTC, SH, SW, PH, PW, DH, DW, NSTRIDE0, NSTRIDE1, ID_STEP,
+                     TILES,
+                     STAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
+                     BLOCK_O: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+    """STAGE 0/1: per-tile (mean, m2) of a0/a1 into (out_ptr, m2_ptr) [N, TILES, C or HID]; STAGE 2:
+    sim [N, OUTC, L] into out_ptr (module docstring)."""
+    t = tl.program_id(0)
+    n = tl.program_id(1)
+    blk = tl.program_id(2)
+    L = Ho * Wo
+    HW = H * W
+    l = t * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = l < L
+    yh = l // Wo
+    yw = l % Wo
+    x_base = n.to(tl.int64) * C * HW
+    dot_ty = tl.float32 if DOT_F32 else x_ptr.dtype.element_ty
+    count = tl.minimum(L - t * BLOCK_M, BLOCK_M).to(tl.float32)
+    if STAGE == 0:
+        cc = blk * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = cc < C
+        a0 = tl.full((BLOCK_M, BLOCK_C), 0.0, tl.float32)
+        for p in range(0, P):
+            ih = yh * SH + (p // KW) * DH - PH
+            iw = yw * SW + (p % KW) * DW - PW
+            ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            xv = tl.load(x_ptr + (x_base + ih * W + iw)[:, None] + cc[None, :] * HW,
+                         mask=ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+            wv = tl.load(dw_ptr + cc * P + p, mask=c_ok, other=0.0).to(tl.float32)
+            a0 += xv * wv[None, :]
+        mean = tl.sum(a0, axis=0) / count  # invalid rows read only padding: a0 = 0 there
+        d = tl.where(row_ok[:, None], a0 - mean[None, :], 0.0)
+        off = (n.to(tl.int64) * TILES + t) * C + cc
+        tl.store(out_ptr + off, mean, mask=c_ok)
+        tl.store(m2_ptr + off, tl.sum(d * d, axis=0), mask=c_ok)
+    else:
+        if STAGE == 1:
+            h_lo = blk * BLOCK_H
+            h_hi = h_lo + BLOCK_H
+        else:
+            h_lo = 0
+            h_hi = HID
+            oo = blk * BLOCK_O + tl.arange(0, BLOCK_O)
+            o_ok = oo < OUTC
+            acc = tl.full((BLOCK_M, BLOCK_O), 0.0, tl.float32)
+        for h0 in range(h_lo, h_hi, BLOCK_H):
+            hh = h0 + tl.arange(0, BLOCK_H)
+            h_ok = hh < HID
+            a1 = tl.full((BLOCK_M, BLOCK_H), 0.0, tl.float32)
+            for c0 in range(0, C, BLOCK_C):
+                cc = c0 + tl.arange(0, BLOCK_C)
+                c_ok = cc < C
+                a0 = tl.full((BLOCK_M, BLOCK_C), 0.0, tl.float32)
+                for p in range(0, P):
+                    ih = yh * SH + (p // KW) * DH - PH
+                    iw = yw * SW + (p % KW) * DW - PW
+                    ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                    xv = tl.load(x_ptr + (x_base + ih * W + iw)[:, None] + cc[None, :] * HW,
+                                 mask=ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+                    wv = tl.load(dw_ptr + cc * P + p, mask=c_ok, other=0.0).to(tl.float32)
+                    a0 += xv * wv[None, :]
+                nc = n * NSTRIDE0 + cc
+                m0 = tl.load(mean0_ptr + nc, mask=c_ok, other=0.0)
+                s0 = tl.load(scale0_ptr + nc, mask=c_ok, other=0.0)
+                b0 = tl.load(shift0_ptr + nc, mask=c_ok, other=0.0)
+                r0 = tl.maximum((a0 - m0[None, :]) * s0[None, :] + b0[None, :], 0.0)
+                wp = tl.load(pw_ptr + hh[None, :] * C + cc[:, None], mask=c_ok[:, None] & h_ok[None, :], other=0.0)
+                a1 = tl.dot(r0.to(dot_ty), wp.to(dot_ty), a1, input_precision=PRECISION)
+            if STAGE == 1:
+                a1 = tl.where(row_ok[:, None], a1, 0.0)
+                mean = tl.sum(a1, axis=0) / count
+                d = tl.where(row_ok[:, None], a1 - mean[None, :], 0.0)
+                off = (n.to(tl.int64) * TILES + t) * HID + hh
+                tl.store(out_ptr + off, mean, mask=h_ok)
+                tl.store(m2_ptr + off, tl.sum(d * d, axis=0), mask=h_ok)
+            else:
+                nh = n * NSTRIDE1 + hh
+                m1 = tl.load(mean1_ptr + nh, mask=h_ok, other=0.0)
+                s1 = tl.load(scale1_ptr + nh, mask=h_ok, other=0.0)
+                b1 = tl.load(shift1_ptr + nh, mask=h_ok, other=0.0)
+                r1 = tl.maximum((a1 - m1[None, :]) * s1[None, :] + b1[None, :], 0.0)
+                wo = tl.load(ow_ptr + oo[None, :] * HID + hh[:, None], mask=h_ok[:, None] & o_ok[None, :],
+                             other=0.0)
+                acc = tl.dot(r1.to(dot_ty), wo.to(dot_ty), acc, input_precision=PRECISION)
+        if STAGE == 2:
+            z = acc + tl.load(bias_ptr + oo, mask=o_ok, other=0.0).to(tl.float32)[None, :]
+            e = tl.exp(-2.0 * tl.abs(z))  # tanh(z) = sign(z) (1 - e) / (1 + e), no overflow
+            th = (1.0 - e) / (1.0 + e)
+            g = tl.where(z < 0, -th, th)
+            if ID_STEP > 0:
+                g += tl.where((oo % tl.maximum(ID_STEP, 1)) == 0, 1.0, 0.0)[None, :]
+            off = (n.to(tl.int64) * OUTC + oo)[None, :] * L + l[:, None]
+            tl.store(out_ptr + off, g.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & o_ok[None, :])
