@@ -28,7 +28,11 @@ need) and one block of channels (``STAGE`` 0: ``BLOCK_C`` of ``C``; 1: ``BLOCK_H
 2 computes and writes ``sim`` (nothing else is written: ``a0``, ``a1`` live in registers, ``a0``
 recomputed per ``BLOCK_H`` block of hidden channels). The launcher combines the per-tile
 ``(count, mean, m2)`` with Chan's formula in a fixed order (deterministic, no cancellation for
-inputs with a large mean). ``DOT_F32``/``PRECISION`` as in :mod:`nsl._triton.kernels`.
+inputs with a large mean). The per-tile column sums are float32 IEEE ``tl.dot`` products with the
+``[BLOCK_M, BLOCK_M]`` matrix ``J`` of valid rows (each result row holds the sums; row 0 is stored):
+the interpreter cannot run ``tl.sum``'s jitted combine function once the kernels were wrapped after
+import (as :mod:`nsl._triton.kernels`' ``dsim`` notes). ``DOT_F32``/``PRECISION`` as in
+:mod:`nsl._triton.kernels`.
 """
 
 import triton.language as tl
@@ -66,11 +70,15 @@ def light_fwd_kernel(x_ptr, dw_ptr, pw_ptr, ow_ptr, bias_ptr, mean0_ptr, scale0_
                          mask=ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
             wv = tl.load(dw_ptr + cc * P + p, mask=c_ok, other=0.0).to(tl.float32)
             a0 += xv * wv[None, :]
-        mean = tl.sum(a0, axis=0) / count  # invalid rows read only padding: a0 = 0 there
-        d = tl.where(row_ok[:, None], a0 - mean[None, :], 0.0)
-        off = (n.to(tl.int64) * TILES + t) * C + cc
-        tl.store(out_ptr + off, mean, mask=c_ok)
-        tl.store(m2_ptr + off, tl.sum(d * d, axis=0), mask=c_ok)
+        # column sums as IEEE dots with the valid-rows matrix J (every row of the result the same sum)
+        J = tl.where((tl.arange(0, BLOCK_M)[:, None] >= 0) & row_ok[None, :], 1.0, 0.0)
+        mean = tl.dot(J, tl.where(row_ok[:, None], a0, 0.0), input_precision="ieee") / count
+        d = tl.where(row_ok[:, None], a0 - mean, 0.0)
+        m2 = tl.dot(J, d * d, input_precision="ieee")
+        first = (tl.arange(0, BLOCK_M) == 0)[:, None] & c_ok[None, :]
+        off = ((n.to(tl.int64) * TILES + t) * C + cc)[None, :] + tl.arange(0, BLOCK_M)[:, None] * 0
+        tl.store(out_ptr + off, mean, mask=first)
+        tl.store(m2_ptr + off, m2, mask=first)
     else:
         if STAGE == 1:
             h_lo = blk * BLOCK_H
@@ -105,12 +113,14 @@ def light_fwd_kernel(x_ptr, dw_ptr, pw_ptr, ow_ptr, bias_ptr, mean0_ptr, scale0_
                 wp = tl.load(pw_ptr + hh[None, :] * C + cc[:, None], mask=c_ok[:, None] & h_ok[None, :], other=0.0)
                 a1 = tl.dot(r0.to(dot_ty), wp.to(dot_ty), a1, input_precision=PRECISION)
             if STAGE == 1:
-                a1 = tl.where(row_ok[:, None], a1, 0.0)
-                mean = tl.sum(a1, axis=0) / count
-                d = tl.where(row_ok[:, None], a1 - mean[None, :], 0.0)
-                off = (n.to(tl.int64) * TILES + t) * HID + hh
-                tl.store(out_ptr + off, mean, mask=h_ok)
-                tl.store(m2_ptr + off, tl.sum(d * d, axis=0), mask=h_ok)
+                J = tl.where((tl.arange(0, BLOCK_M)[:, None] >= 0) & row_ok[None, :], 1.0, 0.0)
+                mean = tl.dot(J, tl.where(row_ok[:, None], a1, 0.0), input_precision="ieee") / count
+                d = tl.where(row_ok[:, None], a1 - mean, 0.0)
+                m2 = tl.dot(J, d * d, input_precision="ieee")
+                first = (tl.arange(0, BLOCK_M) == 0)[:, None] & h_ok[None, :]
+                off = ((n.to(tl.int64) * TILES + t) * HID + hh)[None, :] + tl.arange(0, BLOCK_M)[:, None] * 0
+                tl.store(out_ptr + off, mean, mask=first)
+                tl.store(m2_ptr + off, m2, mask=first)
             else:
                 nh = n * NSTRIDE1 + hh
                 m1 = tl.load(mean1_ptr + nh, mask=h_ok, other=0.0)
