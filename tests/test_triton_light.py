@@ -17,6 +17,9 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed (CI installs triton==3.8.0)")
 
+from types import SimpleNamespace  # noqa: E402
+
+from nsl import _light_ops, _ops  # noqa: E402
 from nsl import _triton as NT  # noqa: E402
 from nsl._light_ops import NORM_CODES, light_math  # noqa: E402
 
@@ -201,3 +204,54 @@ def test_every_stage_is_an_aot_variant():
     assert {v[3]["STAGE"] for v in variants} == set(NT.LIGHT_STAGES)
     assert all(v[1] == NT.LIGHT_CONFIG and v[0] in NT.LIGHT_KERNELS for v in variants)
     assert min(NT.LIGHT_CONFIG.constexprs().values()) >= 16  # tl.dot's smallest block
+
+
+# ---- dispatch (no GPU here: the CUDA kernel called directly, fused_ready on stand-ins for CUDA tensors) ------
+def test_the_forward_has_a_cuda_kernel_and_the_backward_does_not():
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("nsl::light_predictor", "CUDA")
+    # the backward's default implementation (light_backward_math) serves CUDA until a Triton backward exists
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key("nsl::light_predictor_backward", "CUDA")
+
+
+@pytest.mark.parametrize("kernel", ["triton", "unfold"])
+def test_cuda_kernel_runs_triton_or_light_math(monkeypatch, kernel):
+    """The operator's CUDA kernel runs the Triton launcher where ``kernel_for`` says 'triton' (here on CPU tensors
+    through the interpreter), else ``light_math``, with the same results either way."""
+    picked = []
+    monkeypatch.setattr(_ops, "kernel_for", lambda device, dtype: picked.append((device, dtype)) or kernel)
+    calls, real = [], NT.light_forward
+    monkeypatch.setattr(NT, "light_forward", lambda *a: calls.append(1) or real(*a))
+    args = _cast(_inputs(2, 3, 5, 6, (3, 3), 4, False, NORM_CODES["batch"]), torch.float32)
+    got = _light_ops._forward_cuda(*args)
+    want = light_math(*args)
+    assert picked == [(args[0].device, torch.float32)]
+    assert len(calls) == (kernel == "triton")
+    for g, r, name in zip(got, want, NAMES):
+        assert g.is_contiguous() and g.dtype == r.dtype, name
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def _cuda_like(dtype):
+    """A stand-in with a CUDA tensor's ``device`` and ``dtype`` (all ``fused_ready`` reads of it)."""
+    return SimpleNamespace(device=torch.device("cuda", 0), dtype=dtype)
+
+
+def test_fused_ready_on_cuda_follows_triton(monkeypatch):
+    reasons = {"reason": None}
+    asked = []
+
+    def unavailable(kernel, device):
+        asked.append((kernel, torch.device(device)))
+        return reasons["reason"]
+
+    monkeypatch.setattr(_ops, "unavailable_reason", unavailable)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert _light_ops.fused_ready(_cuda_like(dtype)), dtype
+    assert asked[-1] == ("triton", torch.device("cuda", 0))
+    assert not _light_ops.fused_ready(_cuda_like(torch.float64))  # no Triton float64: the modules run
+    reasons["reason"] = "no CUDA device"
+    assert not _light_ops.fused_ready(_cuda_like(torch.float32))
+    assert not _light_ops.fused_ready(SimpleNamespace(device=torch.device("meta"), dtype=torch.float32))
+    reasons["reason"] = None
+    monkeypatch.setattr(_light_ops._func, "transforms_active", lambda: True)  # the contexts come before the device
+    assert not _light_ops.fused_ready(_cuda_like(torch.float32))
