@@ -170,26 +170,32 @@ LIGHT_STAGES = (0, 1, 2)
 
 @dataclass(frozen=True)
 class LightConfig:
-    """The light predictor kernel's launch configuration: ``block_m`` output locations per program, and the
-    channel blocks ``block_c`` (input channels, the 1x1 conv's reduction step), ``block_h`` (hidden channels kept
-    on chip at once) and ``block_o`` (output channels per program); every block at least 16 (``tl.dot``)."""
+    """The light predictor kernel's launch configuration: ``block_m`` output locations per program (``sim``,
+    stage 2) and ``block_m_stats`` (the statistics' stages 0 and 1, whose ``[M, M]`` summing matrix is
+    register-hungry), and the channel blocks ``block_c`` (input channels, the 1x1 conv's reduction step),
+    ``block_h`` (hidden channels kept on chip at once) and ``block_o`` (output channels per program); every block
+    at least 16 (``tl.dot``)."""
 
     name: str
     block_m: int
+    block_m_stats: int
     block_c: int
     block_h: int
     block_o: int
     num_warps: int
     num_stages: int
 
-    def constexprs(self) -> dict:
-        """The block-size constexprs of :func:`nsl._triton.light.light_fwd_kernel`."""
-        return {"BLOCK_M": self.block_m, "BLOCK_C": self.block_c, "BLOCK_H": self.block_h, "BLOCK_O": self.block_o}
+    def constexprs(self, stage: int) -> dict:
+        """The block-size constexprs of :func:`nsl._triton.light.light_fwd_kernel` for ``stage``."""
+        return {"BLOCK_M": self.block_m if stage == 2 else self.block_m_stats, "BLOCK_C": self.block_c,
+                "BLOCK_H": self.block_h, "BLOCK_O": self.block_o}
 
 
 #: The one configuration the light launcher uses (no autotuning; unmeasured on a GPU). ``block_h = 16`` is the
 #: light predictor's default hidden width, so by default the depthwise conv is computed once per program.
-LIGHT_CONFIG = LightConfig("m64", 64, 32, 16, 16, 4, 2)
+#: ``block_m_stats = 32``: at 64 the statistics' stages spill (280-600 B of stack, sm_80/sm_90, triton 3.8.0;
+#: 64 with 8 warps still spills in stage 0); at 32 they use about 167 registers and no stack.
+LIGHT_CONFIG = LightConfig("m64", 64, 32, 32, 16, 16, 4, 2)
 
 
 def _light_signature(dtype: torch.dtype) -> dict[str, str]:
@@ -219,7 +225,8 @@ def light_aot_variants() -> list[tuple[str, LightConfig, dict[str, str], dict]]:
                 sig = _light_signature(dtype)
                 if stage < 2:
                     sig["out_ptr"] = "*fp32"
-                constexprs = {"STAGE": stage, **LIGHT_CONFIG.constexprs(), "DOT_F32": False, "PRECISION": precision}
+                constexprs = {"STAGE": stage, **LIGHT_CONFIG.constexprs(stage), "DOT_F32": False,
+                              "PRECISION": precision}
                 out.append(("light_fwd", LIGHT_CONFIG, sig, constexprs))
     return out
 
@@ -597,20 +604,21 @@ def _light_forward(x, dw_weight, pw_weight, out_weight, out_bias, weight0, bias0
     ow = out_weight.reshape(outc, hidden).contiguous()
     bias = torch.zeros(outc, dtype=x.dtype, device=x.device) if out_bias is None else out_bias.contiguous()
     interpret, dot_f32, precision = _mode(x)
-    tiles = _cdiv(ho * wo, cfg.block_m)
     id_step = (1 if outc == p else p + 1) if identity else 0
     geometry = (c, h, w, ho, wo, kw, p, hidden, outc, stride[0], stride[1], padding[0], padding[1], dilation[0],
                 dilation[1])
     kernel = jit_kernel("light_fwd", interpret)
-    launch = {**cfg.constexprs(), "DOT_F32": dot_f32, "PRECISION": precision, "num_warps": cfg.num_warps,
-              "num_stages": cfg.num_stages}
-    count = torch.clamp(ho * wo - cfg.block_m * torch.arange(tiles, **stats_dtype), max=cfg.block_m)
+    launch = {"DOT_F32": dot_f32, "PRECISION": precision, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
 
     def run(stage, blocks, norm0, norm1, out, m2):
+        constexprs = cfg.constexprs(stage)
+        tiles = _cdiv(ho * wo, constexprs["BLOCK_M"])
         kernel[(tiles, n, blocks)](x, dw, pw, ow, bias, *norm0[:3], *norm1[:3], out, m2, *geometry, norm0[3],
-                                   norm1[3], id_step, tiles, STAGE=stage, **launch)
+                                   norm1[3], id_step, tiles, STAGE=stage, **constexprs, **launch)
 
     if norm in (_NORM_BATCH, _NORM_GROUP):
+        tiles, block = _cdiv(ho * wo, cfg.block_m_stats), cfg.block_m_stats
+        count = torch.clamp(ho * wo - block * torch.arange(tiles, **stats_dtype), max=block)
         part_mean, part_m2 = torch.empty(n, tiles, c, **stats_dtype), torch.empty(n, tiles, c, **stats_dtype)
         dummy = _affine(_NORM_NONE, n, hidden, 1, 0.0, None, None, None, None, x.device)
         run(0, _cdiv(c, cfg.block_c), dummy, dummy, part_mean, part_m2)
