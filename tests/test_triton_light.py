@@ -131,6 +131,7 @@ def test_statistics_of_inputs_with_a_large_mean(norm):
         assert rel < 1e-4, f"{name}: relative error {rel:.3g}"
 
 
+@pytest.mark.filterwarnings("ignore:var_mean.*degrees of freedom:UserWarning")  # light_math on no values
 @pytest.mark.parametrize("norm", ["none", "running", "batch"])
 def test_empty_batch(norm):
     got = _check(_inputs(0, 3, 5, 6, (3, 3), 4, False, NORM_CODES[norm]))
