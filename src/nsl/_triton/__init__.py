@@ -613,7 +613,7 @@ def _light_forward(x, dw_weight, pw_weight, out_weight, out_bias, weight0, bias0
     def run(stage, blocks, norm0, norm1, out, m2):
         constexprs = cfg.constexprs(stage)
         tiles = _cdiv(ho * wo, constexprs["BLOCK_M"])
-        kernel[(tiles, n, blocks)](x, dw, pw, ow, bias, *norm0[:3], *norm1[:3], out, m2, *geometry, norm0[3],
+        kernel[(n * tiles, blocks)](x, dw, pw, ow, bias, *norm0[:3], *norm1[:3], out, m2, *geometry, norm0[3],
                                    norm1[3], id_step, tiles, STAGE=stage, **constexprs, **launch)
 
     if norm in (_NORM_BATCH, _NORM_GROUP):

@@ -18,7 +18,8 @@ group norms; ``NSTRIDE* = 0`` when the vectors are per channel, ``C`` or ``HID``
 
 Layouts (all contiguous): ``x [N, C, H, W]``; ``dw [C, P]``; ``pw [HID, C]``; ``ow [OUTC, HID]``;
 ``bias [OUTC]``; the norm vectors float32 ``[N or 1, C or HID]``; ``sim [N, OUTC, Ho * Wo]``;
-partial statistics float32 ``[N, TILES, C or HID]``. Grid ``(TILES, N, blocks)``: a program takes
+partial statistics float32 ``[N, TILES, C or HID]``. Grid ``(N * TILES, blocks)`` (program ``n * TILES + t``,
+so the batch is not bound by the 65535 limit of the grid's other axes): a program takes
 ``BLOCK_M`` output locations of one sample (so a tile never mixes samples, which group statistics
 need) and one block of channels (``STAGE`` 0: ``BLOCK_C`` of ``C``; 1: ``BLOCK_H`` of ``HID``; 2:
 ``BLOCK_O`` of ``OUTC``).
@@ -46,9 +47,9 @@ def light_fwd_kernel(x_ptr, dw_ptr, pw_ptr, ow_ptr, bias_ptr, mean0_ptr, scale0_
                      BLOCK_O: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
     """STAGE 0/1: per-tile (mean, m2) of a0/a1 into (out_ptr, m2_ptr) [N, TILES, C or HID]; STAGE 2:
     sim [N, OUTC, L] into out_ptr (module docstring)."""
-    t = tl.program_id(0)
-    n = tl.program_id(1)
-    blk = tl.program_id(2)
+    t = tl.program_id(0) % TILES
+    n = tl.program_id(0) // TILES
+    blk = tl.program_id(1)
     L = Ho * Wo
     HW = H * W
     l = t * BLOCK_M + tl.arange(0, BLOCK_M)
