@@ -99,9 +99,9 @@ def test_every_variant_is_listed():
 def test_every_light_variant_is_listed():
     variants = NT.light_aot_variants()
     assert {v[0] for v in variants} == set(NT.LIGHT_KERNELS)
-    # the three stages x {fp32 ieee, fp32 tf32, bf16, fp16}
-    assert sorted((v[3]["STAGE"], v[2]["x_ptr"], v[3]["PRECISION"]) for v in variants) == sorted(
-        (stage, dtype, precision) for stage in NT.LIGHT_STAGES
+    # each kernel's stages x {fp32 ieee, fp32 tf32, bf16, fp16}
+    assert sorted((v[0], v[3]["STAGE"], v[2]["x_ptr"], v[3]["PRECISION"]) for v in variants) == sorted(
+        (kernel, stage, dtype, precision) for kernel, stages in NT.LIGHT_STAGES.items() for stage in stages
         for dtype, precision in (("*fp32", "ieee"), ("*fp32", "tf32"), ("*bf16", "ieee"), ("*fp16", "ieee")))
 
 

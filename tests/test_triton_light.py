@@ -8,6 +8,8 @@ tiles and channel blocks (C > BLOCK_C, hidden > BLOCK_H, H_out * W_out > BLOCK_M
 inputs with a large mean (the variance's numerics), float16 and bfloat16 (the interpreter casts bfloat16 dot
 operands to float32, ``DOT_F32``: the bfloat16 dot instruction itself is compiled only in
 tests/test_triton_aot.py), bad arguments, and the operator's CUDA dispatch pieces that run without a GPU.
+The backward (``nsl._triton.light_backward``) against :func:`nsl._light_ops.light_backward_math` in float64: all
+nine gradients, every norm code, diagonal and full, several blocks, the ``need_x``/``need_params`` flags.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from types import SimpleNamespace  # noqa: E402
 
 from nsl import _light_ops, _ops  # noqa: E402
 from nsl import _triton as NT  # noqa: E402
-from nsl._light_ops import NORM_CODES, light_math  # noqa: E402
+from nsl._light_ops import NORM_CODES, light_backward_math, light_math  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -202,17 +204,94 @@ def test_bad_arguments():
 def test_every_stage_is_an_aot_variant():
     """The launcher's stages and dtypes are all listed for ahead-of-time compilation."""
     variants = NT.light_aot_variants()
-    assert len(variants) == len(NT.LIGHT_STAGES) * 4  # float32 (IEEE, TF32), bfloat16, float16
-    assert {v[3]["STAGE"] for v in variants} == set(NT.LIGHT_STAGES)
+    assert len(variants) == sum(map(len, NT.LIGHT_STAGES.values())) * 4  # float32 (IEEE, TF32), bfloat16, float16
+    for kernel, stages in NT.LIGHT_STAGES.items():
+        assert {v[3]["STAGE"] for v in variants if v[0] == kernel} == set(stages)
     assert all(v[1] == NT.LIGHT_CONFIG and v[0] in NT.LIGHT_KERNELS for v in variants)
-    assert all(min(NT.LIGHT_CONFIG.constexprs(stage).values()) >= 16 for stage in NT.LIGHT_STAGES)  # tl.dot
+    assert all(min(b for k, b in v[3].items() if k.startswith("BLOCK")) >= 16 for v in variants)  # tl.dot
+
+
+# ---- backward ------------------------------------------------------------------------------------------
+GRAD_NAMES = ("dx", "d_dw", "d_pw", "d_out", "d_out_bias", "d_weight0", "d_bias0", "d_weight1", "d_bias1")
+GRAD_TOL = {torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 6e-2}
+
+
+def _backward_arguments(args, dtype, need_x=True, need_params=True, seed=3):
+    """The 25 arguments of ``light_backward`` for the forward ``args`` cast to ``dtype``: ``sim`` and the batch
+    statistics from the Triton forward (as the operator's autograd saves them), a random ``grad_sim``."""
+    cast = _cast(args, dtype)
+    sim, m0, v0, m1, v1 = NT.light_forward(*cast)
+    if cast[16] in (NORM_CODES["batch"], NORM_CODES["group"]):
+        cast[7], cast[8], cast[11], cast[12] = m0, v0, m1, v1
+    grad = torch.randn(sim.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+    return [grad, sim, *cast[:4], *cast[5:], need_x, need_params]
+
+
+def _check_backward(args, dtype=torch.float32, need_x=True, need_params=True):
+    """``light_backward`` against ``light_backward_math`` in float64 on the same (cast) values."""
+    bargs = _backward_arguments(args, dtype, need_x, need_params)
+    want = light_backward_math(*[a.double() if isinstance(a, torch.Tensor) else a for a in bargs])
+    got = NT.light_backward(*bargs)
+    assert len(got) == 9
+    for g, r, name in zip(got, want, GRAD_NAMES):
+        if r is None:
+            assert g is None, f"{name} computed, light_backward_math gives None"
+            continue
+        assert g is not None, f"{name} is None"
+        assert g.dtype == dtype, f"{name} has dtype {g.dtype}, expected {dtype}"
+        assert g.shape == r.shape, f"{name} shape {list(g.shape)} != {list(r.shape)}"
+        err = (g.double() - r).abs().max().item() / max(r.abs().max().item(), 1e-12)
+        assert err < GRAD_TOL[dtype], f"{name}: relative error {err:.3g} >= {GRAD_TOL[dtype]}"
+    return got
+
+
+# the backward's tiles are the statistics' (32 locations): "blocks-1" has 2 tiles, 2 channel and 2 hidden blocks
+BACKWARD_CASES = [("full", norm) for norm in NORM_CODES] + [
+    ("batch3-odd", "batch"), ("blocks-1", "batch"), ("blocks-1", "group"), ("k5x5-dilation2", "group"),
+    ("k1x3-stride-dilation", "running"), ("batch1-stride2", "batch"), ("no-identity-no-bias", "none"),
+    ("full-k1x3-no-identity", "batch")]
+
+
+@pytest.mark.parametrize("case,norm", BACKWARD_CASES)
+def test_backward_float32(case, norm):
+    n, c, h, w, k, hidden, full, extra = (1, 40, 6, 7, (3, 3), 20, False, {}) if case == "blocks-1" else CASES[case]
+    groups = ((4, 5) if case == "blocks-1" else GROUPS[case]) if norm == "group" else (1, 1)
+    _check_backward(_inputs(n, c, h, w, k, hidden, full, NORM_CODES[norm], groups, **extra))
+
+
+@pytest.mark.parametrize("need_x,need_params", [(True, False), (False, True)])
+def test_backward_only_what_is_asked(need_x, need_params):
+    got = _check_backward(_inputs(2, 3, 5, 6, (3, 3), 4, False, NORM_CODES["group"], (3, 2)),
+                          need_x=need_x, need_params=need_params)
+    assert (got[0] is not None) == need_x
+    assert all((g is not None) == need_params for g in got[1:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16-upcast-dot"])
+def test_backward_half_precision(dtype):
+    _check_backward(_inputs(2, 3, 5, 6, (3, 3), 4, False, NORM_CODES["batch"], seed=1), dtype)
+
+
+def test_backward_bad_arguments():
+    bargs = _backward_arguments(_inputs(1, 3, 5, 5, (3, 3), 4, False, NORM_CODES["batch"]), torch.float32)
+    bad = list(bargs)
+    bad[0] = bad[0][:, :4]
+    with pytest.raises(ValueError, match=r"grad_sim must be \[1, 9, 5, 5\] on cpu, got \[1, 4, 5, 5\] on cpu"):
+        NT.light_backward(*bad)
+    bad = list(bargs)
+    bad[8] = None  # var0
+    with pytest.raises(ValueError, match="norms 1-3 need mean0, var0, mean1 and var1"):
+        NT.light_backward(*bad)
+    bad = list(bargs)
+    bad[4] = bad[4].half()
+    with pytest.raises(TypeError, match="pw_weight is torch.float16 on cpu, expected torch.float32 on cpu"):
+        NT.light_backward(*bad)
 
 
 # ---- dispatch (no GPU here: the CUDA kernel called directly, fused_ready on stand-ins for CUDA tensors) ------
-def test_the_forward_has_a_cuda_kernel_and_the_backward_does_not():
+def test_both_operators_have_cuda_kernels():
     assert torch._C._dispatch_has_kernel_for_dispatch_key("nsl::light_predictor", "CUDA")
-    # the backward's default implementation (light_backward_math) serves CUDA until a Triton backward exists
-    assert not torch._C._dispatch_has_kernel_for_dispatch_key("nsl::light_predictor_backward", "CUDA")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("nsl::light_predictor_backward", "CUDA")
 
 
 @pytest.mark.parametrize("kernel", ["triton", "unfold"])
@@ -231,6 +310,22 @@ def test_cuda_kernel_runs_triton_or_light_math(monkeypatch, kernel):
     for g, r, name in zip(got, want, NAMES):
         assert g.is_contiguous() and g.dtype == r.dtype, name
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("kernel", ["triton", "unfold"])
+def test_cuda_backward_kernel_runs_triton_or_light_backward_math(monkeypatch, kernel):
+    monkeypatch.setattr(_ops, "kernel_for", lambda device, dtype: kernel)
+    calls, real = [], NT.light_backward
+    monkeypatch.setattr(NT, "light_backward", lambda *a: calls.append(1) or real(*a))
+    bargs = _backward_arguments(_inputs(2, 3, 5, 6, (3, 3), 4, False, NORM_CODES["batch"]), torch.float32,
+                                need_x=False)
+    got = _light_ops._backward_cuda(*bargs)
+    want = light_backward_math(*bargs)
+    assert len(calls) == (kernel == "triton")
+    assert got[0].numel() == 0  # dx not asked for: an empty tensor
+    for g, r, name in zip(got[1:], want[1:], GRAD_NAMES[1:]):
+        assert g.is_contiguous(), name
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def _cuda_like(dtype):

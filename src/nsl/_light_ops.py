@@ -34,7 +34,9 @@ nothing but ``sim`` (the intermediate maps are recomputed tile by tile in cache;
 take extra passes, gathered beside the depthwise conv). On CUDA the forward is the Triton kernel
 (:func:`nsl._triton.light_forward`: float32/bfloat16/float16, float32 accumulation, nothing but ``sim`` written,
 two extra launches for batch statistics) where :func:`nsl._ops.kernel_for` says ``'triton'``, else
-:func:`light_math`; the CUDA backward is still :func:`light_backward_math` (PyTorch ops). Elsewhere, and on CPU
+:func:`light_math`; the CUDA backward likewise (:func:`nsl._triton.light_backward`: the depthwise half in Triton,
+the hidden and output layers' small maps and ``dx``'s transposed depthwise conv in PyTorch ops; else
+:func:`light_backward_math`). Elsewhere, and on CPU
 until the library is loaded (the first call loads it), the default implementations below run the same math in
 PyTorch ops (:func:`light_math`, :func:`light_backward_math`). Fake kernels give shapes for ``torch.compile`` and
 ``torch.export``.
@@ -252,8 +254,8 @@ def light_predictor_backward(grad_sim: Tensor, sim: Tensor, x: Tensor, dw_weight
                              eps0: float, eps1: float, identity: bool, need_x: bool,
                              need_params: bool) -> tuple[Tensor, ...]:
     """The 9 gradients of :func:`light_predictor` for ``grad_sim = dL/dsim`` (module docstring; empty where not
-    computed); this default implementation (every device but CPU with the C++ library loaded, CUDA included: there
-    is no Triton backward yet) runs :func:`light_backward_math`."""
+    computed); this default implementation (devices without a fused kernel, CPU before the C++ library is loaded)
+    runs :func:`light_backward_math`."""
     args = (grad_sim, sim, x, dw_weight, pw_weight, out_weight, weight0, bias0, mean0, var0, weight1, bias1, mean1,
             var1, stride, padding, dilation, norm, groups0, groups1, eps0, eps1, identity, need_x, need_params)
     if _ops._cpp_loaded_now(x):
@@ -268,8 +270,7 @@ def _forward_cuda(x, dw_weight, pw_weight, out_weight, out_bias, weight0, bias0,
                   var1, stride, padding, dilation, norm, groups0, groups1, eps0, eps1, identity):
     """The CUDA kernel of :func:`light_predictor`: :func:`nsl._triton.light_forward` where
     :func:`nsl._ops.kernel_for` picks ``'triton'`` for ``x`` (a dtype of :data:`TRITON_DTYPES`, Triton usable on the
-    device; otherwise it warns once), else :func:`light_math`. The backward operator has no CUDA kernel: its
-    default implementation (:func:`light_backward_math`) runs there."""
+    device; otherwise it warns once), else :func:`light_math`."""
     args = (x, dw_weight, pw_weight, out_weight, out_bias, weight0, bias0, mean0, var0, weight1, bias1, mean1, var1,
             stride, padding, dilation, norm, groups0, groups1, eps0, eps1, identity)
     if _ops.kernel_for(x.device, x.dtype) == "triton":
@@ -278,6 +279,24 @@ def _forward_cuda(x, dw_weight, pw_weight, out_weight, out_bias, weight0, bias0,
         return _triton.light_forward(*args)
     sim, *stats = light_math(*args)
     return (sim.contiguous(), *(s.contiguous() for s in stats))
+
+
+@light_predictor_backward.register_kernel("cuda")
+def _backward_cuda(grad_sim, sim, x, dw_weight, pw_weight, out_weight, weight0, bias0, mean0, var0, weight1, bias1,
+                   mean1, var1, stride, padding, dilation, norm, groups0, groups1, eps0, eps1, identity, need_x,
+                   need_params):
+    """The CUDA kernel of :func:`light_predictor_backward`: :func:`nsl._triton.light_backward` where
+    :func:`nsl._ops.kernel_for` picks ``'triton'`` for ``x``, else :func:`light_backward_math`; empty tensors for
+    the gradients not computed."""
+    args = (grad_sim, sim, x, dw_weight, pw_weight, out_weight, weight0, bias0, mean0, var0, weight1, bias1, mean1,
+            var1, stride, padding, dilation, norm, groups0, groups1, eps0, eps1, identity, need_x, need_params)
+    if _ops.kernel_for(x.device, x.dtype) == "triton":
+        from . import _triton
+
+        grads = _triton.light_backward(*args)
+    else:
+        grads = light_backward_math(*args)
+    return tuple(x.new_empty(0) if g is None else g.contiguous() for g in grads)
 
 
 # ---- shapes (FakeTensor / meta) ------------------------------------------------------------

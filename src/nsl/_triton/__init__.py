@@ -55,7 +55,7 @@ import torch
 from .._geometry import output_size, pair
 
 __all__ = ["unavailable_reason", "forward", "backward", "LAUNCH_CONFIGS", "LaunchConfig", "aot_variants",
-           "pick_config", "light_forward", "LIGHT_CONFIG", "LightConfig", "light_aot_variants"]
+           "pick_config", "light_forward", "light_backward", "LIGHT_CONFIG", "LightConfig", "light_aot_variants"]
 
 KERNELS = ("fwd", "dx", "dw", "dsim")
 
@@ -163,9 +163,11 @@ def aot_variants() -> list[tuple[str, LaunchConfig, dict[str, str], dict]]:
 
 
 # ---- the light predictor's forward (nsl._triton.light) ---------------------------------------
-LIGHT_KERNELS = ("light_fwd",)
-#: The light kernel's stages: per-tile statistics of the depthwise output, of the hidden layer, then ``sim``.
-LIGHT_STAGES = (0, 1, 2)
+LIGHT_KERNELS = ("light_fwd", "light_bwd")
+#: The stages of ``light_fwd``: per-tile statistics of the depthwise output, of the hidden layer, ``sim``, and (for
+#: the backward) the hidden layer's input ``a1``; of ``light_bwd``: ``dy0``'s sums with ``d_pw``, then ``da0`` with
+#: ``d_dw``.
+LIGHT_STAGES = {"light_fwd": (0, 1, 2, 3), "light_bwd": (0, 1)}
 
 
 @dataclass(frozen=True)
@@ -214,20 +216,42 @@ def _light_signature(dtype: torch.dtype) -> dict[str, str]:
     return sig
 
 
+def _light_bwd_signature(dtype: torch.dtype) -> dict[str, str]:
+    """Triton signature of ``light_bwd`` for inputs of ``dtype`` (everything computed is float32)."""
+    t = "*" + _TL_DTYPES[dtype]
+    sig = {"x_ptr": t, "dw_ptr": t, "pw_ptr": t}
+    sig.update(dict.fromkeys(("da1_ptr", "mean0_ptr", "scale0_ptr", "shift0_ptr", "rstd0_ptr", "gamma0_ptr",
+                              "e1_ptr", "e2_ptr", "s_dy_ptr", "s_dyx_ptr", "dpw_ptr", "da0_ptr", "ddw_ptr"), "*fp32"))
+    ints = ["C", "H", "W", "Ho", "Wo", "KW", "P", "HID", "SH", "SW", "PH", "PW", "DH", "DW", "NSTRIDE0", "TILES"]
+    sig.update(dict.fromkeys(ints, "i32"))
+    sig.update(dict.fromkeys(["STAGE", "BLOCK_M", "BLOCK_C", "BLOCK_H", "DOT_F32", "PRECISION"], "constexpr"))
+    return sig
+
+
+def _light_bwd_constexprs() -> dict:
+    """The block-size constexprs of ``light_bwd`` (the statistics' tile, :data:`LIGHT_CONFIG`)."""
+    return {"BLOCK_M": LIGHT_CONFIG.block_m_stats, "BLOCK_C": LIGHT_CONFIG.block_c, "BLOCK_H": LIGHT_CONFIG.block_h}
+
+
 def light_aot_variants() -> list[tuple[str, LightConfig, dict[str, str], dict]]:
-    """Every ``(kernel name, config, signature, constexprs)`` a GPU launch of the light kernel can compile
-    (as :func:`aot_variants`): :data:`LIGHT_CONFIG` x the three stages x float32 (IEEE and TF32), bfloat16,
-    float16. Stages 0 and 1 write float32 statistics through ``out_ptr``, so their signature types it fp32."""
+    """Every ``(kernel name, config, signature, constexprs)`` a GPU launch of the light kernels can compile
+    (as :func:`aot_variants`): :data:`LIGHT_CONFIG` x each kernel's stages (:data:`LIGHT_STAGES`) x float32 (IEEE
+    and TF32), bfloat16, float16. ``light_fwd``'s stages 0, 1 and 3 write float32 through ``out_ptr``, so their
+    signature types it fp32."""
     out = []
-    for stage in LIGHT_STAGES:
-        for dtype in _TL_DTYPES:
-            for precision in _precisions(dtype):
-                sig = _light_signature(dtype)
-                if stage < 2:
-                    sig["out_ptr"] = "*fp32"
-                constexprs = {"STAGE": stage, **LIGHT_CONFIG.constexprs(stage), "DOT_F32": False,
-                              "PRECISION": precision}
-                out.append(("light_fwd", LIGHT_CONFIG, sig, constexprs))
+    for kernel, stages in LIGHT_STAGES.items():
+        for stage in stages:
+            for dtype in _TL_DTYPES:
+                for precision in _precisions(dtype):
+                    if kernel == "light_fwd":
+                        sig = _light_signature(dtype)
+                        if stage != 2:
+                            sig["out_ptr"] = "*fp32"
+                        blocks = LIGHT_CONFIG.constexprs(stage)
+                    else:
+                        sig, blocks = _light_bwd_signature(dtype), _light_bwd_constexprs()
+                    constexprs = {"STAGE": stage, **blocks, "DOT_F32": False, "PRECISION": precision}
+                    out.append((kernel, LIGHT_CONFIG, sig, constexprs))
     return out
 
 
@@ -250,8 +274,8 @@ def _raw(name: str):
 
 
 def jit_kernel(name: str, interpret: bool = False):
-    """The kernel ``name`` (one of ``fwd, dx, dw, dsim``, or ``light_fwd``) as a Triton ``JITFunction`` or, with
-    ``interpret``, as the interpreter's ``InterpretedFunction``; built once per process."""
+    """The kernel ``name`` (one of ``fwd, dx, dw, dsim``, or ``light_fwd, light_bwd``) as a Triton
+    ``JITFunction`` or, with ``interpret``, as the interpreter's ``InterpretedFunction``; built once per process."""
     key = (name, interpret)
     fn = _wrapped.get(key)
     if fn is None:
@@ -658,3 +682,145 @@ def light_forward(x, dw_weight, pw_weight, out_weight, out_bias, weight0, bias0,
         return _light_forward(x, dw_weight, pw_weight, out_weight, out_bias, weight0, bias0, mean0, var0, weight1,
                               bias1, mean1, var1, stride, padding, dilation, norm, groups0, groups1, eps0, eps1,
                               identity)
+
+
+# --------------------------------------------------------------------------------------------
+# the light predictor's backward
+# --------------------------------------------------------------------------------------------
+def _light_backward(grad_sim, sim, x, dw_weight, pw_weight, out_weight, weight0, bias0, mean0, var0, weight1, bias1,
+                    mean1, var1, stride, padding, dilation, norm, groups0, groups1, eps0, eps1, identity, need_x,
+                    need_params):
+    import torch.nn.functional as F
+
+    from .. import _light_ops
+
+    norm, groups0, groups1 = int(norm), int(groups0), int(groups1)
+    norm_tensors = {"weight0": weight0, "bias0": bias0, "mean0": mean0, "var0": var0, "weight1": weight1,
+                    "bias1": bias1, "mean1": mean1, "var1": var1}
+    kh, kw, hidden, outc = _light_check(x, dw_weight, pw_weight, out_weight, None, norm_tensors, stride, padding,
+                                        dilation, norm, groups0, groups1)
+    if norm != _NORM_NONE and any(norm_tensors[k] is None for k in ("mean0", "var0", "mean1", "var1")):
+        raise ValueError("nsl._triton.light_backward: norms 1-3 need mean0, var0, mean1 and var1 (the statistics "
+                         "the forward used)")
+    stride, padding, dilation = _pairs(stride, padding, dilation)
+    n, c, h, w = x.shape
+    p = kh * kw
+    ho, wo = output_size((h, w), (kh, kw), stride, padding, dilation)
+    for name, t in (("grad_sim", grad_sim), ("sim", sim)):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (n, outc, ho, wo) or t.device != x.device:
+            got = f"{list(t.shape)} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"nsl._triton.light_backward: {name} must be [{n}, {outc}, {ho}, {wo}] on {x.device}, "
+                             f"got {got}")
+    f32 = {"dtype": torch.float32, "device": x.device}
+    cfg = LIGHT_CONFIG
+    block = cfg.block_m_stats
+    tiles = _cdiv(ho * wo, block)
+    interpret, dot_f32, precision = _mode(x)
+    xc = x.contiguous()
+    dw = dw_weight.reshape(c, p).contiguous()
+    pw = pw_weight.reshape(hidden, c).contiguous()
+    ow = out_weight.reshape(outc, hidden).contiguous()
+    norm0 = _affine(norm, n, c, groups0, eps0, weight0, bias0, mean0, var0, x.device)
+    geometry = (c, h, w, ho, wo, kw, p, hidden, outc, stride[0], stride[1], padding[0], padding[1], dilation[0],
+                dilation[1])
+    launch = {"DOT_F32": dot_f32, "PRECISION": precision, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    # 1. a1 = pw(ReLU(N0(dw(x)))) [N, hidden, L] (forward kernel, stage 3)
+    a1 = torch.empty(n, hidden, ho, wo, **f32)
+    if a1.numel():
+        dummy = _affine(_NORM_NONE, n, hidden, 1, 0.0, None, None, None, None, x.device)
+        jit_kernel("light_fwd", interpret)[(n * tiles, _cdiv(hidden, cfg.block_h))](
+            xc, dw, pw, ow, ow, *norm0[:3], *dummy[:3], a1, a1, *geometry, norm0[3], dummy[3], 0, tiles, STAGE=3,
+            **cfg.constexprs(3), **launch)
+    # 2. the hidden and output layers (hidden, P or P * P channels) in PyTorch ops, as light_backward_math
+    y1, _, _ = _light_ops._norm_forward(a1, norm, groups1, eps1, _float(weight1), _float(bias1), _float(mean1),
+                                        _float(var1))
+    r1 = F.relu(y1)
+    g = sim.float()
+    if identity:
+        g = g - _light_ops._identity(g, p)
+    dz = grad_sim.float() * (1 - g * g)
+    dy1 = F.conv2d(dz, ow.float().t().reshape(hidden, outc, 1, 1)) * (r1 > 0)
+    da1, dw1, db1 = _light_ops._norm_backward(dy1, a1, norm, groups1, eps1, _float(weight1), _float(mean1),
+                                              _float(var1))
+    da1 = da1.contiguous()
+    # 3. the depthwise half (backward kernel): dy0's sums and d_pw, then da0 and d_dw
+    gamma0 = torch.ones(c, **f32) if weight0 is None else weight0.float().contiguous()
+    rstd0 = torch.ones(1, c, **f32) if norm == _NORM_NONE else torch.rsqrt(_variance(norm, c, groups0, var0) + eps0)
+    rstd0 = rstd0.expand(norm0[0].shape).contiguous()
+    s_dy, s_dyx = torch.zeros(n, tiles, c, **f32), torch.zeros(n, tiles, c, **f32)
+    dpw, ddw = torch.zeros(hidden, c, **f32), torch.zeros(c, p, **f32)
+    da0 = torch.zeros(n, c, ho, wo, **f32)
+    zeros = torch.zeros(norm0[0].shape, **f32)
+    bwd = jit_kernel("light_bwd", interpret)
+    bwd_dims = (c, h, w, ho, wo, kw, p, hidden, stride[0], stride[1], padding[0], padding[1], dilation[0],
+                dilation[1], norm0[3], tiles)
+    grid = (n * tiles, _cdiv(c, cfg.block_c))
+    blocks = _light_bwd_constexprs()
+    if da0.numel():
+        bwd[grid](xc, dw, pw, da1, *norm0[:3], rstd0, gamma0, zeros, zeros, s_dy, s_dyx, dpw, da0, ddw, *bwd_dims,
+                  STAGE=0, **blocks, **launch)
+    sum_dy, sum_dyx = s_dy.sum(1), s_dyx.sum(1)  # [N, C]
+    if norm == _NORM_BATCH:
+        count = n * ho * wo
+        e1 = (gamma0 * sum_dy.sum(0) / count).view(1, c)
+        e2 = (gamma0 * sum_dyx.sum(0) / count).view(1, c)
+    elif norm == _NORM_GROUP:
+        per = c // groups0
+        e1 = (gamma0 * sum_dy).view(n, groups0, per).sum(2) / (per * ho * wo)
+        e2 = (gamma0 * sum_dyx).view(n, groups0, per).sum(2) / (per * ho * wo)
+        e1, e2 = e1.repeat_interleave(per, dim=1), e2.repeat_interleave(per, dim=1)
+    else:
+        e1 = e2 = zeros
+    if da0.numel():
+        bwd[grid](xc, dw, pw, da1, *norm0[:3], rstd0, gamma0, e1.contiguous(), e2.contiguous(), s_dy, s_dyx, dpw,
+                  da0, ddw, *bwd_dims, STAGE=1, **blocks, **launch)
+    dx = None
+    if need_x:
+        dx = torch.nn.grad.conv2d_input(x.shape, dw_weight.float(), da0, stride, padding, dilation, c).to(x.dtype)
+    if not need_params:
+        return dx, None, None, None, None, None, None, None, None
+    dt = x.dtype
+    d_out = torch.einsum("nphw,nohw->po", dz, r1).reshape(out_weight.shape).to(dt)
+    dw0 = db0 = None
+    if norm != _NORM_NONE:
+        dw0, db0 = sum_dyx.sum(0).to(dt), sum_dy.sum(0).to(dt)
+        dw1, db1 = dw1.to(dt), db1.to(dt)
+    return (dx, ddw.reshape(dw_weight.shape).to(dt), dpw.reshape(pw_weight.shape).to(dt), d_out,
+            dz.sum((0, 2, 3)).to(dt), dw0, db0, dw1, db1)
+
+
+def _float(t):
+    return None if t is None else t.float()
+
+
+def _variance(norm, c, groups, var):
+    """``var`` per (sample or 1, channel) ``[N or 1, C]`` float32 (group: repeated over each group's channels)."""
+    if norm == _NORM_GROUP:
+        return var.float().repeat_interleave(c // groups, dim=1)
+    return var.float().view(1, c)
+
+
+def light_backward(grad_sim, sim, x, dw_weight, pw_weight, out_weight, weight0, bias0, mean0, var0, weight1, bias1,
+                   mean1, var1, stride, padding, dilation, norm, groups0, groups1, eps0, eps1, identity, need_x,
+                   need_params):
+    """The 9 gradients ``(dx, d_dw, d_pw, d_out, d_out_bias, d_weight0, d_bias0, d_weight1, d_bias1)`` of
+    :func:`light_forward` for ``grad_sim = dL/dsim`` (the arguments and results of
+    ``torch.ops.nsl.light_predictor_backward``; None where not computed: ``dx`` without ``need_x``, the rest
+    without ``need_params``, the norms' without a norm). ``mean*/var*``: the statistics the forward used (running,
+    or its batch statistics). With ``a0 = dw(x)``, ``a1 = pw(ReLU(N0(a0)))``, ``dz = grad_sim (1 - g^2)``::
+
+        dy1 = (out^T dz) [r1 > 0],   da1 = N1'(dy1),   dy0 = (pw^T da1) [r0 > 0],   da0 = N0'(dy0)
+        dx = dw^T da0 (transposed depthwise conv),  d_dw[c, p] = sum da0[c] x_p[c],  d_pw = sum da1 r0^T,
+        d_out = sum dz r1^T,  d_out_bias = sum dz
+
+    The depthwise half (``C`` channels: ``a0``, ``r0``, ``dy0``, ``da0``, ``d_dw``, ``d_pw``) runs in Triton
+    (``light_fwd`` stage 3 writes ``a1`` float32 ``[N, hidden, L]``; ``light_bwd`` stages 0 and 1 recompute
+    ``a0`` per tile, never writing it, and write ``da0`` float32 ``[N, C, L]``; ``d_dw``/``d_pw`` are float32
+    atomic sums, not bitwise reproducible). The hidden and output layers' maps (``hidden``, ``P or P * P``
+    channels) and ``dx`` (``torch.nn.grad.conv2d_input`` on ``da0``) run in PyTorch ops, in float32. Outputs in
+    ``x``'s dtype. Shapes and dtypes as :func:`light_forward`. Not autograd-aware.
+    """
+    with _on_device(x):
+        return _light_backward(grad_sim, sim, x, dw_weight, pw_weight, out_weight, weight0, bias0, mean0, var0,
+                               weight1, bias1, mean1, var1, stride, padding, dilation, norm, groups0, groups1, eps0,
+                               eps1, identity, need_x, need_params)
