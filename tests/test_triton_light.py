@@ -240,6 +240,11 @@ def _check_backward(args, dtype=torch.float32, need_x=True, need_params=True):
         assert g is not None, f"{name} is None"
         assert g.dtype == dtype, f"{name} has dtype {g.dtype}, expected {dtype}"
         assert g.shape == r.shape, f"{name} shape {list(g.shape)} != {list(r.shape)}"
+        if r.numel() == 0:
+            continue
+        if torch.isnan(r).all():
+            assert torch.isnan(g).all(), f"{name}: expected NaN (statistics of nothing)"
+            continue
         err = (g.double() - r).abs().max().item() / max(r.abs().max().item(), 1e-12)
         assert err < GRAD_TOL[dtype], f"{name}: relative error {err:.3g} >= {GRAD_TOL[dtype]}"
     return got
@@ -270,6 +275,13 @@ def test_backward_only_what_is_asked(need_x, need_params):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16-upcast-dot"])
 def test_backward_half_precision(dtype):
     _check_backward(_inputs(2, 3, 5, 6, (3, 3), 4, False, NORM_CODES["batch"], seed=1), dtype)
+
+
+@pytest.mark.filterwarnings("ignore:var_mean.*degrees of freedom:UserWarning")  # light_math on no values
+@pytest.mark.parametrize("norm", ["none", "running", "batch"])
+def test_backward_empty_batch(norm):
+    got = _check_backward(_inputs(0, 3, 5, 6, (3, 3), 4, False, NORM_CODES[norm]))
+    assert list(got[0].shape) == [0, 3, 5, 6] and not got[1].any()  # no locations: d_dw = 0
 
 
 def test_backward_bad_arguments():
