@@ -14,6 +14,9 @@ nine gradients, every norm code, diagonal and full, several blocks, the ``need_x
 
 from __future__ import annotations
 
+import re
+import warnings
+
 import pytest
 import torch
 
@@ -349,14 +352,14 @@ def test_fused_ready_on_cuda_follows_triton(monkeypatch):
     reasons = {"reason": None}
     asked = []
 
-    def unavailable(kernel, device):
-        asked.append((kernel, torch.device(device)))
+    def unavailable(device):
+        asked.append(torch.device(device))
         return reasons["reason"]
 
-    monkeypatch.setattr(_ops, "unavailable_reason", unavailable)
+    monkeypatch.setattr(NT, "light_unavailable_reason", unavailable)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         assert _light_ops.fused_ready(_cuda_like(dtype)), dtype
-    assert asked[-1] == ("triton", torch.device("cuda", 0))
+    assert asked[-1] == torch.device("cuda", 0)
     assert not _light_ops.fused_ready(_cuda_like(torch.float64))  # no Triton float64: the modules run
     reasons["reason"] = "no CUDA device"
     assert not _light_ops.fused_ready(_cuda_like(torch.float32))
@@ -364,3 +367,44 @@ def test_fused_ready_on_cuda_follows_triton(monkeypatch):
     reasons["reason"] = None
     monkeypatch.setattr(_light_ops._func, "transforms_active", lambda: True)  # the contexts come before the device
     assert not _light_ops.fused_ready(_cuda_like(torch.float32))
+
+
+# ---- the probe that guards a GPU (run here on CPU tensors through the interpreter) ----------------------------
+def test_light_probe_agrees_with_the_math_in_the_interpreter():
+    assert NT._run_light_probe(torch.device("cpu")) is None
+
+
+def test_light_probe_reports_a_wrong_result(monkeypatch):
+    real = NT.light_forward
+
+    def off(*args):
+        sim, *stats = real(*args)
+        return (sim * 1.01, *stats)
+
+    monkeypatch.setattr(NT, "light_forward", off)
+    why = NT._run_light_probe(torch.device("cpu"))
+    assert why is not None and why.startswith("the probe's sim is off by "), why
+
+
+def test_light_probe_reports_a_kernel_that_fails(monkeypatch):
+    def fail(*args):
+        raise RuntimeError("PTX assembly aborted\nsecond line")
+
+    monkeypatch.setattr(NT, "light_backward", fail)
+    assert NT._run_light_probe(torch.device("cpu")) == "compiling failed: RuntimeError: PTX assembly aborted"
+
+
+def test_light_unavailable_reason_probes_each_gpu_once_and_warns_once(monkeypatch):
+    monkeypatch.setattr(NT, "_light_probe", {})
+    monkeypatch.setattr(NT, "unavailable_reason", lambda device: None)  # as on a GPU with Triton
+    probes = []
+    monkeypatch.setattr(NT, "_run_light_probe", lambda device: probes.append(device) or "the probe's sim is off")
+    with pytest.warns(RuntimeWarning, match=re.escape("not used on cuda:0 (the probe's sim is off)")):
+        assert NT.light_unavailable_reason(torch.device("cuda", 0)) == "the probe's sim is off"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert NT.light_unavailable_reason(torch.device("cuda", 0)) == "the probe's sim is off"
+    assert probes == [torch.device("cuda", 0)]
+    monkeypatch.setattr(NT, "unavailable_reason", lambda device: "no CUDA device")
+    assert NT.light_unavailable_reason(torch.device("cuda", 1)) == "no CUDA device"
+    assert probes == [torch.device("cuda", 0)]

@@ -90,11 +90,22 @@ _BACKWARD_SCHEMA = (f"(Tensor grad_sim, Tensor sim, Tensor x, Tensor dw_weight, 
                     "Tensor, Tensor, Tensor, Tensor)")
 
 
+def _triton_light_reason(device: torch.device) -> str | None:
+    """Why the light predictor's Triton kernels do not serve ``device`` (:func:`nsl._triton.light_unavailable_reason`,
+    probed once per GPU), else None."""
+    try:
+        from . import _triton
+    except Exception as e:  # noqa: BLE001 - any import failure means no Triton path
+        return f"nsl._triton could not be imported ({e})"
+    return _triton.light_unavailable_reason(device)
+
+
 def fused_ready(x: Tensor) -> bool:
     """True when a fused kernel serves ``x`` in this call (the one dispatch point between the operators and the
     layer's modules): a CPU tensor of a dtype in :data:`DTYPES` with the C++ library loaded (or, while
     ``torch.compile`` traces, not yet tried: the operator loads it when it first runs), or a CUDA tensor of a dtype
-    in :data:`TRITON_DTYPES` whose device runs the Triton kernels (:func:`nsl._triton.unavailable_reason` None; while
+    in :data:`TRITON_DTYPES` whose device runs the light Triton kernels (:func:`nsl._triton.light_unavailable_reason`
+    None: Triton usable there and a probe agreeing with the PyTorch math; while
     ``torch.compile`` traces, assumed: the operator's CUDA kernel checks again and otherwise runs
     :func:`light_math`); and none of the contexts the operators do not support: ``torch.func`` transforms and
     forward-mode AD (:func:`nsl._func.transforms_active`), ``torch.jit.trace`` and ONNX export (standard operators
@@ -107,7 +118,7 @@ def fused_ready(x: Tensor) -> bool:
     if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return False
     if x.device.type == "cuda":
-        return torch.compiler.is_compiling() or _ops.unavailable_reason("triton", x.device) is None
+        return torch.compiler.is_compiling() or _triton_light_reason(x.device) is None
     if _cpp._tried:
         return _cpp._library is not None
     if torch.compiler.is_compiling():
@@ -273,7 +284,7 @@ def _forward_cuda(x, dw_weight, pw_weight, out_weight, out_bias, weight0, bias0,
     device; otherwise it warns once), else :func:`light_math`."""
     args = (x, dw_weight, pw_weight, out_weight, out_bias, weight0, bias0, mean0, var0, weight1, bias1, mean1, var1,
             stride, padding, dilation, norm, groups0, groups1, eps0, eps1, identity)
-    if _ops.kernel_for(x.device, x.dtype) == "triton":
+    if _ops.kernel_for(x.device, x.dtype) == "triton" and _triton_light_reason(x.device) is None:
         from . import _triton
 
         return _triton.light_forward(*args)
@@ -290,7 +301,7 @@ def _backward_cuda(grad_sim, sim, x, dw_weight, pw_weight, out_weight, weight0, 
     the gradients not computed."""
     args = (grad_sim, sim, x, dw_weight, pw_weight, out_weight, weight0, bias0, mean0, var0, weight1, bias1, mean1,
             var1, stride, padding, dilation, norm, groups0, groups1, eps0, eps1, identity, need_x, need_params)
-    if _ops.kernel_for(x.device, x.dtype) == "triton":
+    if _ops.kernel_for(x.device, x.dtype) == "triton" and _triton_light_reason(x.device) is None:
         from . import _triton
 
         grads = _triton.light_backward(*args)

@@ -55,7 +55,8 @@ import torch
 from .._geometry import output_size, pair
 
 __all__ = ["unavailable_reason", "forward", "backward", "LAUNCH_CONFIGS", "LaunchConfig", "aot_variants",
-           "pick_config", "light_forward", "light_backward", "LIGHT_CONFIG", "LightConfig", "light_aot_variants"]
+           "pick_config", "light_forward", "light_backward", "light_unavailable_reason", "LIGHT_CONFIG", "LightConfig",
+           "light_aot_variants"]
 
 KERNELS = ("fwd", "dx", "dw", "dsim")
 
@@ -339,6 +340,68 @@ def _run_probe(device: torch.device) -> str | None:
         torch.cuda.synchronize(device)
         if abs(float(out.item()) - 9.0) > 1e-3:
             return f"compiling failed: the probe kernel computed {float(out.item())} instead of 9"
+    except Exception as e:  # noqa: BLE001 - any failure disables the kernels on this device
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        return f"compiling failed: {type(e).__name__}: {first}"
+    return None
+
+
+_light_probe: dict[int, str | None] = {}
+
+
+def light_unavailable_reason(device: torch.device) -> str | None:
+    """None when the light predictor's Triton kernels (:func:`light_forward`, :func:`light_backward`) serve tensors
+    of ``device``, otherwise one sentence saying why: :func:`unavailable_reason`, then, once per CUDA device, a
+    probe (a 2 x 4 x 6 x 6 input, batch statistics, forward and every gradient) that must agree with the PyTorch
+    math (``nsl._light_ops.light_math`` / ``light_backward_math``) to 1e-3. The first failure on a device is also
+    a warning. These kernels are compiled for sm_80/sm_90 and tested in Triton's interpreter; the probe keeps a
+    device where they do not compile or compute right on the PyTorch path. Never raises."""
+    why = unavailable_reason(device)
+    try:
+        device = torch.device(device)
+        if why is not None or device.type != "cuda":
+            return why
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in _light_probe:
+            _light_probe[index] = _run_light_probe(torch.device("cuda", index))
+            if _light_probe[index] is not None:
+                import warnings
+
+                warnings.warn(f"nsl: the light predictor's Triton kernels are not used on cuda:{index} "
+                              f"({_light_probe[index]}); its PyTorch ops run instead", RuntimeWarning, stacklevel=2)
+        return _light_probe[index]
+    except Exception as e:  # noqa: BLE001 - never raise from a capability check
+        return f"checking the light predictor's Triton kernels failed: {type(e).__name__}: {e}"
+
+
+def _run_light_probe(device: torch.device) -> str | None:
+    from .._light_ops import NORM_CODES, light_backward_math, light_math
+
+    try:
+        gen = torch.Generator().manual_seed(0)
+        c, hidden, p = 4, 8, 9
+
+        def t(*shape):
+            return torch.randn(*shape, generator=gen).to(device)
+
+        x, dw, pw, out, bias = t(2, c, 6, 6), t(c, 1, 3, 3), t(hidden, c, 1, 1) * 0.5, t(p, hidden, 1, 1) * 0.3, t(p)
+        norms = (t(c) * 0.1 + 1, t(c) * 0.1, None, None, t(hidden) * 0.1 + 1, t(hidden) * 0.1, None, None)
+        geo = ([1, 1], [1, 1], [1, 1], NORM_CODES["batch"], 1, 1, 1e-5, 1e-5, True)
+        got = light_forward(x, dw, pw, out, bias, *norms, *geo)
+        ref = light_math(x, dw, pw, out, bias, *norms, *geo)
+        gsim = t(*ref[0].shape)
+        def used(stats):  # the norms' parameters with the batch statistics the forward used
+            return (norms[0], norms[1], stats[0], stats[1], norms[4], norms[5], stats[2], stats[3])
+
+        grads = light_backward(gsim, got[0], x, dw, pw, out, *used(got[1:]), *geo, True, True)
+        refs = light_backward_math(gsim, ref[0], x, dw, pw, out, *used(ref[1:]), *geo, True, True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        for name, a, b in [("sim", got[0], ref[0]), ("mean0", got[1], ref[1]), ("var0", got[2], ref[2])] + [
+                (f"gradient {i}", a, b) for i, (a, b) in enumerate(zip(grads, refs)) if b is not None]:
+            err = float((a.float() - b.float()).abs().max()) / max(1.0, float(b.float().abs().max()))
+            if not err <= 1e-3:
+                return f"the probe's {name} is off by {err:.3g} (relative)"
     except Exception as e:  # noqa: BLE001 - any failure disables the kernels on this device
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
         return f"compiling failed: {type(e).__name__}: {first}"
