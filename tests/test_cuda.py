@@ -4,7 +4,8 @@ Skipped where there is no CUDA device. Covers ``reference``, ``unfold``, ``ztric
 (the fused kernels of :mod:`nsl._triton`) in float32, bfloat16 and float16, diagonal and full M,
 forward and the gradients for x, W and M, TF32 on/off, autocast, batch 0, the NaN-at-padding
 rule, and geometries that pick each launch configuration (narrow and wide channel tiles, several
-channel blocks, stride, dilation, groups, 5x5 and 1x3 kernels).
+channel blocks, stride, dilation, groups, 5x5 and 1x3 kernels). And the light predictor's operator
+(``torch.ops.nsl.light_predictor``: Triton forward and backward) against the same operator in float64 on CPU.
 """
 
 from __future__ import annotations
@@ -196,3 +197,57 @@ def test_triton_non_contiguous_inputs():
     out = run("triton", xs, ws, ms, *geo)
     out.backward(g.float().to(DEVICE).to(memory_format=torch.channels_last))
     _assert_close([out.detach(), xs.grad, ws.grad, ms.grad], want, torch.float32)
+
+
+# ---- the light predictor's operator (Triton forward and backward on CUDA) -------------------------------------
+LIGHT_NORMS = ["none", "running", "batch", "group"]
+LIGHT_GRADS = ("x", "dw_weight", "pw_weight", "out_weight", "out_bias", "weight0", "bias0", "weight1", "bias1")
+
+
+def _light_run(args, device, dtype, grad):
+    """``torch.ops.nsl.light_predictor`` on ``args`` (x and the three convolutions' weights and bias in ``dtype``,
+    the norms' tensors float32; float64 everything for the reference) on ``device``, then autograd with ``grad``:
+    ``(sim, statistics, gradients of LIGHT_GRADS (None where the tensor is None))``."""
+    ref = dtype == torch.float64
+    tensors = []
+    for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor):
+            a = a.to(device, dtype if (i < 5 or ref) else torch.float32)
+            a = a.requires_grad_(i in (0, 1, 2, 3, 4, 5, 6, 9, 10))
+        tensors.append(a)
+    out = torch.ops.nsl.light_predictor(*tensors)
+    out[0].backward(grad.to(device, out[0].dtype))
+    leaves = [tensors[i] for i in (0, 1, 2, 3, 4, 5, 6, 9, 10)]
+    return out[0].detach(), out[1:], [None if t is None else t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("full", [False, True], ids=["diag", "full"])
+@pytest.mark.parametrize("norm", LIGHT_NORMS)
+def test_light_predictor_operator(norm, full, dtype):
+    """The operator on CUDA (the Triton kernels of nsl._triton.light_forward/light_backward) against the same
+    operator in float64 on CPU (the fused C++ kernel, itself tested against the PyTorch math), on the same rounded
+    values: sim, the batch statistics and the nine gradients through autograd."""
+    _skip_unless_backend("triton")
+    from nsl._light_ops import NORM_CODES, fused_ready
+    from test_triton_light import _inputs as light_inputs
+
+    # 2 tiles, 2 input-channel blocks and 2 hidden blocks in every kernel
+    args = light_inputs(3, 40, 9, 11, (3, 3), 20, full, NORM_CODES[norm], (4, 5) if norm == "group" else (1, 1))
+    args = [a.to(dtype).double() if isinstance(a, torch.Tensor) and i < 5 else a for i, a in enumerate(args)]
+    assert fused_ready(args[0].to(DEVICE, dtype))
+    grad = torch.randn(3, 81 if full else 9, 9, 11, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    sim, stats, grads = _light_run(args, DEVICE, dtype, grad)
+    want_sim, want_stats, want_grads = _light_run(args, "cpu", torch.float64, grad)
+    tol = TOL[dtype] * (2 if dtype != torch.float32 else 1)
+    names = ("sim", "mean0", "var0", "mean1", "var1") + LIGHT_GRADS
+    for g, r, name in zip((sim, *stats, *grads), (want_sim, *want_stats, *want_grads), names):
+        if r is None:
+            assert g is None, name
+            continue
+        assert g.device.type == "cuda", f"{name} on {g.device}"
+        assert g.shape == r.shape, f"{name} shape {list(g.shape)} != {list(r.shape)}"
+        if r.numel() == 0:
+            continue
+        err = (g.double().cpu() - r).abs().max().item() / max(r.abs().max().item(), 1e-12)
+        assert err < tol, f"{name}: relative error {err:.3g} >= {tol}"

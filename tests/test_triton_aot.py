@@ -1,10 +1,11 @@
 """Ahead-of-time compilation of every Triton launch configuration for sm_80 (A100) and sm_90 (H100/H200).
 
-No GPU is needed: ``triton.compile`` lowers each variant of :func:`nsl._triton.aot_variants` to a
-cubin, whose shared memory (``metadata.shared``) and register use (``cuobjdump
---dump-resource-usage``: registers per thread, stack bytes, i.e. spills) are checked against the
-devices' limits. Triton's cache is a fresh temporary folder (nothing carried between runs); the
-variants compile in two worker processes. Run as a script to print the table.
+No GPU is needed: ``triton.compile`` lowers each variant of :func:`nsl._triton.aot_variants` (the dynamic
+convolution's kernels; ``-k conv``) and :func:`nsl._triton.light_aot_variants` (the light predictor's; ``-k light``)
+to a cubin, whose shared memory (``metadata.shared``) and register use (``cuobjdump --dump-resource-usage``:
+registers per thread, stack bytes, i.e. spills) are checked against the devices' limits. Triton's cache
+is a fresh temporary folder (nothing carried between runs); the variants compile in two worker processes.
+Run as a script to print the table.
 """
 
 from __future__ import annotations
@@ -48,15 +49,22 @@ def _resources(cubin: bytes) -> dict[str, int]:
     return {"regs": int(found[1]), "stack": int(found[2]), "local": int(found[4])}
 
 
-def _compile(index: int, arch: int) -> dict:
-    name, cfg, signature, constexprs = NT.aot_variants()[index]
+#: The variant families, each compiled by its own parametrization of the resources test (``-k light`` selects the
+#: light predictor's kernel alone): the dynamic convolution's kernels and the light predictor's.
+FAMILIES = {"conv": NT.aot_variants, "light": NT.light_aot_variants}
+
+
+def _compile(family: str, index: int, arch: int) -> dict:
+    name, cfg, signature, constexprs = FAMILIES[family]()[index]
     kernel = triton.compile(ASTSource(fn=NT.jit_kernel(name), signature=signature, constexprs=constexprs),
                             target=GPUTarget("cuda", arch, 32),
                             options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
     dtype = next(v for k, v in signature.items() if k.endswith("_ptr"))[1:]
-    return {"arch": arch, "kernel": name, "config": cfg.name, "dtype": dtype, "full": constexprs["FULL"],
-            "precision": constexprs["PRECISION"], "block_k": constexprs["BLOCK_K"], "num_warps": cfg.num_warps,
-            "shared": kernel.metadata.shared,
+    # conv kernels: diagonal/full M and the reduction step; the light kernel: its stage
+    variant = (f"full={constexprs['FULL']!s:<5} k{constexprs['BLOCK_K']:<2}" if "FULL" in constexprs
+               else f"stage={constexprs['STAGE']}")
+    return {"arch": arch, "kernel": name, "config": cfg.name, "dtype": dtype, "variant": variant,
+            "precision": constexprs["PRECISION"], "num_warps": cfg.num_warps, "shared": kernel.metadata.shared,
             **_resources(kernel.asm["cubin"])}
 
 
@@ -64,9 +72,9 @@ def _init_worker(cache: str) -> None:
     os.environ["TRITON_CACHE_DIR"] = cache
 
 
-def compile_all(workers: int = 2) -> list[dict]:
-    """Compile every variant for sm_80 and sm_90 in ``workers`` processes; one result dict each."""
-    jobs = [(i, arch) for arch in LIMITS for i in range(len(NT.aot_variants()))]
+def compile_all(workers: int = 2, families=tuple(FAMILIES)) -> list[dict]:
+    """Compile every variant of ``families`` for sm_80 and sm_90 in ``workers`` processes; one result dict each."""
+    jobs = [(f, i, arch) for f in families for arch in LIMITS for i in range(len(FAMILIES[f]()))]
     with tempfile.TemporaryDirectory() as cache:
         ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
         with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
@@ -74,9 +82,6 @@ def compile_all(workers: int = 2) -> list[dict]:
             return list(pool.map(_compile, *zip(*jobs)))
 
 
-@pytest.fixture(scope="module")
-def compiled() -> list[dict]:
-    return compile_all()
 
 
 def test_every_variant_is_listed():
@@ -91,13 +96,24 @@ def test_every_variant_is_listed():
             assert NT.pick_config(kernel, channels) in NT.LAUNCH_CONFIGS[kernel]
 
 
+def test_every_light_variant_is_listed():
+    variants = NT.light_aot_variants()
+    assert {v[0] for v in variants} == set(NT.LIGHT_KERNELS)
+    # each kernel's stages x {fp32 ieee, fp32 tf32, bf16, fp16}
+    assert sorted((v[0], v[3]["STAGE"], v[2]["x_ptr"], v[3]["PRECISION"]) for v in variants) == sorted(
+        (kernel, stage, dtype, precision) for kernel, stages in NT.LIGHT_STAGES.items() for stage in stages
+        for dtype, precision in (("*fp32", "ieee"), ("*fp32", "tf32"), ("*bf16", "ieee"), ("*fp16", "ieee")))
+
+
 @pytest.mark.slow  # tier 2 (README: the slow tests)
-def test_resources_within_device_limits(compiled):
-    assert len(compiled) == 2 * len(NT.aot_variants())
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_resources_within_device_limits(family):
+    compiled = compile_all(families=(family,))
+    assert len(compiled) == 2 * len(FAMILIES[family]())
     problems = []
     for r in compiled:
         limit = LIMITS[r["arch"]]
-        tag = f"sm_{r['arch']} {r['kernel']}/{r['config']} {r['dtype']} full={r['full']} {r['precision']}"
+        tag = f"sm_{r['arch']} {r['kernel']}/{r['config']} {r['dtype']} {r['variant']} {r['precision']}"
         if r["shared"] > limit["shared"]:
             problems.append(f"{tag}: {r['shared']} B shared memory > {limit['shared']}")
         if r["regs"] > MAX_REGS_PER_THREAD or r["regs"] * 32 * r["num_warps"] > limit["regs_per_sm"]:
@@ -113,7 +129,6 @@ if __name__ == "__main__":
     t0 = time.perf_counter()
     rows = compile_all()
     for r in rows:
-        print(f"sm_{r['arch']} {r['kernel']:<5} {r['config']:<4} {r['dtype']} full={r['full']!s:<5} "
-              f"{r['precision']:<4} k{r['block_k']:<2} shared {r['shared']:>6} B  regs {r['regs']:>3}  "
-              f"stack {r['stack']:>4}")
+        print(f"sm_{r['arch']} {r['kernel']:<9} {r['config']:<4} {r['dtype']} {r['variant']:<10} "
+              f"{r['precision']:<4} shared {r['shared']:>6} B  regs {r['regs']:>3}  stack {r['stack']:>4}")
     print(f"{len(rows)} variants in {time.perf_counter() - t0:.1f} s")

@@ -31,9 +31,14 @@ is an empty tensor.
 What runs where: on CPU the fused C++ kernel (``csrc/light_predictor.cpp``, registered with the dispatcher from
 C++ once :mod:`nsl._cpp` loads the library; float32/float64, bfloat16/float16 computed in float32): it writes
 nothing but ``sim`` (the intermediate maps are recomputed tile by tile in cache; the norms' batch statistics
-take extra passes, gathered beside the depthwise conv). Elsewhere, and on CPU until the library is loaded
-(the first call loads it), the default implementations below run the same math in PyTorch ops
-(:func:`light_math`, :func:`light_backward_math`). Fake kernels give shapes for ``torch.compile`` and
+take extra passes, gathered beside the depthwise conv). On CUDA the forward is the Triton kernel
+(:func:`nsl._triton.light_forward`: float32/bfloat16/float16, float32 accumulation, nothing but ``sim`` written,
+two extra launches for batch statistics) where :func:`nsl._ops.kernel_for` says ``'triton'``, else
+:func:`light_math`; the CUDA backward likewise (:func:`nsl._triton.light_backward`: the depthwise half in Triton,
+the hidden and output layers' small maps and ``dx``'s transposed depthwise conv in PyTorch ops; else
+:func:`light_backward_math`). Elsewhere, and on CPU
+until the library is loaded (the first call loads it), the default implementations below run the same math in
+PyTorch ops (:func:`light_math`, :func:`light_backward_math`). Fake kernels give shapes for ``torch.compile`` and
 ``torch.export``.
 
 Autograd (``register_autograd``): saves ``x``, the weights, the norms' parameters and statistics and ``sim``
@@ -57,19 +62,22 @@ from torch import Tensor
 from . import _cpp, _func, _ops
 from ._geometry import output_size
 
-__all__ = ["NORM_CODES", "DTYPES", "MIN_LOCATIONS", "light_predictor", "light_predictor_backward", "light_math",
-           "light_backward_math", "fused_ready"]
+__all__ = ["NORM_CODES", "DTYPES", "TRITON_DTYPES", "MIN_LOCATIONS", "light_predictor", "light_predictor_backward",
+           "light_math", "light_backward_math", "fused_ready"]
 
 #: The norms' codes in the operators' ``norm`` argument (``csrc/light_predictor.cpp`` ``NormMode``).
 NORM_CODES = {"none": 0, "running": 1, "batch": 2, "group": 3}
 #: The dtypes the fused CPU kernel serves (bfloat16/float16 computed in float32).
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+#: The dtypes the Triton kernel serves on CUDA (:func:`nsl._triton.light_forward`; float32 accumulation).
+TRITON_DTYPES = _ops.KERNELS["triton"].dtypes
 #: Fewest output locations per image (``H_out * W_out``) for which the fused kernel is used: ``'one-pass'`` (norms
 #: ``none`` and ``running``) and ``'multi-pass'`` (``batch``/``group`` statistics: three passes each way, recomputing
 #: the convolutions). Below them the modules are faster on CPU (measured, 2-core AVX2 machine, 1 thread, predictor
 #: forward + backward, fused/modules: 8x8 and 14x14 maps 1.2-2.4x in both modes; 16x16 at C=32 0.86x one-pass, 1.23x
 #: multi-pass; 32x32 0.43-0.76x; 56x56 at C=64 0.59x one-pass, 1.07x multi-pass): the kernel works channel by
 #: channel on a tile, and small maps leave too little work per channel. A size, not the batch: no export guard.
+#: Applied on CPU only (no GPU measurement: on CUDA the operator runs at every size).
 MIN_LOCATIONS = {"one-pass": 256, "multi-pass": 1024}
 
 _NORM_ARGS = ("Tensor? weight0, Tensor? bias0, Tensor? mean0, Tensor? var0, Tensor? weight1, Tensor? bias1, "
@@ -82,17 +90,35 @@ _BACKWARD_SCHEMA = (f"(Tensor grad_sim, Tensor sim, Tensor x, Tensor dw_weight, 
                     "Tensor, Tensor, Tensor, Tensor)")
 
 
+def _triton_light_reason(device: torch.device) -> str | None:
+    """Why the light predictor's Triton kernels do not serve ``device`` (:func:`nsl._triton.light_unavailable_reason`,
+    probed once per GPU), else None."""
+    try:
+        from . import _triton
+    except Exception as e:  # noqa: BLE001 - any import failure means no Triton path
+        return f"nsl._triton could not be imported ({e})"
+    return _triton.light_unavailable_reason(device)
+
+
 def fused_ready(x: Tensor) -> bool:
-    """True when the fused kernel serves ``x`` in this call: a CPU tensor of a dtype in :data:`DTYPES`, the C++
-    library loaded (or, while ``torch.compile`` traces, not yet tried: the operator loads it when it first runs),
-    and none of the contexts the operators do not support: ``torch.func`` transforms and forward-mode AD
-    (:func:`nsl._func.transforms_active`), ``torch.jit.trace`` and ONNX export (standard operators there)."""
-    if x.device.type != "cpu" or x.dtype not in DTYPES:
+    """True when a fused kernel serves ``x`` in this call (the one dispatch point between the operators and the
+    layer's modules): a CPU tensor of a dtype in :data:`DTYPES` with the C++ library loaded (or, while
+    ``torch.compile`` traces, not yet tried: the operator loads it when it first runs), or a CUDA tensor of a dtype
+    in :data:`TRITON_DTYPES` whose device runs the light Triton kernels (:func:`nsl._triton.light_unavailable_reason`
+    None: Triton usable there and a probe agreeing with the PyTorch math; while
+    ``torch.compile`` traces, assumed: the operator's CUDA kernel checks again and otherwise runs
+    :func:`light_math`); and none of the contexts the operators do not support: ``torch.func`` transforms and
+    forward-mode AD (:func:`nsl._func.transforms_active`), ``torch.jit.trace`` and ONNX export (standard operators
+    there)."""
+    dtypes = {"cpu": DTYPES, "cuda": TRITON_DTYPES}.get(x.device.type, ())
+    if x.dtype not in dtypes:
         return False
     if _func.transforms_active() or _func.compiled_transform():
         return False
     if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return False
+    if x.device.type == "cuda":
+        return torch.compiler.is_compiling() or _triton_light_reason(x.device) is None
     if _cpp._tried:
         return _cpp._library is not None
     if torch.compiler.is_compiling():
@@ -239,12 +265,48 @@ def light_predictor_backward(grad_sim: Tensor, sim: Tensor, x: Tensor, dw_weight
                              eps0: float, eps1: float, identity: bool, need_x: bool,
                              need_params: bool) -> tuple[Tensor, ...]:
     """The 9 gradients of :func:`light_predictor` for ``grad_sim = dL/dsim`` (module docstring; empty where not
-    computed); this default implementation runs :func:`light_backward_math`."""
+    computed); this default implementation (devices without a fused kernel, CPU before the C++ library is loaded)
+    runs :func:`light_backward_math`."""
     args = (grad_sim, sim, x, dw_weight, pw_weight, out_weight, weight0, bias0, mean0, var0, weight1, bias1, mean1,
             var1, stride, padding, dilation, norm, groups0, groups1, eps0, eps1, identity, need_x, need_params)
     if _ops._cpp_loaded_now(x):
         return torch.ops.nsl.light_predictor_backward(*args)
     grads = light_backward_math(*args)
+    return tuple(x.new_empty(0) if g is None else g.contiguous() for g in grads)
+
+
+# ---- CUDA: the Triton forward ---------------------------------------------------------------
+@light_predictor.register_kernel("cuda")
+def _forward_cuda(x, dw_weight, pw_weight, out_weight, out_bias, weight0, bias0, mean0, var0, weight1, bias1, mean1,
+                  var1, stride, padding, dilation, norm, groups0, groups1, eps0, eps1, identity):
+    """The CUDA kernel of :func:`light_predictor`: :func:`nsl._triton.light_forward` where
+    :func:`nsl._ops.kernel_for` picks ``'triton'`` for ``x`` (a dtype of :data:`TRITON_DTYPES`, Triton usable on the
+    device; otherwise it warns once), else :func:`light_math`."""
+    args = (x, dw_weight, pw_weight, out_weight, out_bias, weight0, bias0, mean0, var0, weight1, bias1, mean1, var1,
+            stride, padding, dilation, norm, groups0, groups1, eps0, eps1, identity)
+    if _ops.kernel_for(x.device, x.dtype) == "triton" and _triton_light_reason(x.device) is None:
+        from . import _triton
+
+        return _triton.light_forward(*args)
+    sim, *stats = light_math(*args)
+    return (sim.contiguous(), *(s.contiguous() for s in stats))
+
+
+@light_predictor_backward.register_kernel("cuda")
+def _backward_cuda(grad_sim, sim, x, dw_weight, pw_weight, out_weight, weight0, bias0, mean0, var0, weight1, bias1,
+                   mean1, var1, stride, padding, dilation, norm, groups0, groups1, eps0, eps1, identity, need_x,
+                   need_params):
+    """The CUDA kernel of :func:`light_predictor_backward`: :func:`nsl._triton.light_backward` where
+    :func:`nsl._ops.kernel_for` picks ``'triton'`` for ``x``, else :func:`light_backward_math`; empty tensors for
+    the gradients not computed."""
+    args = (grad_sim, sim, x, dw_weight, pw_weight, out_weight, weight0, bias0, mean0, var0, weight1, bias1, mean1,
+            var1, stride, padding, dilation, norm, groups0, groups1, eps0, eps1, identity, need_x, need_params)
+    if _ops.kernel_for(x.device, x.dtype) == "triton" and _triton_light_reason(x.device) is None:
+        from . import _triton
+
+        grads = _triton.light_backward(*args)
+    else:
+        grads = light_backward_math(*args)
     return tuple(x.new_empty(0) if g is None else g.contiguous() for g in grads)
 
 

@@ -55,7 +55,8 @@ import torch
 from .._geometry import output_size, pair
 
 __all__ = ["unavailable_reason", "forward", "backward", "LAUNCH_CONFIGS", "LaunchConfig", "aot_variants",
-           "pick_config"]
+           "pick_config", "light_forward", "light_backward", "light_unavailable_reason", "LIGHT_CONFIG", "LightConfig",
+           "light_aot_variants"]
 
 KERNELS = ("fwd", "dx", "dw", "dsim")
 
@@ -162,6 +163,99 @@ def aot_variants() -> list[tuple[str, LaunchConfig, dict[str, str], dict]]:
     return out
 
 
+# ---- the light predictor's forward (nsl._triton.light) ---------------------------------------
+LIGHT_KERNELS = ("light_fwd", "light_bwd")
+#: The stages of ``light_fwd``: per-tile statistics of the depthwise output, of the hidden layer, ``sim``, and (for
+#: the backward) the hidden layer's input ``a1``; of ``light_bwd``: ``dy0``'s sums with ``d_pw``, then ``da0`` with
+#: ``d_dw``.
+LIGHT_STAGES = {"light_fwd": (0, 1, 2, 3), "light_bwd": (0, 1)}
+
+
+@dataclass(frozen=True)
+class LightConfig:
+    """The light predictor kernel's launch configuration: ``block_m`` output locations per program (``sim``,
+    stage 2) and ``block_m_stats`` (the statistics' stages 0 and 1, whose ``[M, M]`` summing matrix is
+    register-hungry), and the channel blocks ``block_c`` (input channels, the 1x1 conv's reduction step),
+    ``block_h`` (hidden channels kept on chip at once) and ``block_o`` (output channels per program); every block
+    at least 16 (``tl.dot``)."""
+
+    name: str
+    block_m: int
+    block_m_stats: int
+    block_c: int
+    block_h: int
+    block_o: int
+    num_warps: int
+    num_stages: int
+
+    def constexprs(self, stage: int) -> dict:
+        """The block-size constexprs of :func:`nsl._triton.light.light_fwd_kernel` for ``stage``."""
+        return {"BLOCK_M": self.block_m if stage == 2 else self.block_m_stats, "BLOCK_C": self.block_c,
+                "BLOCK_H": self.block_h, "BLOCK_O": self.block_o}
+
+
+#: The one configuration the light launcher uses (no autotuning; unmeasured on a GPU). ``block_h = 16`` is the
+#: light predictor's default hidden width, so by default the depthwise conv is computed once per program.
+#: ``block_m_stats = 32``: at 64 the statistics' stages spill (280-600 B of stack, sm_80/sm_90, triton 3.8.0;
+#: 64 with 8 warps still spills in stage 0); at 32 they use about 167 registers and no stack.
+LIGHT_CONFIG = LightConfig("m64", 64, 32, 32, 16, 16, 4, 2)
+
+
+def _light_signature(dtype: torch.dtype) -> dict[str, str]:
+    """Triton signature of ``light_fwd`` for inputs of ``dtype`` (``out_ptr``: float32 statistics in stages 0 and
+    1, ``sim`` in ``dtype`` in stage 2; the norm vectors and ``m2_ptr`` float32)."""
+    t = "*" + _TL_DTYPES[dtype]
+    sig = {"x_ptr": t, "dw_ptr": t, "pw_ptr": t, "ow_ptr": t, "bias_ptr": t}
+    sig.update(dict.fromkeys(("mean0_ptr", "scale0_ptr", "shift0_ptr", "mean1_ptr", "scale1_ptr", "shift1_ptr"),
+                             "*fp32"))
+    sig.update({"out_ptr": t, "m2_ptr": "*fp32"})
+    ints = ["C", "H", "W", "Ho", "Wo", "KW", "P", "HID", "OUTC", "SH", "SW", "PH", "PW", "DH", "DW", "NSTRIDE0",
+            "NSTRIDE1", "ID_STEP", "TILES"]
+    sig.update(dict.fromkeys(ints, "i32"))
+    names = ["STAGE", "BLOCK_M", "BLOCK_C", "BLOCK_H", "BLOCK_O", "DOT_F32", "PRECISION"]
+    sig.update(dict.fromkeys(names, "constexpr"))
+    return sig
+
+
+def _light_bwd_signature(dtype: torch.dtype) -> dict[str, str]:
+    """Triton signature of ``light_bwd`` for inputs of ``dtype`` (everything computed is float32)."""
+    t = "*" + _TL_DTYPES[dtype]
+    sig = {"x_ptr": t, "dw_ptr": t, "pw_ptr": t}
+    sig.update(dict.fromkeys(("da1_ptr", "mean0_ptr", "scale0_ptr", "shift0_ptr", "rstd0_ptr", "gamma0_ptr",
+                              "e1_ptr", "e2_ptr", "s_dy_ptr", "s_dyx_ptr", "dpw_ptr", "da0_ptr", "ddw_ptr"), "*fp32"))
+    ints = ["C", "H", "W", "Ho", "Wo", "KW", "P", "HID", "SH", "SW", "PH", "PW", "DH", "DW", "NSTRIDE0", "TILES"]
+    sig.update(dict.fromkeys(ints, "i32"))
+    sig.update(dict.fromkeys(["STAGE", "BLOCK_M", "BLOCK_C", "BLOCK_H", "DOT_F32", "PRECISION"], "constexpr"))
+    return sig
+
+
+def _light_bwd_constexprs() -> dict:
+    """The block-size constexprs of ``light_bwd`` (the statistics' tile, :data:`LIGHT_CONFIG`)."""
+    return {"BLOCK_M": LIGHT_CONFIG.block_m_stats, "BLOCK_C": LIGHT_CONFIG.block_c, "BLOCK_H": LIGHT_CONFIG.block_h}
+
+
+def light_aot_variants() -> list[tuple[str, LightConfig, dict[str, str], dict]]:
+    """Every ``(kernel name, config, signature, constexprs)`` a GPU launch of the light kernels can compile
+    (as :func:`aot_variants`): :data:`LIGHT_CONFIG` x each kernel's stages (:data:`LIGHT_STAGES`) x float32 (IEEE
+    and TF32), bfloat16, float16. ``light_fwd``'s stages 0, 1 and 3 write float32 through ``out_ptr``, so their
+    signature types it fp32."""
+    out = []
+    for kernel, stages in LIGHT_STAGES.items():
+        for stage in stages:
+            for dtype in _TL_DTYPES:
+                for precision in _precisions(dtype):
+                    if kernel == "light_fwd":
+                        sig = _light_signature(dtype)
+                        if stage != 2:
+                            sig["out_ptr"] = "*fp32"
+                        blocks = LIGHT_CONFIG.constexprs(stage)
+                    else:
+                        sig, blocks = _light_bwd_signature(dtype), _light_bwd_constexprs()
+                    constexprs = {"STAGE": stage, **blocks, "DOT_F32": False, "PRECISION": precision}
+                    out.append((kernel, LIGHT_CONFIG, sig, constexprs))
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # lazy kernel wrapping
 # --------------------------------------------------------------------------------------------
@@ -171,14 +265,18 @@ _probe: dict[int, str | None] = {}
 
 
 def _raw(name: str):
+    if name in LIGHT_KERNELS:
+        from . import light
+
+        return getattr(light, f"{name}_kernel")
     from . import kernels
 
     return getattr(kernels, f"ns_{name}_kernel")
 
 
 def jit_kernel(name: str, interpret: bool = False):
-    """The kernel ``name`` (one of ``fwd, dx, dw, dsim``) as a Triton ``JITFunction`` or, with
-    ``interpret``, as the interpreter's ``InterpretedFunction``; built once per process."""
+    """The kernel ``name`` (one of ``fwd, dx, dw, dsim``, or ``light_fwd, light_bwd``) as a Triton
+    ``JITFunction`` or, with ``interpret``, as the interpreter's ``InterpretedFunction``; built once per process."""
     key = (name, interpret)
     fn = _wrapped.get(key)
     if fn is None:
@@ -242,6 +340,68 @@ def _run_probe(device: torch.device) -> str | None:
         torch.cuda.synchronize(device)
         if abs(float(out.item()) - 9.0) > 1e-3:
             return f"compiling failed: the probe kernel computed {float(out.item())} instead of 9"
+    except Exception as e:  # noqa: BLE001 - any failure disables the kernels on this device
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        return f"compiling failed: {type(e).__name__}: {first}"
+    return None
+
+
+_light_probe: dict[int, str | None] = {}
+
+
+def light_unavailable_reason(device: torch.device) -> str | None:
+    """None when the light predictor's Triton kernels (:func:`light_forward`, :func:`light_backward`) serve tensors
+    of ``device``, otherwise one sentence saying why: :func:`unavailable_reason`, then, once per CUDA device, a
+    probe (a 2 x 4 x 6 x 6 input, batch statistics, forward and every gradient) that must agree with the PyTorch
+    math (``nsl._light_ops.light_math`` / ``light_backward_math``) to 1e-3. The first failure on a device is also
+    a warning. These kernels are compiled for sm_80/sm_90 and tested in Triton's interpreter; the probe keeps a
+    device where they do not compile or compute right on the PyTorch path. Never raises."""
+    why = unavailable_reason(device)
+    try:
+        device = torch.device(device)
+        if why is not None or device.type != "cuda":
+            return why
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in _light_probe:
+            _light_probe[index] = _run_light_probe(torch.device("cuda", index))
+            if _light_probe[index] is not None:
+                import warnings
+
+                warnings.warn(f"nsl: the light predictor's Triton kernels are not used on cuda:{index} "
+                              f"({_light_probe[index]}); its PyTorch ops run instead", RuntimeWarning, stacklevel=2)
+        return _light_probe[index]
+    except Exception as e:  # noqa: BLE001 - never raise from a capability check
+        return f"checking the light predictor's Triton kernels failed: {type(e).__name__}: {e}"
+
+
+def _run_light_probe(device: torch.device) -> str | None:
+    from .._light_ops import NORM_CODES, light_backward_math, light_math
+
+    try:
+        gen = torch.Generator().manual_seed(0)
+        c, hidden, p = 4, 8, 9
+
+        def t(*shape):
+            return torch.randn(*shape, generator=gen).to(device)
+
+        x, dw, pw, out, bias = t(2, c, 6, 6), t(c, 1, 3, 3), t(hidden, c, 1, 1) * 0.5, t(p, hidden, 1, 1) * 0.3, t(p)
+        norms = (t(c) * 0.1 + 1, t(c) * 0.1, None, None, t(hidden) * 0.1 + 1, t(hidden) * 0.1, None, None)
+        geo = ([1, 1], [1, 1], [1, 1], NORM_CODES["batch"], 1, 1, 1e-5, 1e-5, True)
+        got = light_forward(x, dw, pw, out, bias, *norms, *geo)
+        ref = light_math(x, dw, pw, out, bias, *norms, *geo)
+        gsim = t(*ref[0].shape)
+        def used(stats):  # the norms' parameters with the batch statistics the forward used
+            return (norms[0], norms[1], stats[0], stats[1], norms[4], norms[5], stats[2], stats[3])
+
+        grads = light_backward(gsim, got[0], x, dw, pw, out, *used(got[1:]), *geo, True, True)
+        refs = light_backward_math(gsim, ref[0], x, dw, pw, out, *used(ref[1:]), *geo, True, True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        for name, a, b in [("sim", got[0], ref[0]), ("mean0", got[1], ref[1]), ("var0", got[2], ref[2])] + [
+                (f"gradient {i}", a, b) for i, (a, b) in enumerate(zip(grads, refs)) if b is not None]:
+            err = float((a.float() - b.float()).abs().max()) / max(1.0, float(b.float().abs().max()))
+            if not err <= 1e-3:
+                return f"the probe's {name} is off by {err:.3g} (relative)"
     except Exception as e:  # noqa: BLE001 - any failure disables the kernels on this device
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
         return f"compiling failed: {type(e).__name__}: {first}"
@@ -409,3 +569,321 @@ def backward(grad_out, x, weight, sim, stride, padding, dilation, groups, need_d
     ``x``, ``weight`` and ``sim`` (no saved columns). Outputs in the input dtype."""
     with _on_device(x):
         return _backward(grad_out, x, weight, sim, stride, padding, dilation, groups, need_dx, need_dw, need_dsim)
+
+
+# --------------------------------------------------------------------------------------------
+# the light predictor's forward
+# --------------------------------------------------------------------------------------------
+_NORM_NONE, _NORM_RUNNING, _NORM_BATCH, _NORM_GROUP = 0, 1, 2, 3  # nsl._light_ops.NORM_CODES
+
+
+def _light_check(x, dw_weight, pw_weight, out_weight, out_bias, norm_tensors, stride, padding, dilation, norm,
+                 groups0, groups1):
+    """Check the light launcher's arguments; ``(kh, kw, hidden, outc)``."""
+    names = ("x", "dw_weight", "pw_weight", "out_weight", "out_bias")
+    tensors = [t for t in (x, dw_weight, pw_weight, out_weight, out_bias) if t is not None]
+    _check(tensors, [nm for nm, t in zip(names, (x, dw_weight, pw_weight, out_weight, out_bias)) if t is not None])
+    for name, t in norm_tensors.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.device != x.device:
+            got = f"{t.dtype} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise TypeError(f"nsl._triton.light_forward: {name} must be a floating-point tensor on {x.device}, "
+                            f"got {got}")
+    if x.dim() != 4 or dw_weight.dim() != 4 or pw_weight.dim() != 4 or out_weight.dim() != 4:
+        raise ValueError(f"nsl._triton.light_forward: x, dw_weight, pw_weight, out_weight must be 4-d, got "
+                         f"{[list(t.shape) for t in (x, dw_weight, pw_weight, out_weight)]}")
+    c = x.shape[1]
+    _, _, kh, kw = dw_weight.shape
+    hidden, outc = pw_weight.shape[0], out_weight.shape[0]
+    p = kh * kw
+    if (tuple(dw_weight.shape[:2]) != (c, 1) or tuple(pw_weight.shape[1:]) != (c, 1, 1)
+            or tuple(out_weight.shape[1:]) != (hidden, 1, 1) or outc not in (p, p * p)
+            or (out_bias is not None and tuple(out_bias.shape) != (outc,))):
+        raise ValueError(f"nsl._triton.light_forward: inconsistent shapes x {list(x.shape)}, dw_weight "
+                         f"{list(dw_weight.shape)}, pw_weight {list(pw_weight.shape)}, out_weight "
+                         f"{list(out_weight.shape)}, out_bias {None if out_bias is None else list(out_bias.shape)} "
+                         f"(expected dw_weight [C, 1, kh, kw], pw_weight [hidden, C, 1, 1], out_weight "
+                         f"[P or P * P, hidden, 1, 1], out_bias [P or P * P], P = kh * kw)")
+    if norm not in (_NORM_NONE, _NORM_RUNNING, _NORM_BATCH, _NORM_GROUP):
+        raise ValueError(f"nsl._triton.light_forward: norm must be 0, 1, 2 or 3 (none, running, batch, group), "
+                         f"got {norm}")
+    if norm == _NORM_RUNNING and any(norm_tensors[k] is None for k in ("mean0", "var0", "mean1", "var1")):
+        raise ValueError("nsl._triton.light_forward: norm 1 (running) needs mean0, var0, mean1 and var1")
+    if norm == _NORM_GROUP and (groups0 < 1 or c % groups0 or groups1 < 1 or hidden % groups1):
+        raise ValueError(f"nsl._triton.light_forward: groups0 {groups0} must divide C = {c} and groups1 "
+                         f"{groups1} hidden = {hidden}")
+    return kh, kw, hidden, outc
+
+
+def _combine(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, dims) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and biased variance over ``dims`` of the sets with per-set ``count``, ``mean`` and ``m2`` (sum of
+    squared deviations from the set's mean), by Chan's formula in float32:
+    ``mean = sum(count mean) / sum(count)``, ``var = (sum(m2) + sum(count (mean_set - mean)^2)) / sum(count)``."""
+    count = count.expand_as(mean)
+    total = count.sum(dims, keepdim=True)
+    mu = (count * mean).sum(dims, keepdim=True) / total
+    var = (m2.sum(dims, keepdim=True) + (count * (mean - mu) ** 2).sum(dims, keepdim=True)) / total
+    return mu, var
+
+
+def _light_stats(partial_mean, partial_m2, count, norm, groups):
+    """``(mean, var)`` per channel ``[C]`` (batch) or per (sample, group) ``[N, groups]`` (group) from the per-tile
+    statistics ``[N, TILES, C]`` (``count [TILES]`` locations per tile)."""
+    n, tiles, c = partial_mean.shape
+    if norm == _NORM_BATCH:
+        mu, var = _combine(count.view(1, tiles, 1), partial_mean, partial_m2, (0, 1))
+        return mu.view(c), var.view(c)
+    shape = (n, tiles, groups, c // groups)
+    mu, var = _combine(count.view(1, tiles, 1, 1), partial_mean.view(shape), partial_m2.view(shape), (1, 3))
+    return mu.view(n, groups), var.view(n, groups)
+
+
+def _affine(norm, n, channels, groups, eps, weight, bias, mean, var, device):
+    """``(mean, scale, shift, nstride)``: norm ``(a - mean) * scale + shift`` as float32 vectors ``[1, channels]``
+    (``nstride = 0``) or ``[N, channels]`` (group, ``nstride = channels``); ``scale = weight / sqrt(var + eps)``,
+    ``shift = bias`` (weight 1, bias 0 where None); no norm: ``0, 1, 0``."""
+    f32 = {"dtype": torch.float32, "device": device}
+    if norm == _NORM_NONE:
+        return torch.zeros(1, channels, **f32), torch.ones(1, channels, **f32), torch.zeros(1, channels, **f32), 0
+    if norm == _NORM_GROUP:
+        mean = mean.float().repeat_interleave(channels // groups, dim=1)
+        var = var.float().repeat_interleave(channels // groups, dim=1)
+    else:
+        mean, var = mean.float().view(1, channels), var.float().view(1, channels)
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight.float().view(1, channels)
+    shift = torch.zeros(1, channels, **f32) if bias is None else bias.float().view(1, channels)
+    rows = scale.shape[0]
+    shift = shift.expand(rows, channels)
+    mean = mean.expand(rows, channels)
+    return mean.contiguous(), scale.contiguous(), shift.contiguous(), (channels if rows > 1 else 0)
+
+
+def _light_forward(x, dw_weight, pw_weight, out_weight, out_bias, weight0, bias0, mean0, var0, weight1, bias1, mean1,
+                   var1, stride, padding, dilation, norm, groups0, groups1, eps0, eps1, identity):
+    norm, groups0, groups1 = int(norm), int(groups0), int(groups1)
+    norm_tensors = {"weight0": weight0, "bias0": bias0, "mean0": mean0, "var0": var0, "weight1": weight1,
+                    "bias1": bias1, "mean1": mean1, "var1": var1}
+    kh, kw, hidden, outc = _light_check(x, dw_weight, pw_weight, out_weight, out_bias, norm_tensors, stride,
+                                        padding, dilation, norm, groups0, groups1)
+    stride, padding, dilation = _pairs(stride, padding, dilation)
+    n, c, h, w = x.shape
+    p = kh * kw
+    ho, wo = output_size((h, w), (kh, kw), stride, padding, dilation)
+    stats_dtype = {"dtype": torch.float32, "device": x.device}
+    sim = torch.empty(n, outc, ho, wo, dtype=x.dtype, device=x.device)
+    empty = torch.empty(0, **stats_dtype)
+    stats = [empty, empty, empty, empty]
+    if norm == _NORM_BATCH:
+        stats = [torch.full((c,), float("nan"), **stats_dtype)] * 2 + [torch.full((hidden,), float("nan"),
+                                                                                  **stats_dtype)] * 2
+    elif norm == _NORM_GROUP:
+        stats = [torch.full((n, groups0), float("nan"), **stats_dtype)] * 2 + [torch.full((n, groups1), float("nan"),
+                                                                                         **stats_dtype)] * 2
+    if n * ho * wo == 0:  # nothing to compute (batch statistics of nothing: NaN, as torch.var_mean gives)
+        return (sim, *(s.clone() for s in stats))
+    cfg = LIGHT_CONFIG
+    x = x.contiguous()
+    dw = dw_weight.reshape(c, p).contiguous()
+    pw = pw_weight.reshape(hidden, c).contiguous()
+    ow = out_weight.reshape(outc, hidden).contiguous()
+    bias = torch.zeros(outc, dtype=x.dtype, device=x.device) if out_bias is None else out_bias.contiguous()
+    interpret, dot_f32, precision = _mode(x)
+    id_step = (1 if outc == p else p + 1) if identity else 0
+    geometry = (c, h, w, ho, wo, kw, p, hidden, outc, stride[0], stride[1], padding[0], padding[1], dilation[0],
+                dilation[1])
+    kernel = jit_kernel("light_fwd", interpret)
+    launch = {"DOT_F32": dot_f32, "PRECISION": precision, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+
+    def run(stage, blocks, norm0, norm1, out, m2):
+        constexprs = cfg.constexprs(stage)
+        tiles = _cdiv(ho * wo, constexprs["BLOCK_M"])
+        kernel[(n * tiles, blocks)](x, dw, pw, ow, bias, *norm0[:3], *norm1[:3], out, m2, *geometry, norm0[3],
+                                   norm1[3], id_step, tiles, STAGE=stage, **constexprs, **launch)
+
+    if norm in (_NORM_BATCH, _NORM_GROUP):
+        tiles, block = _cdiv(ho * wo, cfg.block_m_stats), cfg.block_m_stats
+        count = torch.clamp(ho * wo - block * torch.arange(tiles, **stats_dtype), max=block)
+        part_mean, part_m2 = torch.empty(n, tiles, c, **stats_dtype), torch.empty(n, tiles, c, **stats_dtype)
+        dummy = _affine(_NORM_NONE, n, hidden, 1, 0.0, None, None, None, None, x.device)
+        run(0, _cdiv(c, cfg.block_c), dummy, dummy, part_mean, part_m2)
+        m0, v0 = _light_stats(part_mean, part_m2, count, norm, groups0)
+        norm0 = _affine(norm, n, c, groups0, eps0, weight0, bias0, m0, v0, x.device)
+        part_mean, part_m2 = torch.empty(n, tiles, hidden, **stats_dtype), torch.empty(n, tiles, hidden, **stats_dtype)
+        run(1, _cdiv(hidden, cfg.block_h), norm0, dummy, part_mean, part_m2)
+        m1, v1 = _light_stats(part_mean, part_m2, count, norm, groups1)
+        norm1 = _affine(norm, n, hidden, groups1, eps1, weight1, bias1, m1, v1, x.device)
+        stats = [m0, v0, m1, v1]
+    else:
+        norm0 = _affine(norm, n, c, 1, eps0, weight0, bias0, mean0, var0, x.device)
+        norm1 = _affine(norm, n, hidden, 1, eps1, weight1, bias1, mean1, var1, x.device)
+    run(2, _cdiv(outc, cfg.block_o), norm0, norm1, sim, torch.empty(0, **stats_dtype))
+    return (sim, *stats)
+
+
+def light_forward(x, dw_weight, pw_weight, out_weight, out_bias, weight0, bias0, mean0, var0, weight1, bias1, mean1,
+                  var1, stride, padding, dilation, norm, groups0, groups1, eps0, eps1, identity):
+    """The light predictor's forward ``(sim, mean0, var0, mean1, var1)`` by the Triton kernel
+    (:mod:`nsl._triton.light`), the arguments and results of ``torch.ops.nsl.light_predictor``
+    (:mod:`nsl._light_ops`)::
+
+        sim = tanh(out(ReLU(N1(pw(ReLU(N0(dw(x))))))) + out_bias)  (+ I with ``identity``)
+
+    ``x [N, C, H, W]``, ``dw_weight [C, 1, kh, kw]``, ``pw_weight [hidden, C, 1, 1]``, ``out_weight
+    [P or P * P, hidden, 1, 1]``, ``out_bias [P or P * P]`` or None, one dtype (float32, bfloat16, float16) on one
+    device (CPU only under ``TRITON_INTERPRET=1``); the norms' ``weight*/bias*/mean*/var*`` (``[C]``,
+    ``[hidden]``, any floating dtype, None where absent) on that device; ``norm`` a code of
+    ``nsl._light_ops.NORM_CODES``. ``sim [N, P or P * P, H_out, W_out]`` in ``x``'s dtype (float32
+    accumulation); the batch statistics used (biased variance) float32 ``[C]``/``[hidden]`` (batch),
+    ``[N, groups]`` (group), empty otherwise (NaN for batch statistics of an empty batch, as ``torch.var_mean``).
+    Statistics: per-tile means and squared deviations combined by Chan's formula (deterministic; two extra
+    launches, recomputing the depthwise conv). Not autograd-aware.
+    """
+    with _on_device(x):
+        return _light_forward(x, dw_weight, pw_weight, out_weight, out_bias, weight0, bias0, mean0, var0, weight1,
+                              bias1, mean1, var1, stride, padding, dilation, norm, groups0, groups1, eps0, eps1,
+                              identity)
+
+
+# --------------------------------------------------------------------------------------------
+# the light predictor's backward
+# --------------------------------------------------------------------------------------------
+def _light_backward(grad_sim, sim, x, dw_weight, pw_weight, out_weight, weight0, bias0, mean0, var0, weight1, bias1,
+                    mean1, var1, stride, padding, dilation, norm, groups0, groups1, eps0, eps1, identity, need_x,
+                    need_params):
+    import torch.nn.functional as F
+
+    from .. import _light_ops
+
+    norm, groups0, groups1 = int(norm), int(groups0), int(groups1)
+    norm_tensors = {"weight0": weight0, "bias0": bias0, "mean0": mean0, "var0": var0, "weight1": weight1,
+                    "bias1": bias1, "mean1": mean1, "var1": var1}
+    kh, kw, hidden, outc = _light_check(x, dw_weight, pw_weight, out_weight, None, norm_tensors, stride, padding,
+                                        dilation, norm, groups0, groups1)
+    if norm != _NORM_NONE and any(norm_tensors[k] is None for k in ("mean0", "var0", "mean1", "var1")):
+        raise ValueError("nsl._triton.light_backward: norms 1-3 need mean0, var0, mean1 and var1 (the statistics "
+                         "the forward used)")
+    stride, padding, dilation = _pairs(stride, padding, dilation)
+    n, c, h, w = x.shape
+    p = kh * kw
+    ho, wo = output_size((h, w), (kh, kw), stride, padding, dilation)
+    for name, t in (("grad_sim", grad_sim), ("sim", sim)):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (n, outc, ho, wo) or t.device != x.device:
+            got = f"{list(t.shape)} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"nsl._triton.light_backward: {name} must be [{n}, {outc}, {ho}, {wo}] on {x.device}, "
+                             f"got {got}")
+    f32 = {"dtype": torch.float32, "device": x.device}
+    cfg = LIGHT_CONFIG
+    block = cfg.block_m_stats
+    tiles = _cdiv(ho * wo, block)
+    interpret, dot_f32, precision = _mode(x)
+    xc = x.contiguous()
+    dw = dw_weight.reshape(c, p).contiguous()
+    pw = pw_weight.reshape(hidden, c).contiguous()
+    ow = out_weight.reshape(outc, hidden).contiguous()
+    norm0 = _affine(norm, n, c, groups0, eps0, weight0, bias0, mean0, var0, x.device)
+    geometry = (c, h, w, ho, wo, kw, p, hidden, outc, stride[0], stride[1], padding[0], padding[1], dilation[0],
+                dilation[1])
+    launch = {"DOT_F32": dot_f32, "PRECISION": precision, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    # 1. a1 = pw(ReLU(N0(dw(x)))) [N, hidden, L] (forward kernel, stage 3)
+    a1 = torch.empty(n, hidden, ho, wo, **f32)
+    if a1.numel():
+        dummy = _affine(_NORM_NONE, n, hidden, 1, 0.0, None, None, None, None, x.device)
+        jit_kernel("light_fwd", interpret)[(n * tiles, _cdiv(hidden, cfg.block_h))](
+            xc, dw, pw, ow, ow, *norm0[:3], *dummy[:3], a1, a1, *geometry, norm0[3], dummy[3], 0, tiles, STAGE=3,
+            **cfg.constexprs(3), **launch)
+    # 2. the hidden and output layers (hidden, P or P * P channels) in PyTorch ops, as light_backward_math
+    y1, _, _ = _light_ops._norm_forward(a1, norm, groups1, eps1, _float(weight1), _float(bias1), _float(mean1),
+                                        _float(var1))
+    r1 = F.relu(y1)
+    g = sim.float()
+    if identity:
+        g = g - _light_ops._identity(g, p)
+    dz = grad_sim.float() * (1 - g * g)
+    dy1 = F.conv2d(dz, ow.float().t().reshape(hidden, outc, 1, 1)) * (r1 > 0)
+    da1, dw1, db1 = _light_ops._norm_backward(dy1, a1, norm, groups1, eps1, _float(weight1), _float(mean1),
+                                              _float(var1))
+    da1 = da1.contiguous()
+    # 3. the depthwise half (backward kernel): dy0's sums and d_pw, then da0 and d_dw
+    gamma0 = torch.ones(c, **f32) if weight0 is None else weight0.float().contiguous()
+    rstd0 = torch.ones(1, c, **f32) if norm == _NORM_NONE else torch.rsqrt(_variance(norm, c, groups0, var0) + eps0)
+    rstd0 = rstd0.expand(norm0[0].shape).contiguous()
+    s_dy, s_dyx = torch.zeros(n, tiles, c, **f32), torch.zeros(n, tiles, c, **f32)
+    dpw, ddw = torch.zeros(hidden, c, **f32), torch.zeros(c, p, **f32)
+    da0 = torch.zeros(n, c, ho, wo, **f32)
+    zeros = torch.zeros(norm0[0].shape, **f32)
+    bwd = jit_kernel("light_bwd", interpret)
+    bwd_dims = (c, h, w, ho, wo, kw, p, hidden, stride[0], stride[1], padding[0], padding[1], dilation[0],
+                dilation[1], norm0[3], tiles)
+    grid = (n * tiles, _cdiv(c, cfg.block_c))
+    blocks = _light_bwd_constexprs()
+    if da0.numel():
+        bwd[grid](xc, dw, pw, da1, *norm0[:3], rstd0, gamma0, zeros, zeros, s_dy, s_dyx, dpw, da0, ddw, *bwd_dims,
+                  STAGE=0, **blocks, **launch)
+    sum_dy, sum_dyx = s_dy.sum(1), s_dyx.sum(1)  # [N, C]
+    if norm == _NORM_BATCH:
+        count = n * ho * wo
+        e1 = (gamma0 * sum_dy.sum(0) / count).view(1, c)
+        e2 = (gamma0 * sum_dyx.sum(0) / count).view(1, c)
+    elif norm == _NORM_GROUP:
+        per = c // groups0
+        e1 = (gamma0 * sum_dy).view(n, groups0, per).sum(2) / (per * ho * wo)
+        e2 = (gamma0 * sum_dyx).view(n, groups0, per).sum(2) / (per * ho * wo)
+        e1, e2 = e1.repeat_interleave(per, dim=1), e2.repeat_interleave(per, dim=1)
+    else:
+        e1 = e2 = zeros
+    if da0.numel():
+        bwd[grid](xc, dw, pw, da1, *norm0[:3], rstd0, gamma0, e1.contiguous(), e2.contiguous(), s_dy, s_dyx, dpw,
+                  da0, ddw, *bwd_dims, STAGE=1, **blocks, **launch)
+    dx = None
+    if need_x:
+        dx = torch.nn.grad.conv2d_input(x.shape, dw_weight.float(), da0, stride, padding, dilation, c).to(x.dtype)
+    if not need_params:
+        return dx, None, None, None, None, None, None, None, None
+    dt = x.dtype
+    d_out = torch.einsum("nphw,nohw->po", dz, r1).reshape(out_weight.shape).to(dt)
+    dw0 = db0 = None
+    if norm != _NORM_NONE:
+        dw0, db0 = sum_dyx.sum(0).to(dt), sum_dy.sum(0).to(dt)
+        dw1, db1 = dw1.to(dt), db1.to(dt)
+    return (dx, ddw.reshape(dw_weight.shape).to(dt), dpw.reshape(pw_weight.shape).to(dt), d_out,
+            dz.sum((0, 2, 3)).to(dt), dw0, db0, dw1, db1)
+
+
+def _float(t):
+    return None if t is None else t.float()
+
+
+def _variance(norm, c, groups, var):
+    """``var`` per (sample or 1, channel) ``[N or 1, C]`` float32 (group: repeated over each group's channels)."""
+    if norm == _NORM_GROUP:
+        return var.float().repeat_interleave(c // groups, dim=1)
+    return var.float().view(1, c)
+
+
+def light_backward(grad_sim, sim, x, dw_weight, pw_weight, out_weight, weight0, bias0, mean0, var0, weight1, bias1,
+                   mean1, var1, stride, padding, dilation, norm, groups0, groups1, eps0, eps1, identity, need_x,
+                   need_params):
+    """The 9 gradients ``(dx, d_dw, d_pw, d_out, d_out_bias, d_weight0, d_bias0, d_weight1, d_bias1)`` of
+    :func:`light_forward` for ``grad_sim = dL/dsim`` (the arguments and results of
+    ``torch.ops.nsl.light_predictor_backward``; None where not computed: ``dx`` without ``need_x``, the rest
+    without ``need_params``, the norms' without a norm). ``mean*/var*``: the statistics the forward used (running,
+    or its batch statistics). With ``a0 = dw(x)``, ``a1 = pw(ReLU(N0(a0)))``, ``dz = grad_sim (1 - g^2)``::
+
+        dy1 = (out^T dz) [r1 > 0],   da1 = N1'(dy1),   dy0 = (pw^T da1) [r0 > 0],   da0 = N0'(dy0)
+        dx = dw^T da0 (transposed depthwise conv),  d_dw[c, p] = sum da0[c] x_p[c],  d_pw = sum da1 r0^T,
+        d_out = sum dz r1^T,  d_out_bias = sum dz
+
+    The depthwise half (``C`` channels: ``a0``, ``r0``, ``dy0``, ``da0``, ``d_dw``, ``d_pw``) runs in Triton
+    (``light_fwd`` stage 3 writes ``a1`` float32 ``[N, hidden, L]``; ``light_bwd`` stages 0 and 1 recompute
+    ``a0`` per tile, never writing it, and write ``da0`` float32 ``[N, C, L]``; ``d_dw``/``d_pw`` are float32
+    atomic sums, not bitwise reproducible). The hidden and output layers' maps (``hidden``, ``P or P * P``
+    channels) and ``dx`` (``torch.nn.grad.conv2d_input`` on ``da0``) run in PyTorch ops, in float32. Outputs in
+    ``x``'s dtype. Shapes and dtypes as :func:`light_forward`. Not autograd-aware.
+    """
+    with _on_device(x):
+        return _light_backward(grad_sim, sim, x, dw_weight, pw_weight, out_weight, weight0, bias0, mean0, var0,
+                               weight1, bias1, mean1, var1, stride, padding, dilation, norm, groups0, groups1, eps0,
+                               eps1, identity, need_x, need_params)

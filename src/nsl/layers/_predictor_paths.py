@@ -12,14 +12,15 @@
   channels-last too (measured, ``benchmarks/layers.py`` ``pred-diag/*``). ``g`` (``P`` or ``P * P``
   channels) is made contiguous again for the op. Inside ``torch.func`` transforms the input keeps its layout
   (``vmap`` cannot convert a batched tensor to channels-last).
-* The light predictor on CPU: the fused operator ``torch.ops.nsl.light_predictor`` (:mod:`nsl._light_ops`, a C++
-  kernel writing nothing but ``g``, or ``M = I + g`` for the layer) wherever :func:`nsl._light_ops.fused_ready`
-  allows and the predictor is the built-in one (plain ``nn.Conv2d`` modules of its shapes, its two norms both
-  ``BatchNorm2d``, both ``GroupNorm`` or both absent, no hooks on them: ``nsl.report.count_macs`` counts with
-  forward hooks) and its maps are large enough to gain (:data:`nsl._light_ops.MIN_LOCATIONS`); the running
-  statistics are then updated here exactly as ``nn.BatchNorm2d`` updates them.
+* The light predictor on CPU and CUDA: the fused operator ``torch.ops.nsl.light_predictor``
+  (:mod:`nsl._light_ops`; a C++ kernel on CPU, the Triton kernel on CUDA, each writing nothing but ``g``, or
+  ``M = I + g`` for the layer) wherever :func:`nsl._light_ops.fused_ready` allows and the predictor is the built-in
+  one (plain ``nn.Conv2d`` modules of its shapes, its two norms both ``BatchNorm2d``, both ``GroupNorm`` or both
+  absent, no hooks on them: ``nsl.report.count_macs`` counts with forward hooks) and, on CPU, its maps are large
+  enough to gain (:data:`nsl._light_ops.MIN_LOCATIONS`, measured on CPU only); the running statistics are then
+  updated here exactly as ``nn.BatchNorm2d`` updates them.
   Everywhere else (other devices, ``torch.func`` transforms, ONNX export and tracing, the C++ kernel not
-  built) the modules run as below.
+  built, Triton unusable on the GPU) the modules run as below.
 """
 
 from __future__ import annotations
@@ -156,8 +157,9 @@ def _light_fused(p, x: Tensor, identity: bool) -> Tensor | None:
     (mode, groups0, eps0, args0), (_, groups1, eps1, args1) = norms
     n, _, h, w = x.shape
     oh, ow = output_size((h, w), p.dw.kernel_size, p.dw.stride, padding, p.dw.dilation)
-    if oh * ow < _light_ops.MIN_LOCATIONS["multi-pass" if mode in ("batch", "group") else "one-pass"]:
-        return None  # small maps: the modules are faster
+    threshold = _light_ops.MIN_LOCATIONS["multi-pass" if mode in ("batch", "group") else "one-pass"]
+    if x.device.type == "cpu" and oh * ow < threshold:
+        return None  # small maps: the modules are faster on CPU (CUDA: not measured, the operator always runs)
     count = n * oh * ow
     if mode == "batch" and (count == 1 or n == 0):  # nn.BatchNorm2d's error (or its empty-batch rule) there
         return None
@@ -173,7 +175,7 @@ def _light_fused(p, x: Tensor, identity: bool) -> Tensor | None:
 def light_predictor_forward(p, x: Tensor, identity: bool = False) -> Tensor:
     """:class:`~nsl.layers.dynamic.LightPredictor`'s ``g = tanh(out(ReLU(N(pw(ReLU(N(dw(x))))))))``, or with
     ``identity`` the similarity ``M = I + g`` (1 added to every channel for diagonal ``M``, to channels
-    ``p * (P + 1)`` for full ``M``). On CPU by the fused operator where it applies (module docstring), else the
+    ``p * (P + 1)`` for full ``M``). On CPU and CUDA by the fused operator where it applies (module docstring), else the
     modules: channels-last on CPU (float32 / bfloat16), the norms folded in eval mode.
 
     Shapes: ``x [N, C_in, H, W]`` -> ``[N, P or P*P, H_out, W_out]`` (contiguous).
