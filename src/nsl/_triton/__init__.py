@@ -353,7 +353,7 @@ def light_unavailable_reason(device: torch.device) -> str | None:
     """None when the light predictor's Triton kernels (:func:`light_forward`, :func:`light_backward`) serve tensors
     of ``device``, otherwise one sentence saying why: :func:`unavailable_reason`, then, once per CUDA device, a
     probe (a 2 x 4 x 6 x 6 input, batch statistics, forward and every gradient) that must agree with the PyTorch
-    math (``nsl._light_ops.light_math`` / ``light_backward_math``) to 1e-3. The first failure on a device is also
+    math (``nsl._light_math.light_math`` / ``light_backward_math``) to 1e-3. The first failure on a device is also
     a warning. These kernels are compiled for sm_80/sm_90 and tested in Triton's interpreter; the probe keeps a
     device where they do not compile or compute right on the PyTorch path. Never raises."""
     why = unavailable_reason(device)
@@ -375,7 +375,7 @@ def light_unavailable_reason(device: torch.device) -> str | None:
 
 
 def _run_light_probe(device: torch.device) -> str | None:
-    from .._light_ops import NORM_CODES, light_backward_math, light_math
+    from .._light_math import NORM_CODES, light_backward_math, light_math
 
     try:
         gen = torch.Generator().manual_seed(0)
@@ -574,7 +574,7 @@ def backward(grad_out, x, weight, sim, stride, padding, dilation, groups, need_d
 # --------------------------------------------------------------------------------------------
 # the light predictor's forward
 # --------------------------------------------------------------------------------------------
-_NORM_NONE, _NORM_RUNNING, _NORM_BATCH, _NORM_GROUP = 0, 1, 2, 3  # nsl._light_ops.NORM_CODES
+_NORM_NONE, _NORM_RUNNING, _NORM_BATCH, _NORM_GROUP = 0, 1, 2, 3  # nsl._light_math.NORM_CODES
 
 
 def _light_check(x, dw_weight, pw_weight, out_weight, out_bias, norm_tensors, stride, padding, dilation, norm,
@@ -755,7 +755,7 @@ def _light_backward(grad_sim, sim, x, dw_weight, pw_weight, out_weight, weight0,
                     need_params):
     import torch.nn.functional as F
 
-    from .. import _light_ops
+    from .. import _light_math
 
     norm, groups0, groups1 = int(norm), int(groups0), int(groups1)
     norm_tensors = {"weight0": weight0, "bias0": bias0, "mean0": mean0, "var0": var0, "weight1": weight1,
@@ -795,15 +795,15 @@ def _light_backward(grad_sim, sim, x, dw_weight, pw_weight, out_weight, weight0,
             xc, dw, pw, ow, ow, *norm0[:3], *dummy[:3], a1, a1, *geometry, norm0[3], dummy[3], 0, tiles, STAGE=3,
             **cfg.constexprs(3), **launch)
     # 2. the hidden and output layers (hidden, P or P * P channels) in PyTorch ops, as light_backward_math
-    y1, _, _ = _light_ops._norm_forward(a1, norm, groups1, eps1, _float(weight1), _float(bias1), _float(mean1),
+    y1, _, _ = _light_math._norm_forward(a1, norm, groups1, eps1, _float(weight1), _float(bias1), _float(mean1),
                                         _float(var1))
     r1 = F.relu(y1)
     g = sim.float()
     if identity:
-        g = g - _light_ops._identity(g, p)
+        g = g - _light_math._identity(g, p)
     dz = grad_sim.float() * (1 - g * g)
     dy1 = F.conv2d(dz, ow.float().t().reshape(hidden, outc, 1, 1)) * (r1 > 0)
-    da1, dw1, db1 = _light_ops._norm_backward(dy1, a1, norm, groups1, eps1, _float(weight1), _float(mean1),
+    da1, dw1, db1 = _light_math._norm_backward(dy1, a1, norm, groups1, eps1, _float(weight1), _float(mean1),
                                               _float(var1))
     da1 = da1.contiguous()
     # 3. the depthwise half (backward kernel): dy0's sums and d_pw, then da0 and d_dw
