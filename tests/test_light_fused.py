@@ -346,6 +346,24 @@ def test_pytorch_math_matches_modules(norm, full):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
+def test_pytorch_math_with_group_norm_on_an_empty_batch():
+    """An empty batch through the PyTorch math with GroupNorm: empty ``sim``, ``[0, groups]`` statistics, and
+    gradients of the right shapes (zero for the parameters), as ``nn.GroupNorm`` gives."""
+    x = torch.randn(0, 4, 6, 6, dtype=F64)
+    params = [torch.randn(4, 1, 3, 3, dtype=F64), torch.randn(6, 4, 1, 1, dtype=F64),
+              torch.randn(9, 6, 1, 1, dtype=F64), torch.randn(9, dtype=F64)]
+    norm0 = (torch.ones(4, dtype=F64), torch.zeros(4, dtype=F64), None, None)
+    norm1 = (torch.ones(6, dtype=F64), torch.zeros(6, dtype=F64), None, None)
+    geometry = ([1, 1], [1, 1], [1, 1], _light_ops.NORM_CODES["group"], 2, 3, 1e-5, 1e-5, False)
+    sim, m0, v0, m1, v1 = _light_ops.light_math(x, *params, *norm0, *norm1, *geometry)
+    assert sim.shape == (0, 9, 6, 6) and m0.shape == v0.shape == (0, 2) and m1.shape == v1.shape == (0, 3)
+    grads = _light_ops.light_backward_math(torch.zeros_like(sim), sim, x, *params[:3], *norm0[:2], m0, v0,
+                                           *norm1[:2], m1, v1, *geometry, True, True)
+    assert grads[0].shape == x.shape
+    for got, want in zip(grads[1:], params + [norm0[0], norm0[1], norm1[0], norm1[1]]):
+        assert got.shape == want.shape and not got.any()
+
+
 @pytest.mark.cpp
 def test_small_maps_take_the_module_path(fused_calls):
     layer = _layer()

@@ -36,7 +36,7 @@ def _norm_forward(a: Tensor, norm: int, groups: int, eps: float, weight, bias, m
         bv, bm = torch.var_mean(a, dim=(0, 2, 3), unbiased=False)
         m, v = bm.view(1, c, 1, 1), bv.view(1, c, 1, 1)
     else:
-        bv, bm = torch.var_mean(a.reshape(n, groups, -1), dim=2, unbiased=False)
+        bv, bm = torch.var_mean(a.reshape(n, groups, a[0:1].numel() // groups), dim=2, unbiased=False)  # n may be 0
         per = c // groups
         m = bm.repeat_interleave(per, dim=1).view(n, c, 1, 1)
         v = bv.repeat_interleave(per, dim=1).view(n, c, 1, 1)
@@ -93,7 +93,7 @@ def _norm_backward(dy: Tensor, a: Tensor, norm: int, groups: int, eps: float, we
     if norm == NORM_CODES["batch"]:
         e1, e2 = dxhat.mean((0, 2, 3), keepdim=True), (dxhat * xhat).mean((0, 2, 3), keepdim=True)
     else:
-        shape = (n, groups, -1)
+        shape = (n, groups, a[0:1].numel() // groups)  # not -1: n may be 0
         e1 = dxhat.reshape(shape).mean(2).repeat_interleave(c // groups, dim=1).view(n, c, 1, 1)
         e2 = (dxhat * xhat).reshape(shape).mean(2).repeat_interleave(c // groups, dim=1).view(n, c, 1, 1)
     return r * (dxhat - e1 - xhat * e2), dweight, dbias
