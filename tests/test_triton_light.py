@@ -73,6 +73,17 @@ TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 4e-2}  # error 
 NAMES = ("sim", "mean0", "var0", "mean1", "var1")
 
 
+def _assert_values(g, r, name, tol):
+    """``g`` equals the float64 reference ``r`` to ``tol`` relative to max ``|r|`` (NaN where ``r`` is all NaN)."""
+    if r.numel() == 0:
+        return
+    if torch.isnan(r).all():
+        assert torch.isnan(g).all(), f"{name}: expected NaN (statistics of nothing)"
+        return
+    err = (g.double() - r).abs().max().item() / max(r.abs().max().item(), 1e-12)
+    assert err < tol, f"{name}: relative error {err:.3g} >= {tol}"
+
+
 def _check(args, dtype=torch.float32):
     """Run the kernel on ``args`` cast to ``dtype`` and compare with ``light_math`` in float64 on the same values."""
     cast = _cast(args, dtype)
@@ -83,13 +94,7 @@ def _check(args, dtype=torch.float32):
         assert g.dtype == expected_dtype, f"{name} has dtype {g.dtype}, expected {expected_dtype}"
         assert g.shape == r.shape, f"{name} shape {list(g.shape)} != {list(r.shape)}"
         assert g.is_contiguous(), f"{name} is not contiguous"
-        if r.numel() == 0:
-            continue
-        if torch.isnan(r).all():
-            assert torch.isnan(g).all(), f"{name}: expected NaN (statistics of nothing)"
-            continue
-        err = (g.double() - r).abs().max().item() / max(r.abs().max().item(), 1e-12)
-        assert err < TOL[dtype], f"{name}: relative error {err:.3g} >= {TOL[dtype]}"
+        _assert_values(g, r, name, TOL[dtype])
     return got
 
 
@@ -243,13 +248,7 @@ def _check_backward(args, dtype=torch.float32, need_x=True, need_params=True):
         assert g is not None, f"{name} is None"
         assert g.dtype == dtype, f"{name} has dtype {g.dtype}, expected {dtype}"
         assert g.shape == r.shape, f"{name} shape {list(g.shape)} != {list(r.shape)}"
-        if r.numel() == 0:
-            continue
-        if torch.isnan(r).all():
-            assert torch.isnan(g).all(), f"{name}: expected NaN (statistics of nothing)"
-            continue
-        err = (g.double() - r).abs().max().item() / max(r.abs().max().item(), 1e-12)
-        assert err < GRAD_TOL[dtype], f"{name}: relative error {err:.3g} >= {GRAD_TOL[dtype]}"
+        _assert_values(g, r, name, GRAD_TOL[dtype])
     return got
 
 
