@@ -1,5 +1,10 @@
 // nsl CPU kernel: the backward pass (see kernel.h for the overview).
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 
 #include "gemm.h"
 #include "kernel.h"
@@ -48,9 +53,9 @@ NSL_INLINE void transpose_gout(const Geom& g, int64_t len, const scalar_t* gg, s
 // image (or a per-thread buffer); dW: [groups, K, cout_g] accumulator of dW^T; dsim: [N, ...]
 // like sim; null pointers mark gradients not needed. ws: lay.total elements.
 template <typename scalar_t>
-NSL_MULTIVERSION void backward_tile(const Args<scalar_t>& a, const BwdLayout& lay,
-                                    const scalar_t* gout, int64_t n, int64_t tile, scalar_t* dxn,
-                                    scalar_t* dW, scalar_t* dsim, scalar_t* ws, Tile& tl) {
+NSL_INLINE void backward_tile_body(const Args<scalar_t>& a, const BwdLayout& lay,
+                                   const scalar_t* gout, int64_t n, int64_t tile, scalar_t* dxn,
+                                   scalar_t* dW, scalar_t* dsim, scalar_t* ws, Tile& tl) {
   const Geom& g = *a.g;
   const int64_t t0 = tile * g.T, ld = g.T, HW = g.H * g.W;
   tl.set(g, t0, std::min(g.T, g.L - t0));
@@ -160,6 +165,16 @@ NSL_MULTIVERSION void backward_tile(const Args<scalar_t>& a, const BwdLayout& la
   }
 }
 
+NSL_MULTIVERSION void backward_tile(const Args<float>& a, const BwdLayout& lay, const float* gout, int64_t n,
+                                    int64_t tile, float* dxn, float* dW, float* dsim, float* ws, Tile& tl) {
+  backward_tile_body(a, lay, gout, n, tile, dxn, dW, dsim, ws, tl);
+}
+
+void backward_tile(const Args<double>& a, const BwdLayout& lay, const double* gout, int64_t n, int64_t tile,
+                   double* dxn, double* dW, double* dsim, double* ws, Tile& tl) {
+  backward_tile_body(a, lay, gout, n, tile, dxn, dW, dsim, ws, tl);
+}
+
 
 }  // namespace
 
@@ -218,7 +233,7 @@ std::vector<at::Tensor> backward(const at::Tensor& gout_in, const at::Tensor& x,
         for (int64_t n = begin; n < end; ++n) {
           if (dxp) std::fill(dxp + n * img, dxp + (n + 1) * img, scalar_t(0));
           for (int64_t tile = 0; tile < g.ntiles; ++tile)
-            backward_tile<scalar_t>(a, lay, go, n, tile, dxp ? dxp + n * img : nullptr, dWt, dsp,
+            backward_tile(a, lay, go, n, tile, dxp ? dxp + n * img : nullptr, dWt, dsp,
                                     ws.data(), tl);
         }
       });
@@ -236,7 +251,7 @@ std::vector<at::Tensor> backward(const at::Tensor& gout_in, const at::Tensor& x,
           const int64_t tid = at::get_thread_num();
           scalar_t* dWt = dwa ? dwa + tid * wsize : nullptr;
           for (int64_t tile = begin; tile < end; ++tile)
-            backward_tile<scalar_t>(a, lay, go, n, tile, dxa ? dxa + tid * img : nullptr, dWt, dsp,
+            backward_tile(a, lay, go, n, tile, dxa ? dxa + tid * img : nullptr, dWt, dsp,
                                     ws.data(), tl);
         });
         if (need_dx) {

@@ -7,7 +7,8 @@
 // csrc/ops/cpu/*_kernel.cpp do), so loading it (torch.ops.load_library) makes the dispatcher send CPU
 // tensors here. bfloat16/float16 inputs are computed in float32 and the results cast back. A few tuning
 // knobs for tests and benchmarks are operators of their own namespace, nsl_cpu.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include "gemm.h"

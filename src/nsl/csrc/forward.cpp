@@ -1,5 +1,7 @@
 // nsl CPU kernel: the forward pass (see kernel.h for the overview).
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 
 #include "gemm.h"
 #include "kernel.h"
@@ -12,8 +14,8 @@ namespace {
 
 // out[n, :, t0:t0+len] for all groups. ws: workspace_size(g, 2) elements.
 template <typename scalar_t>
-NSL_MULTIVERSION void forward_tile(const Args<scalar_t>& a, int64_t n, int64_t tile, scalar_t* out,
-                                   scalar_t* ws, Tile& tl) {
+NSL_INLINE void forward_tile_body(const Args<scalar_t>& a, int64_t n, int64_t tile, scalar_t* out,
+                                  scalar_t* ws, Tile& tl) {
   const Geom& g = *a.g;
   const int64_t t0 = tile * g.T, ld = g.T;
   tl.set(g, t0, std::min(g.T, g.L - t0));
@@ -55,6 +57,15 @@ NSL_MULTIVERSION void forward_tile(const Args<scalar_t>& a, int64_t n, int64_t t
   }
 }
 
+NSL_MULTIVERSION void forward_tile(const Args<float>& a, int64_t n, int64_t tile, float* out, float* ws,
+                                   Tile& tl) {
+  forward_tile_body(a, n, tile, out, ws, tl);
+}
+
+void forward_tile(const Args<double>& a, int64_t n, int64_t tile, double* out, double* ws, Tile& tl) {
+  forward_tile_body(a, n, tile, out, ws, tl);
+}
+
 
 }  // namespace
 
@@ -79,9 +90,9 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
       for (int64_t it = begin; it < end; ++it) {
         if (per_image) {
           for (int64_t tile = 0; tile < g.ntiles; ++tile)
-            forward_tile<scalar_t>(a, it, tile, o, ws.data(), tl);
+            forward_tile(a, it, tile, o, ws.data(), tl);
         } else {
-          forward_tile<scalar_t>(a, it / g.ntiles, it % g.ntiles, o, ws.data(), tl);
+          forward_tile(a, it / g.ntiles, it % g.ntiles, o, ws.data(), tl);
         }
       }
     });

@@ -16,7 +16,11 @@
 // symbols libtorch_cpu does not export.)
 #include "gemm.h"
 
-#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
 #include <ATen/native/CPUBlas.h>
 #include <c10/core/InferenceMode.h>
 #if defined(__unix__) || defined(__APPLE__)

@@ -2,7 +2,7 @@
 // The kernel's overview (shapes, formulas, strategy) is at the top of kernel.h.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>  // not ATen/ATen.h: each source includes the ATen ops it calls (compile time)
 
 #include <algorithm>
 #include <cstdint>
@@ -13,6 +13,9 @@
 // (GCC function multiversioning), since the extension itself is built for the baseline ISA only:
 // NSL_MULTIVERSION on the per-tile entry points, NSL_INLINE on the loops they inline. (An
 // x86-64-v4 / AVX-512 clone serves the 512-bit P x P loops of the full layout, see g_avx512.)
+// Only the float32 instantiations are multiversioned: float64 (the tests' and the references'
+// precision) is compiled once, for the baseline ISA (each entry point is a float and a double
+// overload around one NSL_INLINE body; a third of the compile time saved per clone not made).
 // -DNSL_SINGLE_ISA compiles one version for the flags given (benchmarks/kernel_phases.py's profiling
 // build, with -march=native: a third of the compile time, for the machine it profiles).
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \

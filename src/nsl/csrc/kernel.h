@@ -49,7 +49,8 @@
 // profile.h (per-phase timing of a -DNSL_PROFILE build: benchmarks/kernel_phases.py).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 
 #include <vector>
 

@@ -32,8 +32,13 @@
 // Sums are accumulated per thread (double for the norms' sums); dx of an image is written by one
 // thread (per-thread buffers when images are fewer than threads), as in backward.cpp.
 // float32 / float64; bfloat16 / float16 computed in float32 (the results cast back).
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -706,8 +711,8 @@ NSL_INLINE void dw_back(const LGeom& g, const Work<T>& w, const T* wdw, T* gdw, 
 }
 
 template <typename T, int PASS>
-NSL_MULTIVERSION void tile_pass(const Ctx<T>& c, const Acc<T>& acc, Work<T>& w, int64_t n,
-                                int64_t tile, T* dxn) {
+NSL_INLINE void tile_pass_body(const Ctx<T>& c, const Acc<T>& acc, Work<T>& w, int64_t n, int64_t tile,
+                               T* dxn) {
   constexpr int64_t VL = kVB / sizeof(T);
   const LGeom& g = *c.g;
   const int64_t C = g.C, hid = g.hid, P = g.P, HW = g.H * g.W, ld = g.ld, L = g.L;
@@ -827,6 +832,18 @@ NSL_MULTIVERSION void tile_pass(const Ctx<T>& c, const Acc<T>& acc, Work<T>& w, 
   }
 }
 
+template <int PASS>
+NSL_MULTIVERSION void tile_pass(const Ctx<float>& c, const Acc<float>& acc, Work<float>& w, int64_t n,
+                                int64_t tile, float* dxn) {
+  tile_pass_body<float, PASS>(c, acc, w, n, tile, dxn);
+}
+
+template <int PASS>
+void tile_pass(const Ctx<double>& c, const Acc<double>& acc, Work<double>& w, int64_t n, int64_t tile,
+               double* dxn) {
+  tile_pass_body<double, PASS>(c, acc, w, n, tile, dxn);
+}
+
 // Runs pass PASS over every tile. Accumulators: one row per thread of each tensor in `accs`
 // (zeroed here). dx (when not null, [N, C, H, W], zeroed by the caller): each image's dx is
 // written by one thread, or, with fewer images than threads, through per-thread buffers.
@@ -852,7 +869,7 @@ void run_pass(const Ctx<T>& c, std::vector<at::Tensor>& accs, T* dx) {
       Work<T> w(g);
       const Acc<T> a = acc_of(at::get_thread_num());
       for (int64_t it = begin; it < end; ++it)
-        tile_pass<T, PASS>(c, a, w, it / g.ntiles, it % g.ntiles, nullptr);
+        tile_pass<PASS>(c, a, w, it / g.ntiles, it % g.ntiles, nullptr);
     });
   } else if (g.N >= threads) {
     at::parallel_for(0, g.N, 1, [&](int64_t begin, int64_t end) {
@@ -860,7 +877,7 @@ void run_pass(const Ctx<T>& c, std::vector<at::Tensor>& accs, T* dx) {
       const Acc<T> a = acc_of(at::get_thread_num());
       for (int64_t n = begin; n < end; ++n)
         for (int64_t tile = 0; tile < g.ntiles; ++tile)
-          tile_pass<T, PASS>(c, a, w, n, tile, dx + n * img);
+          tile_pass<PASS>(c, a, w, n, tile, dx + n * img);
     });
   } else {
     at::Tensor buf = at::empty({threads, img}, accs[4].options());
@@ -871,7 +888,7 @@ void run_pass(const Ctx<T>& c, std::vector<at::Tensor>& accs, T* dx) {
         const int64_t tid = at::get_thread_num();
         const Acc<T> a = acc_of(tid);
         T* dxt = buf[tid].data_ptr<T>();
-        for (int64_t tile = begin; tile < end; ++tile) tile_pass<T, PASS>(c, a, w, n, tile, dxt);
+        for (int64_t tile = begin; tile < end; ++tile) tile_pass<PASS>(c, a, w, n, tile, dxt);
       });
       at::Tensor dxn = at::from_blob(dx + n * img, {img}, buf.options());
       dxn.add_(buf.sum(0));
