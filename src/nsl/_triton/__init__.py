@@ -48,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import types
 from dataclasses import dataclass
 
 import torch
@@ -264,14 +265,24 @@ _wrapped: dict[tuple[str, bool], object] = {}
 _probe: dict[int, str | None] = {}
 
 
-def _raw(name: str):
+def _raw(name: str, wrap):
+    """The kernel function ``name``, for ``wrap`` (``JITFunction`` or ``InterpretedFunction``). Where its module lists
+    device functions (``HELPERS``, names), a copy of the function whose globals hold them wrapped by ``wrap`` too (a
+    compiled kernel can call only a ``JITFunction``, which the interpreter cannot call); the module is not changed."""
     if name in LIGHT_KERNELS:
-        from . import light
+        from . import light as module
 
-        return getattr(light, f"{name}_kernel")
-    from . import kernels
+        fn = getattr(module, f"{name}_kernel")
+    else:
+        from . import kernels as module
 
-    return getattr(kernels, f"ns_{name}_kernel")
+        fn = getattr(module, f"ns_{name}_kernel")
+    helpers = {helper: wrap(getattr(module, helper)) for helper in getattr(module, "HELPERS", ())}
+    if not helpers:
+        return fn
+    copy = types.FunctionType(fn.__code__, {**fn.__globals__, **helpers}, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__annotations__ = fn.__annotations__  # the constexpr parameters
+    return copy
 
 
 def jit_kernel(name: str, interpret: bool = False):
@@ -284,13 +295,10 @@ def jit_kernel(name: str, interpret: bool = False):
             fn = _wrapped.get(key)
             if fn is None:
                 if interpret:
-                    from triton.runtime.interpreter import InterpretedFunction
-
-                    fn = InterpretedFunction(_raw(name))
+                    from triton.runtime.interpreter import InterpretedFunction as wrap
                 else:
-                    from triton.runtime.jit import JITFunction
-
-                    fn = JITFunction(_raw(name))
+                    from triton.runtime.jit import JITFunction as wrap
+                fn = wrap(_raw(name, wrap))
                 _wrapped[key] = fn
     return fn
 

@@ -2,7 +2,12 @@
 
 Like :mod:`nsl._triton.kernels`, this is plain Python in Triton's language, wrapped lazily by
 ``nsl._triton.jit_kernel`` (``JITFunction`` on a GPU, ``InterpretedFunction`` under
-``TRITON_INTERPRET=1``), so importing ``nsl._triton`` never imports this module.
+``TRITON_INTERPRET=1``), so importing ``nsl._triton`` never imports this module. The kernels' device
+function ``_depthwise_tile`` (the ``[BLOCK_M, BLOCK_C]`` tile of ``a0``, named in ``HELPERS``) is plain Python
+too: a compiled kernel can call only a ``JITFunction``, which the interpreter cannot call ("Cannot call
+@triton.jit'd outside of the scope of a kernel"), and both modes would share this module's globals; so
+``jit_kernel`` wraps each helper as it wraps the kernel, and wraps a copy of the kernel function whose globals
+hold the wrapped helpers (this module is not changed; compiled code inlines the helper).
 
 The light predictor (``nsl._light_ops``) for one output location ``y`` of sample ``n``::
 
@@ -31,12 +36,34 @@ recomputed per ``BLOCK_H`` block of hidden channels). The launcher combines the 
 ``(count, mean, m2)`` with Chan's formula in a fixed order (deterministic, no cancellation for
 inputs with a large mean). The per-tile column sums are float32 IEEE ``tl.dot`` products with the
 ``[BLOCK_M, BLOCK_M]`` matrix ``J`` of valid rows (each result row holds the sums; row 0 is stored):
-the interpreter cannot run ``tl.sum``'s jitted combine function once the kernels were wrapped after
-import (as :mod:`nsl._triton.kernels`' ``dsim`` notes). ``DOT_F32``/``PRECISION`` as in
-:mod:`nsl._triton.kernels`.
+``tl.sum`` was wrapped once, when ``triton.language`` was imported (a ``JITFunction`` unless
+``TRITON_INTERPRET=1`` was set then), so one of the two modes could not call it (as :mod:`nsl._triton.kernels`'
+``dsim`` notes). ``DOT_F32``/``PRECISION`` as in :mod:`nsl._triton.kernels`.
 """
 
 import triton.language as tl
+
+#: The device functions the kernels call, by name: ``nsl._triton.jit_kernel`` wraps each like the kernel (module
+#: docstring).
+HELPERS = ("_depthwise_tile",)
+
+
+def _depthwise_tile(x_ptr, dw_ptr, x_base, yh, yw, row_ok, cc, c_ok, H, W, KW, P, SH, SW, PH, PW, DH, DW,
+                    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``a0 [BLOCK_M, BLOCK_C]`` float32, the depthwise conv of the sample at ``x_base`` at the output locations
+    ``(yh, yw)`` (rows, valid where ``row_ok``) for the channels ``cc`` (columns, valid where ``c_ok``); 0 in
+    invalid rows and columns."""
+    HW = H * W
+    a0 = tl.full((BLOCK_M, BLOCK_C), 0.0, tl.float32)
+    for p in range(0, P):
+        ih = yh * SH + (p // KW) * DH - PH
+        iw = yw * SW + (p % KW) * DW - PW
+        ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        xv = tl.load(x_ptr + (x_base + ih * W + iw)[:, None] + cc[None, :] * HW,
+                     mask=ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+        wv = tl.load(dw_ptr + cc * P + p, mask=c_ok, other=0.0).to(tl.float32)
+        a0 += xv * wv[None, :]
+    return a0
 
 
 def light_fwd_kernel(x_ptr, dw_ptr, pw_ptr, ow_ptr, bias_ptr, mean0_ptr, scale0_ptr, shift0_ptr,
@@ -63,15 +90,8 @@ def light_fwd_kernel(x_ptr, dw_ptr, pw_ptr, ow_ptr, bias_ptr, mean0_ptr, scale0_
     if STAGE == 0:
         cc = blk * BLOCK_C + tl.arange(0, BLOCK_C)
         c_ok = cc < C
-        a0 = tl.full((BLOCK_M, BLOCK_C), 0.0, tl.float32)
-        for p in range(0, P):
-            ih = yh * SH + (p // KW) * DH - PH
-            iw = yw * SW + (p % KW) * DW - PW
-            ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            xv = tl.load(x_ptr + (x_base + ih * W + iw)[:, None] + cc[None, :] * HW,
-                         mask=ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-            wv = tl.load(dw_ptr + cc * P + p, mask=c_ok, other=0.0).to(tl.float32)
-            a0 += xv * wv[None, :]
+        a0 = _depthwise_tile(x_ptr, dw_ptr, x_base, yh, yw, row_ok, cc, c_ok, H, W, KW, P, SH, SW, PH, PW, DH, DW,
+                             BLOCK_M, BLOCK_C)
         # column sums as IEEE dots with the valid-rows matrix J (every row of the result the same sum)
         J = tl.where((tl.arange(0, BLOCK_M)[:, None] >= 0) & row_ok[None, :], 1.0, 0.0)
         mean = tl.dot(J, tl.where(row_ok[:, None], a0, 0.0), input_precision="ieee") / count
@@ -98,15 +118,8 @@ def light_fwd_kernel(x_ptr, dw_ptr, pw_ptr, ow_ptr, bias_ptr, mean0_ptr, scale0_
             for c0 in range(0, C, BLOCK_C):
                 cc = c0 + tl.arange(0, BLOCK_C)
                 c_ok = cc < C
-                a0 = tl.full((BLOCK_M, BLOCK_C), 0.0, tl.float32)
-                for p in range(0, P):
-                    ih = yh * SH + (p // KW) * DH - PH
-                    iw = yw * SW + (p % KW) * DW - PW
-                    ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                    xv = tl.load(x_ptr + (x_base + ih * W + iw)[:, None] + cc[None, :] * HW,
-                                 mask=ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-                    wv = tl.load(dw_ptr + cc * P + p, mask=c_ok, other=0.0).to(tl.float32)
-                    a0 += xv * wv[None, :]
+                a0 = _depthwise_tile(x_ptr, dw_ptr, x_base, yh, yw, row_ok, cc, c_ok, H, W, KW, P, SH, SW, PH, PW,
+                                     DH, DW, BLOCK_M, BLOCK_C)
                 nc = n * NSTRIDE0 + cc
                 m0 = tl.load(mean0_ptr + nc, mask=c_ok, other=0.0)
                 s0 = tl.load(scale0_ptr + nc, mask=c_ok, other=0.0)
@@ -178,15 +191,8 @@ def light_bwd_kernel(x_ptr, dw_ptr, pw_ptr, da1_ptr, mean0_ptr, scale0_ptr, shif
     dot_ty = tl.float32 if DOT_F32 else x_ptr.dtype.element_ty
     cc = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = cc < C
-    a0 = tl.full((BLOCK_M, BLOCK_C), 0.0, tl.float32)
-    for p in range(0, P):
-        ih = yh * SH + (p // KW) * DH - PH
-        iw = yw * SW + (p % KW) * DW - PW
-        ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        xv = tl.load(x_ptr + (x_base + ih * W + iw)[:, None] + cc[None, :] * HW,
-                     mask=ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-        wv = tl.load(dw_ptr + cc * P + p, mask=c_ok, other=0.0).to(tl.float32)
-        a0 += xv * wv[None, :]
+    a0 = _depthwise_tile(x_ptr, dw_ptr, x_base, yh, yw, row_ok, cc, c_ok, H, W, KW, P, SH, SW, PH, PW, DH, DW,
+                         BLOCK_M, BLOCK_C)
     nc = n * NSTRIDE0 + cc
     m0 = tl.load(mean0_ptr + nc, mask=c_ok, other=0.0)[None, :]
     y0 = (a0 - m0) * tl.load(scale0_ptr + nc, mask=c_ok, other=0.0)[None, :] \
