@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 
@@ -34,6 +35,24 @@
 #endif
 
 namespace nsl {
+
+#if defined(__GNUC__) && !defined(__clang__)
+// The vector helpers (vload, vstore, the loops using them) are always inlined, so the baseline
+// clone's vector-return ABI note is moot.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+// Unaligned load / store of a GCC vector-extension value V (memcpy: no alignment needed, no strict-
+// aliasing break; each compiles to one vector move). Used by tiles.h and light_predictor.cpp.
+template <typename V, typename T>
+NSL_INLINE V vload(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+template <typename V, typename T>
+NSL_INLINE void vstore(T* p, const V& v) {
+  std::memcpy(p, &v, sizeof(V));
+}
 
 // Bytes targeted for one [K, T] tile buffer (set_tile_bytes) and fewest output locations per
 // tile (set_min_tile); read by make_geom.

@@ -51,7 +51,6 @@
 #include "geometry.h"  // NSL_MULTIVERSION, NSL_INLINE
 
 #if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wpsabi"  // vector helpers are always inlined
 // The tile rows are short: GCC would turn copy and zeroing loops into calls of memcpy/memset
 // (measured: 7-13% of the time in libc on CIFAR shapes).
 #pragma GCC optimize("no-tree-loop-distribute-patterns")
@@ -81,16 +80,6 @@ struct VecT<double> {
   typedef int64_t I __attribute__((vector_size(kVB)));
 };
 
-template <typename V, typename T>
-NSL_INLINE V vld(const T* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(V));
-  return v;
-}
-template <typename V, typename T>
-NSL_INLINE void vst(T* p, const V& v) {
-  std::memcpy(p, &v, sizeof(V));
-}
 template <typename T, typename V>
 NSL_INLINE T hsum(const V& v) {
   T s = 0;
@@ -107,7 +96,7 @@ NSL_INLINE void copy_row(T* __restrict d, const T* __restrict s, int64_t n) {
   typedef typename VecT<T>::V V;
   constexpr int64_t VL = kVB / sizeof(T);
   int64_t k = 0;
-  for (; k + VL <= n; k += VL) vst(d + k, vld<V>(s + k));
+  for (; k + VL <= n; k += VL) vstore(d + k, vload<V>(s + k));
   for (; k < n; ++k) d[k] = s[k];
 }
 
@@ -116,7 +105,7 @@ NSL_INLINE void zero_row(T* __restrict d, int64_t n) {
   typedef typename VecT<T>::V V;
   constexpr int64_t VL = kVB / sizeof(T);
   int64_t k = 0;
-  for (; k + VL <= n; k += VL) vst(d + k, V{});
+  for (; k + VL <= n; k += VL) vstore(d + k, V{});
   for (; k < n; ++k) d[k] = 0;
 }
 
@@ -229,10 +218,10 @@ NSL_INLINE void dw_rows(const LGeom& g, const T* __restrict patch, const T* __re
               v6 = z + w6, v7 = z + w7, v8 = z + w8;
       int64_t x = 0;
       for (; x + VL <= Wo; x += VL) {
-        const V a = v0 * vld<V>(r0 + x) + v1 * vld<V>(r0 + x + d1) + v2 * vld<V>(r0 + x + d2) +
-                    v3 * vld<V>(r1 + x) + v4 * vld<V>(r1 + x + d1) + v5 * vld<V>(r1 + x + d2) +
-                    v6 * vld<V>(r2 + x) + v7 * vld<V>(r2 + x + d1) + v8 * vld<V>(r2 + x + d2);
-        vst(o + x, a);
+        const V a = v0 * vload<V>(r0 + x) + v1 * vload<V>(r0 + x + d1) + v2 * vload<V>(r0 + x + d2) +
+                    v3 * vload<V>(r1 + x) + v4 * vload<V>(r1 + x + d1) + v5 * vload<V>(r1 + x + d2) +
+                    v6 * vload<V>(r2 + x) + v7 * vload<V>(r2 + x + d1) + v8 * vload<V>(r2 + x + d2);
+        vstore(o + x, a);
       }
       for (; x < Wo; ++x) {
         o[x] = w0 * r0[x] + w1 * r0[x + d1] + w2 * r0[x + d2] + w3 * r1[x] + w4 * r1[x + d1] +
@@ -275,10 +264,10 @@ NSL_INLINE void dw_flat(const LGeom& g, const T* __restrict patch, const T* __re
     const V v0 = z + w[0], v1 = z + w[1], v2 = z + w[2], v3 = z + w[3], v4 = z + w[4],
             v5 = z + w[5], v6 = z + w[6], v7 = z + w[7], v8 = z + w[8];
     for (int64_t t = 0; t < ncols; t += VL) {
-      const V a = v0 * vld<V>(r0 + t) + v1 * vld<V>(r0 + t + d1) + v2 * vld<V>(r0 + t + d2) +
-                  v3 * vld<V>(r1 + t) + v4 * vld<V>(r1 + t + d1) + v5 * vld<V>(r1 + t + d2) +
-                  v6 * vld<V>(r2 + t) + v7 * vld<V>(r2 + t + d1) + v8 * vld<V>(r2 + t + d2);
-      vst(out + t, a);
+      const V a = v0 * vload<V>(r0 + t) + v1 * vload<V>(r0 + t + d1) + v2 * vload<V>(r0 + t + d2) +
+                  v3 * vload<V>(r1 + t) + v4 * vload<V>(r1 + t + d1) + v5 * vload<V>(r1 + t + d2) +
+                  v6 * vload<V>(r2 + t) + v7 * vload<V>(r2 + t + d1) + v8 * vload<V>(r2 + t + d2);
+      vstore(out + t, a);
     }
     return;
   }
@@ -286,8 +275,8 @@ NSL_INLINE void dw_flat(const LGeom& g, const T* __restrict patch, const T* __re
     V a = z;
     for (int64_t i = 0; i < g.kh; ++i)
       for (int64_t j = 0; j < g.kw; ++j)
-        a += (z + w[i * g.kw + j]) * vld<V>(patch + t + dh * i * Wp + dw * j);
-    vst(out + t, a);
+        a += (z + w[i * g.kw + j]) * vload<V>(patch + t + dh * i * Wp + dw * j);
+    vstore(out + t, a);
   }
 }
 
@@ -320,10 +309,10 @@ NSL_INLINE void dw_backward_flat(const LGeom& g, const T* __restrict patch,
     const int64_t e1 = dw, e2 = 2 * dw;
     V c0 = {}, c1 = {}, c2 = {}, c3 = {}, c4 = {}, c5 = {}, c6 = {}, c7 = {}, c8 = {};
     for (int64_t t = 0; t < ncols; t += VL) {
-      const V av = vld<V>(dA + t);
-      c0 += av * vld<V>(p0 + t); c1 += av * vld<V>(p0 + t + e1); c2 += av * vld<V>(p0 + t + e2);
-      c3 += av * vld<V>(p1 + t); c4 += av * vld<V>(p1 + t + e1); c5 += av * vld<V>(p1 + t + e2);
-      c6 += av * vld<V>(p2 + t); c7 += av * vld<V>(p2 + t + e1); c8 += av * vld<V>(p2 + t + e2);
+      const V av = vload<V>(dA + t);
+      c0 += av * vload<V>(p0 + t); c1 += av * vload<V>(p0 + t + e1); c2 += av * vload<V>(p0 + t + e2);
+      c3 += av * vload<V>(p1 + t); c4 += av * vload<V>(p1 + t + e1); c5 += av * vload<V>(p1 + t + e2);
+      c6 += av * vload<V>(p2 + t); c7 += av * vload<V>(p2 + t + e1); c8 += av * vload<V>(p2 + t + e2);
     }
     gw[0] += hsum<T>(c0); gw[1] += hsum<T>(c1); gw[2] += hsum<T>(c2);
     gw[3] += hsum<T>(c3); gw[4] += hsum<T>(c4); gw[5] += hsum<T>(c5);
@@ -335,10 +324,10 @@ NSL_INLINE void dw_backward_flat(const LGeom& g, const T* __restrict patch,
         V a0 = {}, a1 = {};
         int64_t t = 0;
         for (; t + 2 * VL <= ncols; t += 2 * VL) {
-          a0 += vld<V>(dA + t) * vld<V>(p + t);
-          a1 += vld<V>(dA + t + VL) * vld<V>(p + t + VL);
+          a0 += vload<V>(dA + t) * vload<V>(p + t);
+          a1 += vload<V>(dA + t + VL) * vload<V>(p + t + VL);
         }
-        for (; t < ncols; t += VL) a0 += vld<V>(dA + t) * vld<V>(p + t);
+        for (; t < ncols; t += VL) a0 += vload<V>(dA + t) * vload<V>(p + t);
         gw[i * g.kw + j] += hsum<T>(a0 + a1);
       }
   }
@@ -363,10 +352,10 @@ NSL_INLINE void dw_backward_flat(const LGeom& g, const T* __restrict patch,
               v5 = z + w[5], v6 = z + w[6], v7 = z + w[7], v8 = z + w[8];
       int64_t x = 0;
       for (; x + VL <= ncol; x += VL) {
-        const V s = v0 * vld<V>(q0 + x) + v1 * vld<V>(q0 + x - e1) + v2 * vld<V>(q0 + x - e2) +
-                    v3 * vld<V>(q1 + x) + v4 * vld<V>(q1 + x - e1) + v5 * vld<V>(q1 + x - e2) +
-                    v6 * vld<V>(q2 + x) + v7 * vld<V>(q2 + x - e1) + v8 * vld<V>(q2 + x - e2);
-        vst(d + x, vld<V>(d + x) + s);
+        const V s = v0 * vload<V>(q0 + x) + v1 * vload<V>(q0 + x - e1) + v2 * vload<V>(q0 + x - e2) +
+                    v3 * vload<V>(q1 + x) + v4 * vload<V>(q1 + x - e1) + v5 * vload<V>(q1 + x - e2) +
+                    v6 * vload<V>(q2 + x) + v7 * vload<V>(q2 + x - e1) + v8 * vload<V>(q2 + x - e2);
+        vstore(d + x, vload<V>(d + x) + s);
       }
       for (; x < ncol; ++x)
         d[x] += w[0] * q0[x] + w[1] * q0[x - e1] + w[2] * q0[x - e2] + w[3] * q1[x] +
@@ -407,9 +396,9 @@ NSL_INLINE void dw_backward(const LGeom& g, const T* __restrict patch, const T* 
         if (g.sw == 1) {
           int64_t x = 0;
           for (; x + VL <= Wo; x += VL) {
-            const V av = vld<V>(a + x);
-            if (gw) sv += av * vld<V>(p + x);
-            if (dxc) vst(dp + x, vld<V>(dp + x) + wv * av);
+            const V av = vload<V>(a + x);
+            if (gw) sv += av * vload<V>(p + x);
+            if (dxc) vstore(dp + x, vload<V>(dp + x) + wv * av);
           }
           for (; x < Wo; ++x) {
             if (gw) st += a[x] * p[x];
@@ -456,9 +445,9 @@ NSL_INLINE void sum_dot(const T* __restrict d, const T* __restrict a, int64_t n,
     V v1 = {}, v2 = {};
     int64_t t = c0;
     for (; t + VL <= c1; t += VL) {
-      const V dv = vld<V>(d + t);
+      const V dv = vload<V>(d + t);
       v1 += dv;
-      v2 += dv * vld<V>(a + t);
+      v2 += dv * vload<V>(a + t);
     }
     T t1 = hsum<T>(v1), t2 = hsum<T>(v2);
     for (; t < c1; ++t) {
@@ -497,7 +486,7 @@ NSL_INLINE void gemm_nn(int64_t M, int64_t K, const T* __restrict A, int64_t lda
       V c00 = i0, c01 = i0, c10 = i1, c11 = i1, c20 = i2, c21 = i2, c30 = i3, c31 = i3;
       const T* b = B + t;
       for (int64_t k = 0; k < K; ++k, b += ldb) {
-        const V b0 = vld<V>(b), b1 = vld<V>(b + VL);
+        const V b0 = vload<V>(b), b1 = vload<V>(b + VL);
         const T x0 = a0[k], x1 = a1[k], x2 = a2[k], x3 = a3[k];
         c00 += x0 * b0; c01 += x0 * b1;
         c10 += x1 * b0; c11 += x1 * b1;
@@ -505,10 +494,10 @@ NSL_INLINE void gemm_nn(int64_t M, int64_t K, const T* __restrict A, int64_t lda
         c30 += x3 * b0; c31 += x3 * b1;
       }
       T* c = C + m * ldc + t;
-      vst(c, c00); vst(c + VL, c01);
-      vst(c + ldc, c10); vst(c + ldc + VL, c11);
-      vst(c + 2 * ldc, c20); vst(c + 2 * ldc + VL, c21);
-      vst(c + 3 * ldc, c30); vst(c + 3 * ldc + VL, c31);
+      vstore(c, c00); vstore(c + VL, c01);
+      vstore(c + ldc, c10); vstore(c + ldc + VL, c11);
+      vstore(c + 2 * ldc, c20); vstore(c + 2 * ldc + VL, c21);
+      vstore(c + 3 * ldc, c30); vstore(c + 3 * ldc + VL, c31);
     }
   }
   for (; m < M; ++m) {
@@ -519,11 +508,11 @@ NSL_INLINE void gemm_nn(int64_t M, int64_t K, const T* __restrict A, int64_t lda
       V c00 = i0, c01 = i0;
       const T* b = B + t;
       for (int64_t k = 0; k < K; ++k, b += ldb) {
-        c00 += a0[k] * vld<V>(b);
-        c01 += a0[k] * vld<V>(b + VL);
+        c00 += a0[k] * vload<V>(b);
+        c01 += a0[k] * vload<V>(b + VL);
       }
-      vst(C + m * ldc + t, c00);
-      vst(C + m * ldc + t + VL, c01);
+      vstore(C + m * ldc + t, c00);
+      vstore(C + m * ldc + t + VL, c01);
     }
   }
 }
@@ -548,14 +537,14 @@ NSL_INLINE void gemm_nt_acc(int64_t M, int64_t K, const T* D, int64_t ldd, const
       const T* r1 = r0 + ldr;
       V a00 = {}, a01 = {}, a10 = {}, a11 = {}, a20 = {}, a21 = {}, a30 = {}, a31 = {};
       for (int64_t t = 0; t < n; t += VL) {
-        const V x0 = vld<V>(r0 + t), x1 = vld<V>(r1 + t);
-        V e = vld<V>(d0 + t);
+        const V x0 = vload<V>(r0 + t), x1 = vload<V>(r1 + t);
+        V e = vload<V>(d0 + t);
         a00 += e * x0; a01 += e * x1;
-        e = vld<V>(d1 + t);
+        e = vload<V>(d1 + t);
         a10 += e * x0; a11 += e * x1;
-        e = vld<V>(d2 + t);
+        e = vload<V>(d2 + t);
         a20 += e * x0; a21 += e * x1;
-        e = vld<V>(d3 + t);
+        e = vload<V>(d3 + t);
         a30 += e * x0; a31 += e * x1;
       }
       T* gm = G + m * ldg + k;
@@ -568,9 +557,9 @@ NSL_INLINE void gemm_nt_acc(int64_t M, int64_t K, const T* D, int64_t ldd, const
       const T* r0 = R + k * ldr;
       V a0 = {}, a1 = {}, a2 = {}, a3 = {};
       for (int64_t t = 0; t < n; t += VL) {
-        const V x0 = vld<V>(r0 + t);
-        a0 += vld<V>(d0 + t) * x0; a1 += vld<V>(d1 + t) * x0;
-        a2 += vld<V>(d2 + t) * x0; a3 += vld<V>(d3 + t) * x0;
+        const V x0 = vload<V>(r0 + t);
+        a0 += vload<V>(d0 + t) * x0; a1 += vload<V>(d1 + t) * x0;
+        a2 += vload<V>(d2 + t) * x0; a3 += vload<V>(d3 + t) * x0;
       }
       T* gm = G + m * ldg + k;
       gm[0] += hsum<T>(a0); gm[ldg] += hsum<T>(a1);
@@ -584,10 +573,10 @@ NSL_INLINE void gemm_nt_acc(int64_t M, int64_t K, const T* D, int64_t ldd, const
       V a0 = {}, a1 = {};
       int64_t t = 0;
       for (; t + 2 * VL <= n; t += 2 * VL) {
-        a0 += vld<V>(d0 + t) * vld<V>(r0 + t);
-        a1 += vld<V>(d0 + t + VL) * vld<V>(r0 + t + VL);
+        a0 += vload<V>(d0 + t) * vload<V>(r0 + t);
+        a1 += vload<V>(d0 + t + VL) * vload<V>(r0 + t + VL);
       }
-      for (; t < n; t += VL) a0 += vld<V>(d0 + t) * vld<V>(r0 + t);
+      for (; t < n; t += VL) a0 += vload<V>(d0 + t) * vload<V>(r0 + t);
       G[m * ldg + k] += hsum<T>(a0 + a1);
     }
   }
@@ -601,7 +590,7 @@ NSL_INLINE void tanh_rows(float* z, int64_t n) {
   constexpr int64_t VL = kVB / sizeof(float);
   int64_t t = 0;
   for (; t + VL <= n; t += VL) {
-    const V x = vld<V>(z + t);
+    const V x = vload<V>(z + t);
     const I bits = (I)x;
     const I sign = bits & int32_t(0x80000000u);
     V a = (V)(bits & int32_t(0x7fffffff));
@@ -633,7 +622,7 @@ NSL_INLINE void tanh_rows(float* z, int64_t n) {
     I res = (small & (I)ps) | (~small & bigs);
     const I nan = x != x;
     res = (nan & bits) | (~nan & res);
-    vst(z + t, (V)res);
+    vstore(z + t, (V)res);
   }
   for (; t < n; ++t) z[t] = std::tanh(z[t]);
 }

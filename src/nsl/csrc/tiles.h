@@ -182,12 +182,7 @@ NSL_INLINE void scatter_cols(const Geom& g, const Tile& tl, scalar_t* dxg, int64
 constexpr int64_t kChunk = 64;
 
 #if NSL_VECTOR_EXT
-#if defined(__GNUC__) && !defined(__clang__)
-// The vector helpers are always inlined, so the baseline clone's vector-return ABI note is moot.
-#pragma GCC diagnostic ignored "-Wpsabi"
-#endif
-// 32-byte vectors of the GCC vector extension; loads and stores go through memcpy, so they
-// need no alignment and do not break strict aliasing (they compile to plain vector moves).
+// 32-byte vectors of the GCC vector extension (loads and stores: vload / vstore, geometry.h).
 // Vector bytes of the register-blocked loops: 64 (AVX-512) where the CPU has it, else 32.
 // The full layout's P x P products are FMA-bound, so they gain from 512-bit vectors (unlike the
 // memory-bound element-wise loops).
@@ -199,15 +194,6 @@ const bool g_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_support
 #else
 const bool g_avx512 = false;
 #endif
-
-template <typename V, typename scalar_t>
-NSL_INLINE V vload(const scalar_t* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(V));
-  return v;
-}
-template <typename V, typename scalar_t>
-NSL_INLINE void vstore(scalar_t* p, const V& v) { std::memcpy(p, &v, sizeof(V)); }
 
 #endif
 
