@@ -30,7 +30,10 @@ For every variant it prints, and writes to ``--json``:
 * the cost, from one ``benchmarks/network.py`` run (``--bench``; rows matched to variants by layer kind, width and
   predictor options, so a 20-epoch variant takes its 5-epoch twin's step time): parameters, MACs per image, the
   eager training step at batch 128 (and the training time of a whole run, step time x steps), inference at batch 1
-  and 128, each also as a ratio to conv at width 16 in that benchmark run;
+  and 128, each also as a ratio to conv at width 16 in that benchmark run. A static kind (``static-*``, which
+  ``nsl.fold`` turns into a plain convolution) is deployed folded: its inference costs are those of conv at the same
+  width (the same network once folded), marked "folded" in the table, not the benchmark's unfolded eval-mode row
+  (which refolds the weight at every call);
 * its position against **the conv width curve** (conv at every width on the shortest schedule among the conv
   runs: 5 epochs in the study; a longer schedule is one more way to spend compute, shown as a point) at equal
   training time and at equal inference time at batch 128 (:data:`INFER`: CNN-9's batch-1 times, 2-3 ms, are mostly
@@ -60,6 +63,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from predictor_study_table import OPTIONS, load_study, merge  # noqa: E402
 
+from nsl.layers.kinds import layer_kind  # noqa: E402
 from nsl.report import RunError  # noqa: E402
 from nsl.stats import mean_ci  # noqa: E402
 
@@ -223,6 +227,12 @@ def add_bench(variants: dict, bench: dict) -> None:
             v[phase] = {"ms": r["ms"], "x_conv": None if not base else r["ms"] / base}
             if v.get("macs") is None:
                 v["macs"], v["params"] = r["macs"], r.get("params")
+        if layer_kind(v["layer"]).foldable:  # deployed folded: the same network as conv at this width
+            conv_rows = rows.get(cost_key("conv", {}, w), {})
+            for phase in PHASES[1:]:
+                r, base = conv_rows.get(phase), ref.get(phase, {}).get("ms")
+                if r is not None:
+                    v[phase] = {"ms": r["ms"], "x_conv": None if not base else r["ms"] / base, "folded": True}
         if "train" in v:
             v["train_run_s"] = v["train"]["ms"] * epochs * STEPS_PER_EPOCH / 1000
 
@@ -330,7 +340,8 @@ def markdown(variants: dict, points: list[dict]) -> str:
         acc.append(f"| {name} | {_label(v)} | {w} | {epochs:.3g} | {accs} ({seed_text}) | "
                    f"{v['mean']:.2f} +- {_fmt(v.get('ci95'))} | {diffs} | "
                    f"{_pm(v.get('diff_mean'), v.get('diff_ci95'))} | {excl} |")
-        cells = [f"{v[p]['ms']:.1f} ({_fmt(v[p]['x_conv'])}x)" if p in v else "" for p in PHASES]
+        cells = [f"{v[p]['ms']:.1f} ({_fmt(v[p]['x_conv'])}x{', folded' if v[p].get('folded') else ''})"
+                 if p in v else "" for p in PHASES]
         run_s = f"{v['train_run_s']:,.0f}" if "train_run_s" in v else ""
         params = "" if v.get("params") is None else f"{v['params']:,}"
         macs = "" if v.get("macs") is None else f"{v['macs'] / 1e6:.1f}M"
@@ -341,6 +352,39 @@ def markdown(variants: dict, points: list[dict]) -> str:
         cost.append(f"| {name} | {params} | {macs} | {cells[0]} | {run_s} | {cells[1]} | {cells[2]} | "
                     f"{positions[0]} | {positions[1]} |")
     return "\n".join(acc) + "\n\n" + "\n".join(cost)
+
+
+def compact(variants: dict, points: list[dict]) -> str:
+    """One table of the curve's machine only (the README's): per variant its seeds, mean accuracy, paired difference
+    to conv at the same width and epochs, params, MACs, cost ratios to conv-16 and both positions on the curve."""
+    rows = ["| variant | seeds | test accuracy, mean +- 95% CI | paired difference to conv, same width and epochs "
+            "(CI excludes 0?) | params | MACs | train step (x conv-16) | infer b1 / b128 (x conv-16) | "
+            "vs conv curve, equal training time | vs conv curve, equal b128 inference |",
+            "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | --- | --- |"]
+    sched, primary = schedule(variants), primary_of(variants)
+    for name, v in variants.items():
+        if v["machine"] != primary or not v["runs"]:
+            continue
+        seeds = sorted(v["runs"])
+        seed_text = f"{seeds[0]}-{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) and len(seeds) > 1 \
+            else ",".join(map(str, seeds))
+        acc = f"{v['mean']:.2f}" + (f" +- {v['ci95']:.2f}" if v.get("ci95") is not None else "")
+        excl = {True: "yes", False: "no", None: "n/a"}[v.get("excludes_zero")]
+        diff = f"{_pm(v['diff_mean'], v.get('diff_ci95'))} ({excl})" if "diff_mean" in v else ""
+        train = f"{_fmt(v['train']['x_conv'])}x" if "train" in v else ""
+        infer = " / ".join(f"{_fmt(v[p]['x_conv'])}x" for p in PHASES[1:] if p in v)
+        if infer and all(v[p].get("folded") for p in PHASES[1:] if p in v):
+            infer += " (folded)"
+        w, epochs = budget(v)
+        positions = ["", ""] if is_conv(v) and epochs == sched else \
+            [_position(against_curve(v, points, a)) for a in AXES]
+        if epochs != sched:
+            positions[1] = ""
+        params = "" if v.get("params") is None else f"{v['params']:,}"
+        macs = "" if v.get("macs") is None else f"{v['macs'] / 1e6:.1f}M"
+        rows.append(f"| {name} | {seed_text} | {acc} | {diff} | {params} | {macs} | {train} | {infer} | "
+                    f"{positions[0]} | {positions[1]} |")
+    return "\n".join(rows)
 
 
 def _fmt(x, spec: str = ".2f") -> str:
@@ -423,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bench", type=Path, help="benchmarks/network.py JSON (eager, --variant names free)")
     parser.add_argument("--json", type=Path, help="write the runs, the table's numbers and the curve here")
     parser.add_argument("--figure", type=Path, help="write the two-panel frontier figure (PNG) here")
+    parser.add_argument("--compact", action="store_true", help="print one table of this machine's variants "
+                        "(the README's) instead of the two full tables")
     args = parser.parse_args(argv)
     for out in args.out:
         if not out.is_dir():
@@ -451,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
                                                              budget(kv[1])[0], kv[0])))
     paired(variants)
     points = curve(variants)
-    print(markdown(variants, points))
+    print(compact(variants, points) if args.compact else markdown(variants, points))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.json.with_suffix(".tmp")

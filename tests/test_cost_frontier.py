@@ -121,7 +121,7 @@ def _bench(path: Path) -> Path:
     return path
 
 
-def test_table_json_and_figure_rebuild_from_the_record(tmp_path):
+def test_table_json_and_figure_rebuild_from_the_record(tmp_path, capsys):
     previous = {"runs": [{"variant": "conv", "seed": s, "layer": "conv", "options": {}, "test_acc": a,
                           "s_per_step": None, "machine": "m"} for s, a in enumerate([80.0, 81.0, 80.5])]
                 + [{"variant": "conv", "seed": 0, "layer": "conv", "options": {}, "test_acc": 90.0}]  # no machine
@@ -148,6 +148,13 @@ def test_table_json_and_figure_rebuild_from_the_record(tmp_path):
     assert stage["vs_curve"]["train"]["hi"] == "conv-w24"
     e20 = record["variants"]["static-full-e20"]
     assert e20["train"]["ms"] == 210.0 and e20["train_run_s"] == pytest.approx(210.0 * 20 * 390 / 1000)
+    # a static kind is deployed folded: its inference costs are conv's at its width, its training step its own
+    static = record["variants"]["static-full"]
+    assert static["train"] == {"ms": 210.0, "x_conv": pytest.approx(1.05)}
+    for phase, ms in (("infer-b1", 2.0), ("infer-b128", 60.0)):
+        assert static[phase] == {"ms": pytest.approx(ms), "x_conv": pytest.approx(1.0), "folded": True}
+    assert stage["infer-b128"] == {"ms": pytest.approx(105.0), "x_conv": pytest.approx(1.75)}  # not static
+    assert "| 60.0 (1.00x, folded) |" in capsys.readouterr().out
     assert [p["width"] for p in record["curve"]] == [16, 24]
     assert (tmp_path / "f.png").stat().st_size > 0
 
@@ -156,6 +163,17 @@ def test_table_json_and_figure_rebuild_from_the_record(tmp_path):
     assert CF.main(["--machine", "m", "--previous", str(out), "--bench", str(bench), "--json", str(again)]) == 0
     rebuilt = json.loads(again.read_text())
     assert rebuilt["runs"] == record["runs"] and rebuilt["variants"] == record["variants"]
+
+    # --compact: the README's one table, this machine's variants only
+    capsys.readouterr()
+    assert CF.main(["--machine", "m", "--previous", str(out), "--bench", str(bench), "--compact"]) == 0
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ") and "---" not in ln][1:]
+    assert [r.split(" | ")[0][2:] for r in rows] == ["conv", "conv-w24", "stage", "static-full", "static-full-e20"]
+    static = next(r for r in rows if r.startswith("| static-full |")).split(" | ")
+    mean, ci = mean_ci([80.4, 81.9])
+    dmean, dci = mean_ci([80.4 - 80.0, 81.9 - 81.0])
+    assert static[1:4] == ["0-1", f"{mean:.2f} +- {ci:.2f}", f"{dmean:+.2f} +- {dci:.2f} (no)"]
+    assert static[7] == "1.00x / 1.00x (folded)" and static[6] == "1.05x"
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
