@@ -318,6 +318,30 @@ def _position(pos: dict | None) -> str:
     return f"{_pm(pos['mean'], pos['ci95'], pos['seeds'])} vs {ref}{where}: **{verdict}**"
 
 
+def _seed_text(seeds: list[int], span: int) -> str:
+    """``'0-8'`` for at least ``span`` consecutive seeds, else ``'0,2'``."""
+    consecutive = seeds == list(range(seeds[0], seeds[-1] + 1))
+    return f"{seeds[0]}-{seeds[-1]}" if consecutive and len(seeds) >= span else ",".join(map(str, seeds))
+
+
+def _size(v: dict) -> tuple[str, str]:
+    """The params and MACs cells."""
+    return ("" if v.get("params") is None else f"{v['params']:,}",
+            "" if v.get("macs") is None else f"{v['macs'] / 1e6:.1f}M")
+
+
+def _positions(v: dict, points: list[dict], sched: float) -> list[str]:
+    """The two cells of ``v``'s position against the conv curve (training, inference); empty for the curve's own
+    points, and the inference cell empty for a longer schedule (its shorter twin's row says it)."""
+    epochs = budget(v)[1]
+    if is_conv(v) and epochs == sched:
+        return ["", ""]
+    positions = [_position(against_curve(v, points, a)) for a in AXES]
+    if epochs != sched:
+        positions[1] = ""
+    return positions
+
+
 def markdown(variants: dict, points: list[dict]) -> str:
     """Two tables: accuracy paired by seed, and cost with the position against the conv curve."""
     acc = ["| variant | layer kind, options | width | epochs | test accuracy per seed (seeds) | mean, 95% CI | "
@@ -333,8 +357,7 @@ def markdown(variants: dict, points: list[dict]) -> str:
         w, epochs = budget(v)
         seeds = sorted(v["runs"])
         accs = ", ".join(f"{v['runs'][s]['acc']:.2f}" for s in seeds)
-        seed_text = f"{seeds[0]}-{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) and len(seeds) > 2 \
-            else ",".join(map(str, seeds))
+        seed_text = _seed_text(seeds, 3)
         diffs = ", ".join(f"{d:+.2f}" for d in v.get("diffs", {}).values())
         excl = {True: "yes", False: "no", None: "n/a"}[v.get("excludes_zero")] if "diff_mean" in v else ""
         acc.append(f"| {name} | {_label(v)} | {w} | {epochs:.3g} | {accs} ({seed_text}) | "
@@ -343,12 +366,8 @@ def markdown(variants: dict, points: list[dict]) -> str:
         cells = [f"{v[p]['ms']:.1f} ({_fmt(v[p]['x_conv'])}x{', folded' if v[p].get('folded') else ''})"
                  if p in v else "" for p in PHASES]
         run_s = f"{v['train_run_s']:,.0f}" if "train_run_s" in v else ""
-        params = "" if v.get("params") is None else f"{v['params']:,}"
-        macs = "" if v.get("macs") is None else f"{v['macs'] / 1e6:.1f}M"
-        positions = ["", ""] if is_conv(v) and epochs == sched else \
-            [_position(against_curve(v, points, a)) for a in AXES]
-        if epochs != sched:
-            positions[1] = ""  # inference does not depend on the schedule: its 5-epoch twin's row says it
+        params, macs = _size(v)
+        positions = _positions(v, points, sched)
         cost.append(f"| {name} | {params} | {macs} | {cells[0]} | {run_s} | {cells[1]} | {cells[2]} | "
                     f"{positions[0]} | {positions[1]} |")
     return "\n".join(acc) + "\n\n" + "\n".join(cost)
@@ -366,8 +385,7 @@ def compact(variants: dict, points: list[dict]) -> str:
         if v["machine"] != primary or not v["runs"]:
             continue
         seeds = sorted(v["runs"])
-        seed_text = f"{seeds[0]}-{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) and len(seeds) > 1 \
-            else ",".join(map(str, seeds))
+        seed_text = _seed_text(seeds, 2)
         acc = f"{v['mean']:.2f}" + (f" +- {v['ci95']:.2f}" if v.get("ci95") is not None else "")
         excl = {True: "yes", False: "no", None: "n/a"}[v.get("excludes_zero")]
         diff = f"{_pm(v['diff_mean'], v.get('diff_ci95'))} ({excl})" if "diff_mean" in v else ""
@@ -375,13 +393,8 @@ def compact(variants: dict, points: list[dict]) -> str:
         infer = " / ".join(f"{_fmt(v[p]['x_conv'])}x" for p in PHASES[1:] if p in v)
         if infer and all(v[p].get("folded") for p in PHASES[1:] if p in v):
             infer += " (folded)"
-        w, epochs = budget(v)
-        positions = ["", ""] if is_conv(v) and epochs == sched else \
-            [_position(against_curve(v, points, a)) for a in AXES]
-        if epochs != sched:
-            positions[1] = ""
-        params = "" if v.get("params") is None else f"{v['params']:,}"
-        macs = "" if v.get("macs") is None else f"{v['macs'] / 1e6:.1f}M"
+        params, macs = _size(v)
+        positions = _positions(v, points, sched)
         rows.append(f"| {name} | {seed_text} | {acc} | {diff} | {params} | {macs} | {train} | {infer} | "
                     f"{positions[0]} | {positions[1]} |")
     return "\n".join(rows)
