@@ -4,7 +4,8 @@ Every fault is real: a building process is killed (SIGKILL, SIGINT) once its com
 ``.so`` is truncated, a lock is held by a live process. Each fresh process must end, bounded by a
 timeout, with a working kernel (checked against the pure-PyTorch backend) or the one fallback warning.
 Real builds are costly (2-3 minutes each on 2 cores): wherever a built cache is needed, this environment's
-own build (the install's ``nsl doctor --build``) is copied; only the SIGKILL and truncation tests build for real.
+own build (the install's ``nsl doctor --build``) is copied; only the SIGKILL test builds the kernel for real, and
+the truncation test builds a one-function library through the same cache.
 """
 
 from __future__ import annotations
@@ -146,22 +147,22 @@ def _start_and_kill(root: Path, sig: int) -> None:
 @pytest.mark.slow  # a real kernel build (tier 2)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc to see the compiler start")
 def test_build_killed_with_sigkill_then_a_fresh_process_rebuilds(tmp_path):
-    """The fresh process is ``nsl doctor --build``: it compiles for real (never waiting on a stale lock) and says
-    where; then a layer uses the kernel without compiling again."""
+    """The fresh process is a first use of a dynamic layer: it compiles for real (never waiting on a stale lock),
+    says where, and uses the kernel; then ``nsl doctor`` finds the build and compiles nothing."""
     root = tmp_path / "ext"
     _start_and_kill(root, signal.SIGKILL)
     assert _build.verify(_spec(root)) == "not built"
-    res = subprocess.run([sys.executable, "-m", "nsl.cli", "doctor", "--build"], env=_env(root), capture_output=True,
-                         text=True, timeout=BUILD_TIMEOUT)
-    folder = _spec(root).directory()
-    assert f"compiling the CPU kernel into {folder}" in res.stdout, res.stdout + res.stderr
-    assert f"CPU kernel cache: {folder}: built\n" in res.stdout
-    assert "CPU dynamic backend: fused C++ kernel\n" in res.stdout
+    res = _run(root, USE_LAYER)
+    assert _check_used(res) == "kernel"
+    assert f"nsl: compiling the CPU kernel into {_spec(root).parent} " in res.stderr, res.stderr
+    assert "waiting" not in res.stderr
     assert _build.verify(_spec(root)) is None
     assert not list(_spec(root).parent.glob(".*build*")), "the killed build's temporary folder was left"
-    used = _run(root, USE_LAYER, timeout=120)
-    assert _check_used(used) == "kernel"
-    assert "compiling" not in used.stderr
+    doctor = subprocess.run([sys.executable, "-m", "nsl.cli", "doctor"], env=_env(root), capture_output=True,
+                            text=True, timeout=120)
+    assert f"CPU kernel cache: {_spec(root).directory()}: built\n" in doctor.stdout, doctor.stdout + doctor.stderr
+    assert "CPU dynamic backend: fused C++ kernel\n" in doctor.stdout
+    assert "compiling" not in doctor.stdout + doctor.stderr
 
 
 @pytest.mark.slow  # copies (or, in an environment without one, builds) the kernel (tier 2)
@@ -180,18 +181,49 @@ def test_build_interrupted_with_sigint_leaves_nothing_that_blocks(tmp_path, buil
     assert "compiling" not in res.stderr and "waiting" not in res.stderr
 
 
-@pytest.mark.slow  # a real kernel build (tier 2)
-def test_truncated_so_is_rebuilt_never_sigbus(tmp_path, built_cache):
-    root = _copy(built_cache, tmp_path / "ext")
-    so = _spec(root).directory() / "nsl_dynamic_ns_conv.so"
+# A library of one C function, built through the same cache as the kernel (seconds instead of minutes: the
+# rebuild after a fault is the cache's logic, the same for every library; the kernel's own first build, after a
+# real SIGKILL, is the test above).
+PROBE_SOURCE = 'extern "C" int nsl_probe_answer() { return 42; }\n'
+USE_PROBE = """
+import ctypes, sys
+from pathlib import Path
+from nsl import _build
+spec = _build.KernelSpec("nsl_probe", Path(sys.argv[1]), ("-O2",), (), Path(sys.argv[2]))
+so = _build.load_or_build(spec, announce=lambda tmp: print("compiling into", tmp, file=sys.stderr, flush=True))
+print(ctypes.CDLL(str(so)).nsl_probe_answer())
+"""
+
+
+@pytest.mark.slow  # two real (small) builds (tier 2)
+def test_truncated_library_is_rebuilt_never_sigbus(tmp_path):
+    """A built library cut to half its size: a fresh process must not load it (mapping a truncated ELF can
+    SIGBUS), but rebuild it, publish the rebuild and call into it."""
+    if _build.toolchain_problem() and os.environ.get("NSL_REQUIRE_CPP") != "1":
+        pytest.skip(f"nothing can be compiled here: {_build.toolchain_problem()}")
+    src = tmp_path / "probe" / "probe.cpp"
+    src.parent.mkdir()
+    src.write_text(PROBE_SOURCE)
+    root = tmp_path / "ext"
+    spec = _build.KernelSpec("nsl_probe", src, ("-O2",), (), root)
+
+    def use() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", USE_PROBE, str(src), str(root)], env=_env(root),
+                              capture_output=True, text=True, timeout=BUILD_TIMEOUT)
+
+    first = use()
+    assert first.returncode == 0 and first.stdout == "42\n", first.stderr[-2000:]
+    so = spec.directory() / "nsl_probe.so"
+    size = so.stat().st_size
     with open(so, "r+b") as f:
-        f.truncate(so.stat().st_size // 2)
-    assert _build.verify(_spec(root)).startswith("damaged: nsl_dynamic_ns_conv.so has")
-    res = _run(root, USE_LAYER)
+        f.truncate(size // 2)
+    assert _build.verify(spec) == f"damaged: nsl_probe.so has {size // 2} bytes, the manifest says {size}"
+    res = use()
     assert res.returncode != -signal.SIGBUS
-    assert _check_used(res) == "kernel"
-    assert "compiling the CPU kernel" in res.stderr
-    assert _build.verify(_spec(root)) is None
+    assert res.returncode == 0 and res.stdout == "42\n", res.stderr[-2000:]
+    assert "compiling into" in res.stderr
+    assert _build.verify(spec) is None
+    assert not list(spec.parent.glob(".nsl_probe-*")), "a temporary or moved-aside folder was left"
 
 
 @pytest.mark.slow  # copies (or, in an environment without one, builds) the kernel (tier 2)
