@@ -5,7 +5,8 @@ phase's CPU time, summed over threads) into ``--build-dir`` (default: a folder o
 after the sources' hash) and loads it instead of the normal build (``NSL_DISABLE_CPP=1`` for this process).
 On x86-64 Linux it is built for this machine's CPU only (``-march=native -DNSL_SINGLE_ISA``: one version of
 each loop instead of the normal build's three instruction-set clones, a third of the compile time); the
-clone the normal build picks here is compiled for the same vector ISA.
+clone the normal build picks here is compiled for the same vector ISA. The light predictor's source
+(``light_predictor.cpp``, its own operators, no phase marks) is left out of this build.
 For each ``benchmarks/layers.py`` shape (or ``NxC_INxC_OUTxHW``) and layout (``diag``, ``full``) it runs the
 operator's forward and its backward (dx, dweight, dsim) ``--repeat`` times, interleaved with
 ``nn.functional.conv2d``'s forward and forward + backward, and prints per call the CPU time
@@ -46,7 +47,7 @@ def build(build_dir: Path | None) -> None:
     """Compile the kernel with ``-DNSL_PROFILE`` (cached by the sources' hash) and load it."""
     from torch.utils import cpp_extension
 
-    files = sorted(CSRC.glob("*.cpp")) + sorted(CSRC.glob("*.h"))
+    files = sorted(p for p in CSRC.glob("*.cpp") if p.name != "light_predictor.cpp") + sorted(CSRC.glob("*.h"))
     digest = hashlib.sha256(b"".join(p.name.encode() + p.read_bytes() for p in files)).hexdigest()[:12]
     if build_dir is None:
         build_dir = Path(tempfile.gettempdir()) / f"nsl-profile-{digest}"
