@@ -267,8 +267,10 @@ _probe: dict[int, str | None] = {}
 
 def _raw(name: str, wrap):
     """The kernel function ``name``, for ``wrap`` (``JITFunction`` or ``InterpretedFunction``). Where its module lists
-    device functions (``HELPERS``, names), a copy of the function whose globals hold them wrapped by ``wrap`` too (a
-    compiled kernel can call only a ``JITFunction``, which the interpreter cannot call); the module is not changed."""
+    device functions (``HELPERS``, names), a copy of the function whose globals are a namespace of its own: the
+    module's globals with each helper replaced by ``wrap`` of a copy of it whose globals are that namespace too, so
+    the kernel and every helper call the helpers wrapped (a compiled kernel can call only a ``JITFunction``, which the
+    interpreter cannot call); the module is not changed."""
     if name in LIGHT_KERNELS:
         from . import light as module
 
@@ -277,11 +279,21 @@ def _raw(name: str, wrap):
         from . import kernels as module
 
         fn = getattr(module, f"ns_{name}_kernel")
-    helpers = {helper: wrap(getattr(module, helper)) for helper in getattr(module, "HELPERS", ())}
+    helpers = getattr(module, "HELPERS", ())
     if not helpers:
         return fn
-    copy = types.FunctionType(fn.__code__, {**fn.__globals__, **helpers}, fn.__name__, fn.__defaults__, fn.__closure__)
+    scope = dict(fn.__globals__)
+    scope.update({helper: wrap(_with_globals(getattr(module, helper), scope)) for helper in helpers})
+    return _with_globals(fn, scope)
+
+
+def _with_globals(fn, scope: dict):
+    """A copy of the function ``fn`` whose globals are ``scope``. The code object is ``fn``'s, so Triton finds the same
+    name, qualified name, file, line and source (``inspect`` goes by ``__code__``); ``__module__`` is
+    ``scope["__name__"]``, ``fn``'s module."""
+    copy = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
     copy.__annotations__ = fn.__annotations__  # the constexpr parameters
+    copy.__kwdefaults__ = fn.__kwdefaults__
     return copy
 
 

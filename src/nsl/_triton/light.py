@@ -1,13 +1,15 @@
-"""Triton kernel of the light predictor's forward (undecorated; see ``nsl._triton.light_forward``).
+"""Triton kernels of the light predictor (undecorated; see ``nsl._triton.light_forward`` and ``light_backward``).
 
 Like :mod:`nsl._triton.kernels`, this is plain Python in Triton's language, wrapped lazily by
 ``nsl._triton.jit_kernel`` (``JITFunction`` on a GPU, ``InterpretedFunction`` under
 ``TRITON_INTERPRET=1``), so importing ``nsl._triton`` never imports this module. The kernels' device
-function ``_depthwise_tile`` (the ``[BLOCK_M, BLOCK_C]`` tile of ``a0``, named in ``HELPERS``) is plain Python
-too: a compiled kernel can call only a ``JITFunction``, which the interpreter cannot call ("Cannot call
-@triton.jit'd outside of the scope of a kernel"), and both modes would share this module's globals; so
-``jit_kernel`` wraps each helper as it wraps the kernel, and wraps a copy of the kernel function whose globals
-hold the wrapped helpers (this module is not changed; compiled code inlines the helper).
+functions, named in ``HELPERS`` (``_tap``, the ``[BLOCK_M, BLOCK_C]`` tile of an input tap, and ``_depthwise_tile``,
+that of ``a0``, which calls ``_tap``), are plain Python too: a compiled kernel can call only a ``JITFunction``,
+which the interpreter cannot call ("Cannot call @triton.jit'd outside of the scope of a kernel"), and both modes
+would share this module's globals; so ``jit_kernel`` gives the kernel and the helpers one namespace of their own
+(this module's globals, each helper wrapped as the kernel is) and wraps copies of the functions whose globals
+are that namespace, so that a helper calling a helper calls it wrapped too (this module is not changed;
+compiled code inlines the helpers).
 
 The light predictor (``nsl._light_ops``) for one output location ``y`` of sample ``n``::
 
@@ -45,7 +47,18 @@ import triton.language as tl
 
 #: The device functions the kernels call, by name: ``nsl._triton.jit_kernel`` wraps each like the kernel (module
 #: docstring).
-HELPERS = ("_depthwise_tile",)
+HELPERS = ("_tap", "_depthwise_tile")
+
+
+def _tap(x_ptr, x_base, p, yh, yw, row_ok, cc, c_ok, H, W, KW, SH, SW, PH, PW, DH, DW):
+    """``x_p [BLOCK_M, BLOCK_C]`` float32, input tap ``p`` of the sample at ``x_base`` for the output locations
+    ``(yh, yw)`` (rows, valid where ``row_ok``) and the channels ``cc`` (columns, valid where ``c_ok``); 0 in invalid
+    rows and columns and where the tap falls in the padding."""
+    ih = yh * SH + (p // KW) * DH - PH
+    iw = yw * SW + (p % KW) * DW - PW
+    ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    return tl.load(x_ptr + (x_base + ih * W + iw)[:, None] + cc[None, :] * (H * W),
+                   mask=ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
 
 
 def _depthwise_tile(x_ptr, dw_ptr, x_base, yh, yw, row_ok, cc, c_ok, H, W, KW, P, SH, SW, PH, PW, DH, DW,
@@ -53,14 +66,9 @@ def _depthwise_tile(x_ptr, dw_ptr, x_base, yh, yw, row_ok, cc, c_ok, H, W, KW, P
     """``a0 [BLOCK_M, BLOCK_C]`` float32, the depthwise conv of the sample at ``x_base`` at the output locations
     ``(yh, yw)`` (rows, valid where ``row_ok``) for the channels ``cc`` (columns, valid where ``c_ok``); 0 in
     invalid rows and columns."""
-    HW = H * W
     a0 = tl.full((BLOCK_M, BLOCK_C), 0.0, tl.float32)
     for p in range(0, P):
-        ih = yh * SH + (p // KW) * DH - PH
-        iw = yw * SW + (p % KW) * DW - PW
-        ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        xv = tl.load(x_ptr + (x_base + ih * W + iw)[:, None] + cc[None, :] * HW,
-                     mask=ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+        xv = _tap(x_ptr, x_base, p, yh, yw, row_ok, cc, c_ok, H, W, KW, SH, SW, PH, PW, DH, DW)
         wv = tl.load(dw_ptr + cc * P + p, mask=c_ok, other=0.0).to(tl.float32)
         a0 += xv * wv[None, :]
     return a0
@@ -230,10 +238,6 @@ def light_bwd_kernel(x_ptr, dw_ptr, pw_ptr, da1_ptr, mean0_ptr, scale0_ptr, shif
         tl.store(da0_ptr + (n.to(tl.int64) * C + cc)[None, :] * L + l[:, None], da0,
                  mask=row_ok[:, None] & c_ok[None, :])
         for p in range(0, P):
-            ih = yh * SH + (p // KW) * DH - PH
-            iw = yw * SW + (p % KW) * DW - PW
-            ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            xv = tl.load(x_ptr + (x_base + ih * W + iw)[:, None] + cc[None, :] * HW,
-                         mask=ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+            xv = _tap(x_ptr, x_base, p, yh, yw, row_ok, cc, c_ok, H, W, KW, SH, SW, PH, PW, DH, DW)
             ddw = tl.dot(J, da0 * xv, input_precision="ieee")
             tl.atomic_add(ddw_ptr + (cc * P + p)[None, :] + rr[:, None] * 0, ddw, mask=first)
