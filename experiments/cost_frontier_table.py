@@ -38,8 +38,11 @@ For every variant it prints, and writes to ``--json``:
   runs: 5 epochs in the study; a longer schedule is one more way to spend compute, shown as a point) at equal
   training time and at equal inference time at batch 128 (:data:`INFER`: CNN-9's batch-1 times, 2-3 ms, are mostly
   per-call overhead and not even monotone in width, conv-w12 measuring slower than conv-16; they stay in the cost
-  table). The curve is interpolated linearly in log cost between the two conv widths that bracket the candidate's
-  cost (fraction ``f``), each seed paired with the nearer of the two: per seed ``s`` the difference is
+  table), and at equal MACs per image (where a kind's operators run less efficiently than a convolution's, as the
+  dynamic kinds' do on a CPU, equal MACs is kinder to it than equal time: it is the position that kernels as
+  efficient as a convolution's would give it). The curve is interpolated linearly in log cost between the two conv
+  widths that bracket the candidate's cost (fraction ``f``), each seed paired with the nearer of the two: per seed
+  ``s`` the difference is
   ``acc(s) - conv_lo(s) - f * mean_step`` (``f < 0.5``) or ``acc(s) - conv_hi(s) + (1 - f) * mean_step``, where
   ``mean_step`` is the mean over seeds of ``conv_hi(s) - conv_lo(s)``; its 95% interval adds the interval of the
   ``mean_step`` term in quadrature (the step is estimated from fewer seeds than the candidate may have). A candidate
@@ -73,7 +76,7 @@ STUDY_OPTIONS = (*OPTIONS, *BUDGET)
 DEFAULT_WIDTH, DEFAULT_EPOCHS, STEPS_PER_EPOCH = 16, 5, 390  # 50,000 images, batch 128, last partial batch dropped
 PHASES = ("train", "infer-b1", "infer-b128")
 INFER = "infer-b128"  # the inference axis of the curve and the figure (see the module docstring)
-AXES = ("train", "infer")
+AXES = ("train", "infer", "macs")  #: training time per run, inference ms at batch 128, MACs per image
 PROTOCOL = ("CIFAR-10 (all 50,000 training images), CNN-9, protocol fast, batch 128, 10,000 test images; width 16 "
             "and 5 epochs unless the options say otherwise")
 
@@ -239,25 +242,28 @@ def add_bench(variants: dict, bench: dict) -> None:
 
 def curve(variants: dict) -> list[dict]:
     """The conv width curve: conv at each width on the curve's :func:`schedule`, by width: ``{"name", "width",
-    "mean", "ci95", "runs": {seed: acc}, "train_run_s", "infer"}`` (cost fields present when benchmarked; ``infer``:
-    the :data:`INFER` ms)."""
+    "mean", "ci95", "runs": {seed: acc}, "train_run_s", "infer", "macs"}`` (cost fields None when not benchmarked;
+    ``infer``: the :data:`INFER` ms)."""
     points, sched, primary = [], schedule(variants), primary_of(variants)
     for name, v in variants.items():
         w, epochs = budget(v)
         if is_conv(v) and epochs == sched and v["runs"] and v["machine"] == primary:
             points.append({"name": name, "machine": v["machine"], "width": w, "mean": v["mean"], "ci95": v.get("ci95"),
                            "runs": {s: r["acc"] for s, r in v["runs"].items()},
-                           "train_run_s": v.get("train_run_s"), "infer": v.get(INFER, {}).get("ms")})
+                           "train_run_s": v.get("train_run_s"), "infer": v.get(INFER, {}).get("ms"),
+                           "macs": v.get("macs")})
     return sorted(points, key=lambda p: p["width"])
 
 
 def _cost(v: dict, axis: str):
-    return v.get("train_run_s") if axis == "train" else v.get(INFER, {}).get("ms")
+    """Variant ``v``'s cost on ``axis`` (one of :data:`AXES`), None when unknown."""
+    return {"train": v.get("train_run_s"), "infer": v.get(INFER, {}).get("ms"), "macs": v.get("macs")}[axis]
 
 
 def against_curve(v: dict, points: list[dict], axis: str) -> dict | None:
     """Where variant ``v`` stands against the conv curve at equal cost on ``axis`` (``'train'``: training time per
-    run; ``'infer'``: inference at batch 128, :data:`INFER`): ``{"lo", "hi", "f", "seeds", "mean", "ci95",
+    run; ``'infer'``: inference at batch 128, :data:`INFER`; ``'macs'``: MACs per image): ``{"lo", "hi", "f", "seeds",
+    "mean", "ci95",
     "where"}``, ``where`` one of ``'between'``, ``'cheaper than the narrowest'``, ``'dearer than the widest'``;
     None without costs."""
     c = _cost(v, axis)
@@ -292,8 +298,8 @@ def against_curve(v: dict, points: list[dict], axis: str) -> dict | None:
             "where": "between"}
 
 
-def _cost_of_point(p: dict, axis: str) -> float:
-    return p["train_run_s"] if axis == "train" else p["infer"]
+def _cost_of_point(p: dict, axis: str) -> float | None:
+    return p.get({"train": "train_run_s", "infer": "infer", "macs": "macs"}[axis])
 
 
 def _pm(mean, ci, n=None) -> str:
@@ -331,15 +337,13 @@ def _size(v: dict) -> tuple[str, str]:
 
 
 def _positions(v: dict, points: list[dict], sched: float) -> list[str]:
-    """The two cells of ``v``'s position against the conv curve (training, inference); empty for the curve's own
-    points, and the inference cell empty for a longer schedule (its shorter twin's row says it)."""
+    """The cells of ``v``'s position against the conv curve, one per axis of :data:`AXES`; empty for the curve's own
+    points, and only the training cell for a longer schedule (per image, inference and MACs are its shorter twin's,
+    whose row says it)."""
     epochs = budget(v)[1]
     if is_conv(v) and epochs == sched:
-        return ["", ""]
-    positions = [_position(against_curve(v, points, a)) for a in AXES]
-    if epochs != sched:
-        positions[1] = ""
-    return positions
+        return ["" for _ in AXES]
+    return [_position(against_curve(v, points, a)) if a == "train" or epochs == sched else "" for a in AXES]
 
 
 def markdown(variants: dict, points: list[dict]) -> str:
@@ -350,8 +354,8 @@ def markdown(variants: dict, points: list[dict]) -> str:
            "| --- | --- | ---: | ---: | --- | ---: | --- | ---: | --- |"]
     cost = ["| variant | params | MACs / image | train step ms (x conv-16) | training time per run, s | "
             "infer b1 ms (x conv-16) | infer b128 ms (x conv-16) | vs conv curve at equal training time | "
-            "vs conv curve at equal b128 inference time |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+            "vs conv curve at equal b128 inference time | vs conv curve at equal MACs |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |"]
     sched = schedule(variants)
     for name, v in variants.items():
         w, epochs = budget(v)
@@ -369,17 +373,17 @@ def markdown(variants: dict, points: list[dict]) -> str:
         params, macs = _size(v)
         positions = _positions(v, points, sched)
         cost.append(f"| {name} | {params} | {macs} | {cells[0]} | {run_s} | {cells[1]} | {cells[2]} | "
-                    f"{positions[0]} | {positions[1]} |")
+                    + "".join(f"{cell} | " for cell in positions).rstrip())
     return "\n".join(acc) + "\n\n" + "\n".join(cost)
 
 
 def compact(variants: dict, points: list[dict]) -> str:
     """One table of the curve's machine only (the README's): per variant its seeds, mean accuracy, paired difference
-    to conv at the same width and epochs, params, MACs, cost ratios to conv-16 and both positions on the curve."""
+    to conv at the same width and epochs, params, MACs, cost ratios to conv-16 and its positions on the curve."""
     rows = ["| variant | seeds | test accuracy, mean +- 95% CI | paired difference to conv, same width and epochs "
             "(CI excludes 0?) | params | MACs | train step (x conv-16) | infer b1 / b128 (x conv-16) | "
-            "vs conv curve, equal training time | vs conv curve, equal b128 inference |",
-            "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | --- | --- |"]
+            "vs conv curve, equal training time | vs conv curve, equal b128 inference | vs conv curve, equal MACs |",
+            "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | --- | --- | --- |"]
     sched, primary = schedule(variants), primary_of(variants)
     for name, v in variants.items():
         if v["machine"] != primary or not v["runs"]:
@@ -396,7 +400,7 @@ def compact(variants: dict, points: list[dict]) -> str:
         params, macs = _size(v)
         positions = _positions(v, points, sched)
         rows.append(f"| {name} | {seed_text} | {acc} | {diff} | {params} | {macs} | {train} | {infer} | "
-                    f"{positions[0]} | {positions[1]} |")
+                    + "".join(f"{cell} | " for cell in positions).rstrip())
     return "\n".join(rows)
 
 

@@ -146,6 +146,11 @@ def test_table_json_and_figure_rebuild_from_the_record(tmp_path, capsys):
     assert stage["train"]["ms"] == 350.0 and stage["train_run_s"] == pytest.approx(350.0 * 5 * 390 / 1000)
     assert stage["diffs"] == {"0": pytest.approx(1.0), "1": pytest.approx(0.5), "2": pytest.approx(-0.5)}
     assert stage["vs_curve"]["train"]["hi"] == "conv-w24"
+    # equal MACs per image (the bench rows' MACs: conv 20M, conv-w24 45M, stage 35M)
+    macs = stage["vs_curve"]["macs"]
+    assert (macs["lo"], macs["hi"], macs["seeds"]) == ("conv", "conv-w24", 3)
+    assert macs["f"] == pytest.approx(math.log(35 / 20) / math.log(45 / 20))
+    assert [p["macs"] for p in record["curve"]] == [20_000_000, 45_000_000]
     e20 = record["variants"]["static-full-e20"]
     assert e20["train"]["ms"] == 210.0 and e20["train_run_s"] == pytest.approx(210.0 * 20 * 390 / 1000)
     # a static kind is deployed folded: its inference costs are conv's at its width, its training step its own
@@ -174,6 +179,10 @@ def test_table_json_and_figure_rebuild_from_the_record(tmp_path, capsys):
     dmean, dci = mean_ci([80.4 - 80.0, 81.9 - 81.0])
     assert static[1:4] == ["0-1", f"{mean:.2f} +- {ci:.2f}", f"{dmean:+.2f} +- {dci:.2f} (no)"]
     assert static[7] == "1.00x / 1.00x (folded)" and static[6] == "1.05x"
+    stage = next(r for r in rows if r.startswith("| stage |")).split(" | ")
+    assert "vs conv..conv-w24 (f=0.69): **" in stage[10]  # the equal-MACs position
+    e20 = next(r for r in rows if r.startswith("| static-full-e20 |")).split(" | ")
+    assert e20[8] != "" and e20[9:] == ["", " |"]  # per image, a longer schedule's inference and MACs are its twin's
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
