@@ -7,7 +7,9 @@
 #   * enough seeds to decide at width 16 (seeds 0-9, paired with conv): static-full, static-diagonal and
 #     sphere64-stage-half (dynamic-diagonal, one half-resolution prediction per stage);
 #   * at the authors' width: static-full at width 32 (seeds 0-2), paired with conv at width 32;
-#   * a longer schedule: conv and static-full at width 16 for 20 epochs (seeds 0-2).
+#   * a longer schedule: conv and static-full at width 16 for 20 epochs (seeds 0-2);
+#   * not in the default list (select them with RUNS): the light kind with its predictor's batch norms and without
+#     norms (issue 26: a predictor without batch statistics runs its backward in one pass; does it keep the accuracy?)
 # JOBS runs (default 2) go side by side, one thread each, the cheapest first; finished runs (OUT/NAME-sSEED/done)
 # are skipped and interrupted ones resumed: re-run the same command to continue. RUNS="NAME:SEED ..." selects a
 # part; TRAIN_ARGS replaces the run length (default: --epochs 5 --batch-size 128 --set checkpoint_every=100; the
@@ -29,7 +31,9 @@ static-diagonal static-diagonal
 sphere64-stage-half dynamic-diagonal share_prediction=true predictor_stride=2
 static-full-w32 static-full width=32
 conv-e20 conv epochs=20
-static-full-e20 static-full epochs=20"
+static-full-e20 static-full epochs=20
+light dynamic-diagonal-light
+light-none dynamic-diagonal-light predictor_norm=none"
 # NAME:SEED in the order they start (about the cheapest first: a run at width 16 is 7-11 min of one core, width
 # 12 about 0.6x, width 24 2-2.5x, width 32 about 4x, sphere64-stage-half 1.75x, 20 epochs 4x). Seeds 0-2 of the
 # width-16 candidates come first: runs pair only with runs of the same machine (a CPU with other vector units
