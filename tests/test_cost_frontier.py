@@ -202,12 +202,15 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
 def test_the_runs_script_and_the_table_on_tiny_runs(data_root, tmp_path):
     out = tmp_path / "frontier"
     tiny = "--iters 2 --batch-size 8 --set train_subset=32 --set test_subset=20 --set eval_batch_size=20"
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), RUNS="conv:0 conv-w12:0 static-full:0", TRAIN_ARGS=tiny)
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), RUNS="conv:0 conv-w12:0 static-full:0 light-none:0",
+               TRAIN_ARGS=tiny)
     cmd = ["bash", str(REPO / "experiments" / "cost_frontier_cpu.sh"), str(data_root), str(out)]
     first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     assert all((out / f"{n}-s{s}" / "done").is_file() for n, s in (("conv", 0), ("conv-w12", 0), ("static-full", 0)))
     assert json.loads((out / "conv-w12-s0" / "config.json").read_text())["width"] == 12
+    light = json.loads((out / "light-none-s0" / "config.json").read_text())
+    assert (light["layer"], light["predictor_norm"], light["width"]) == ("dynamic-diagonal-light", "none", 16)
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)  # finished runs: skipped
     assert again.returncode == 0 and "start" not in again.stderr
 
@@ -220,3 +223,4 @@ def test_the_runs_script_and_the_table_on_tiny_runs(data_root, tmp_path):
     assert set(record["variants"]["static-full"]["diffs"]) == {"0"}
     assert [p["width"] for p in record["curve"]] == [12, 16]
     assert record["variants"]["static-full"]["macs"] > 0 and "| conv-w12 |" in res.stdout
+    assert record["variants"]["light-none"]["options"]["predictor_norm"] == "none"
