@@ -77,6 +77,8 @@ DEFAULT_WIDTH, DEFAULT_EPOCHS, STEPS_PER_EPOCH = 16, 5, 390  # 50,000 images, ba
 PHASES = ("train", "infer-b1", "infer-b128")
 INFER = "infer-b128"  # the inference axis of the curve and the figure (see the module docstring)
 AXES = ("train", "infer", "macs")  #: training time per run, inference ms at batch 128, MACs per image
+#: the field of a conv curve point (and of its JSON record) that holds its cost on each axis of AXES
+POINT_COST = {"train": "train_run_s", "infer": "infer", "macs": "macs"}
 PROTOCOL = ("CIFAR-10 (all 50,000 training images), CNN-9, protocol fast, batch 128, 10,000 test images; width 16 "
             "and 5 epochs unless the options say otherwise")
 
@@ -250,8 +252,7 @@ def curve(variants: dict) -> list[dict]:
         if is_conv(v) and epochs == sched and v["runs"] and v["machine"] == primary:
             points.append({"name": name, "machine": v["machine"], "width": w, "mean": v["mean"], "ci95": v.get("ci95"),
                            "runs": {s: r["acc"] for s, r in v["runs"].items()},
-                           "train_run_s": v.get("train_run_s"), "infer": v.get(INFER, {}).get("ms"),
-                           "macs": v.get("macs")})
+                           **{POINT_COST[a]: _cost(v, a) for a in AXES}})
     return sorted(points, key=lambda p: p["width"])
 
 
@@ -263,9 +264,8 @@ def _cost(v: dict, axis: str):
 def against_curve(v: dict, points: list[dict], axis: str) -> dict | None:
     """Where variant ``v`` stands against the conv curve at equal cost on ``axis`` (``'train'``: training time per
     run; ``'infer'``: inference at batch 128, :data:`INFER`; ``'macs'``: MACs per image): ``{"lo", "hi", "f", "seeds",
-    "mean", "ci95",
-    "where"}``, ``where`` one of ``'between'``, ``'cheaper than the narrowest'``, ``'dearer than the widest'``;
-    None without costs."""
+    "mean", "ci95", "where"}``, ``where`` one of ``'between'``, ``'cheaper than the narrowest'``, ``'dearer than the
+    widest'``; None without costs."""
     c = _cost(v, axis)
     pts = [p for p in points if _cost_of_point(p, axis) is not None]
     if c is None or not pts or not v["runs"] or v["machine"] != points[0]["machine"]:
@@ -299,7 +299,7 @@ def against_curve(v: dict, points: list[dict], axis: str) -> dict | None:
 
 
 def _cost_of_point(p: dict, axis: str) -> float | None:
-    return p.get({"train": "train_run_s", "infer": "infer", "macs": "macs"}[axis])
+    return p.get(POINT_COST[axis])
 
 
 def _pm(mean, ci, n=None) -> str:
@@ -373,7 +373,7 @@ def markdown(variants: dict, points: list[dict]) -> str:
         params, macs = _size(v)
         positions = _positions(v, points, sched)
         cost.append(f"| {name} | {params} | {macs} | {cells[0]} | {run_s} | {cells[1]} | {cells[2]} | "
-                    + "".join(f"{cell} | " for cell in positions).rstrip())
+                    + " | ".join(positions) + " |")
     return "\n".join(acc) + "\n\n" + "\n".join(cost)
 
 
@@ -400,7 +400,7 @@ def compact(variants: dict, points: list[dict]) -> str:
         params, macs = _size(v)
         positions = _positions(v, points, sched)
         rows.append(f"| {name} | {seed_text} | {acc} | {diff} | {params} | {macs} | {train} | {infer} | "
-                    + "".join(f"{cell} | " for cell in positions).rstrip())
+                    + " | ".join(positions) + " |")
     return "\n".join(rows)
 
 

@@ -199,8 +199,9 @@ print(ctypes.CDLL(str(so)).nsl_probe_answer())
 def test_truncated_library_is_rebuilt_never_sigbus(tmp_path):
     """A built library cut to half its size: a fresh process must not load it (mapping a truncated ELF can
     SIGBUS), but rebuild it, publish the rebuild and call into it."""
-    if _build.toolchain_problem() and os.environ.get("NSL_REQUIRE_CPP") != "1":
-        pytest.skip(f"nothing can be compiled here: {_build.toolchain_problem()}")
+    problem = _build.toolchain_problem()
+    if problem and os.environ.get("NSL_REQUIRE_CPP") != "1":
+        pytest.skip(f"nothing can be compiled here: {problem}")
     src = tmp_path / "probe" / "probe.cpp"
     src.parent.mkdir()
     src.write_text(PROBE_SOURCE)
