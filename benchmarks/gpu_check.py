@@ -9,6 +9,8 @@
 
    * ``conv``: ``F.conv2d`` (cuDNN), the baseline of every ratio;
    * ``triton-diag`` / ``triton-full``: ``ns_conv2d`` given ``M`` (diagonal / full) on the Triton kernels;
+   * ``triton-diag-separate`` / ``triton-full-separate``: the same with ``dM`` from its own kernel instead of
+     the ``dx`` kernel's shares (``nsl._triton.backward(..., fuse_dsim=False)``), to measure what the fusion gains;
    * ``unfold-diag``: the pure-PyTorch memory-lean backend;
    * ``deform_conv2d``: ``torchvision.ops.deform_conv2d`` with zero offsets and ``mask = m`` (the
      same diagonal computation), where torchvision imports.
@@ -49,19 +51,22 @@ SHAPES = {  # name: (N, C_in, C_out, H = W), as in benchmarks/layers.py
     "imagenet-c256": (8, 256, 256, 14),
 }
 TINY_SHAPES = {"tiny-c3": (1, 3, 4, 5)}  # --cpu-interpret: the interpreter costs seconds per call
-IMPLS = ("conv", "triton-diag", "triton-full", "unfold-diag", "deform_conv2d")
+IMPLS = ("conv", "triton-diag", "triton-full", "triton-diag-separate", "triton-full-separate", "unfold-diag",
+         "deform_conv2d")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TARGETS = {"time_x_conv": 1.5, "deform_speedup": 5.0, "peak_x_conv": 1.5}
 
 
 class _TritonFn(torch.autograd.Function):
-    """Direct autograd glue for nsl._triton, used only when functional has no 'triton' backend."""
+    """Direct autograd glue for nsl._triton (3x3, padding 1): the ``-separate`` rows (``fuse_dsim=False``), and every
+    Triton row when functional has no 'triton' backend."""
 
     @staticmethod
-    def forward(ctx, x, weight, sim):
+    def forward(ctx, x, weight, sim, fuse_dsim):
         from nsl import _triton
 
         ctx.save_for_backward(x, weight, sim)
+        ctx.fuse_dsim = fuse_dsim
         return _triton.forward(x, weight, sim, (1, 1), (1, 1), (1, 1), 1)
 
     @staticmethod
@@ -69,7 +74,9 @@ class _TritonFn(torch.autograd.Function):
         from nsl import _triton
 
         x, weight, sim = ctx.saved_tensors
-        return _triton.backward(grad, x, weight, sim, (1, 1), (1, 1), (1, 1), 1, *ctx.needs_input_grad[:3])
+        grads = _triton.backward(grad, x, weight, sim, (1, 1), (1, 1), (1, 1), 1, *ctx.needs_input_grad[:3],
+                                 fuse_dsim=ctx.fuse_dsim)
+        return (*grads, None)
 
 
 def deform_unavailable() -> str | None:
@@ -96,7 +103,7 @@ def make_run(impl: str, shape: tuple[int, int, int, int], dtype: torch.dtype, de
     x = torch.randn(n, c, hw, hw, generator=gen).to(device, dtype).requires_grad_(True)
     w = (torch.randn(o, c, 3, 3, generator=gen) / (9 * c) ** 0.5).to(device, dtype).requires_grad_(True)
     gout = torch.randn(n, o, hw, hw, generator=gen).to(device, dtype)
-    full = impl.endswith("-full")
+    full = "-full" in impl
     m_shape = (n, 9, 9, hw, hw) if full else (n, 9, hw, hw)
     m = (1 + 0.1 * torch.randn(m_shape, generator=gen)).to(device, dtype).requires_grad_(True)
     if impl == "conv":
@@ -111,9 +118,9 @@ def make_run(impl: str, shape: tuple[int, int, int, int], dtype: torch.dtype, de
 
         def forward():
             return deform_conv2d(x, offset, w, padding=1, mask=m)
-    elif impl.startswith("triton") and "triton" not in NF.BACKENDS:
+    elif impl.startswith("triton") and ("triton" not in NF.BACKENDS or impl.endswith("-separate")):
         def forward():
-            return _TritonFn.apply(x, w, m)
+            return _TritonFn.apply(x, w, m, not impl.endswith("-separate"))
     else:
         backend = impl.split("-")[0]
 

@@ -23,13 +23,15 @@ writes the ``P x C_in x L`` columns to memory; the backward needs only ``x``, ``
 * forward: a program per (output positions x output channels) tile loops over positions ``p`` and
   input-channel blocks, builds the modulated tile ``m_p x_p`` (full: ``sum_q M[p, q] x_q``) in
   registers and feeds it to ``tl.dot``;
-* ``dx``: the transposed (gather) formulation over input positions, ``gout * M`` tiles times
-  ``W_p`` (no atomics);
+* ``dx``: the transposed (gather) formulation over input positions, ``gout`` tiles times ``W_p``
+  scaled by ``M`` (no atomics); when ``dM`` is needed too, the same kernel also gives it from the
+  same ``h_p = W_p^T gout`` tile (``DSIM``: one GEMM per tap instead of two), as the CPU kernel does;
 * ``dW``: per (group, position) a ``[C_out-tile, C_in-tile]`` reduction over output positions,
   split over positions for parallelism and atomically added into a float32 buffer (the order of
   those additions varies, so dW is not bitwise reproducible run to run; a partial-sums buffer
   would be, at SPLIT times the weight's memory);
-* ``dM``: ``h_p = W_p^T gout`` on chip (``tl.dot``), reduced against the input taps.
+* ``dM`` alone (``x`` needs no gradient, e.g. the first layer): ``h_p = W_p^T gout`` on chip
+  (``tl.dot``), reduced against the input taps.
 
 float32 operands use TF32 exactly when ``torch.backends.cuda.matmul.allow_tf32`` is True at
 launch; bfloat16/float16 operands feed the dot directly (float32 accumulation); outputs are in the
@@ -66,10 +68,10 @@ KERNELS = ("fwd", "dx", "dw", "dsim")
 class LaunchConfig:
     """One launch configuration: block sizes (M x N output tile, K reduction step) and scheduling.
 
-    ``fwd``: M = output positions, N = output channels, K = input channels. ``dx``: M = input
-    positions, N = input channels, K = output channels. ``dw``: M = output channels, N = input
-    channels, K = output positions. ``dsim``: M = output positions, N = input channels, K = output
-    channels, and ``block_q`` taps per program for full ``M``.
+    ``fwd``: M = output positions, N = output channels, K = input channels. ``dx`` (and ``dx+dsim``, the
+    same kernel giving ``dM`` too): M = input positions, N = input channels, K = output channels. ``dw``:
+    M = output channels, N = input channels, K = output positions. ``dsim``: M = output positions, N = input
+    channels, K = output channels, and ``block_q`` taps per program for full ``M``.
     """
 
     kernel: str
@@ -92,10 +94,13 @@ class LaunchConfig:
         return out
 
 
-#: Every configuration the launcher can choose, per kernel (see :func:`pick_config`).
+#: Every configuration the launcher can choose, per launch (see :func:`pick_config`); ``dx+dsim`` is the ``dx`` kernel
+#: with its ``dM`` share (``DSIM``): its second accumulator needs a 16-wide reduction step and no software pipelining
+#: to stay within 255 registers without spilling (wider or pipelined, every float32 and bfloat16 variant spilled).
 LAUNCH_CONFIGS: dict[str, tuple[LaunchConfig, ...]] = {
     "fwd": (LaunchConfig("fwd", "n64", 64, 64, 32, 8, 2),),
     "dx": (LaunchConfig("dx", "n64", 64, 64, 32, 8, 2),),
+    "dx+dsim": (LaunchConfig("dx", "n64-k16", 64, 64, 16, 8, 1),),
     "dw": (LaunchConfig("dw", "m64", 64, 64, 32, 8, 2),),
     "dsim": (LaunchConfig("dsim", "m64", 64, 32, 32, 8, 2),),
 }
@@ -108,7 +113,8 @@ _DW_MIN_STEPS = 8  # ... but give every program at least this many BLOCK_K steps
 
 
 def pick_config(kernel: str, channels: int) -> LaunchConfig:
-    """The configuration the launcher uses for ``kernel``; ``channels`` is the N-dimension size
+    """The configuration the launcher uses for ``kernel`` (a key of :data:`LAUNCH_CONFIGS`); ``channels`` is the
+    N-dimension size
     (output channels per group for ``fwd``, input channels per group for ``dx``). With two configs
     narrow layers (<= 32 channels) take the first, wider ones the second; today every kernel has one
     tile shape (a 32-wide variant for narrow layers doubled the ahead-of-time compile test's time
@@ -132,7 +138,7 @@ def _signature(kernel: str, dtype: torch.dtype) -> dict[str, str]:
     if kernel == "fwd":
         sig = {"x_ptr": t, "wt_ptr": t, "sim_ptr": t, "out_ptr": t, "NL": "i32"}
     elif kernel == "dx":
-        sig = {"g_ptr": t, "wt_ptr": t, "sim_ptr": t, "dx_ptr": t, "NHW": "i32"}
+        sig = {"g_ptr": t, "wt_ptr": t, "sim_ptr": t, "dx_ptr": t, "x_ptr": t, "dsim_ptr": "*fp32", "NHW": "i32"}
     elif kernel == "dw":
         sig = {"g_ptr": t, "x_ptr": t, "sim_ptr": t, "dw_ptr": "*fp32", "NL": "i32"}
     else:
@@ -140,7 +146,7 @@ def _signature(kernel: str, dtype: torch.dtype) -> dict[str, str]:
     sig.update(dict.fromkeys(geometry, "i32"))
     if kernel == "dw":
         sig.update({"ROWS_PER_SPLIT": "i32", "O_TILES": "i32", "C_TILES": "i32"})
-    names = ["FULL", "BLOCK_M", "BLOCK_N", "BLOCK_K"] + (["BLOCK_Q"] if kernel == "dsim" else [])
+    names = ["FULL", "BLOCK_M", "BLOCK_N", "BLOCK_K"] + {"dsim": ["BLOCK_Q"], "dx": ["DSIM"]}.get(kernel, [])
     sig.update(dict.fromkeys(names + ["DOT_F32", "PRECISION"], "constexpr"))
     return sig
 
@@ -150,17 +156,19 @@ def aot_variants() -> list[tuple[str, LaunchConfig, dict[str, str], dict]]:
 
     For :func:`triton.compile` (``ASTSource(fn=jit_kernel(name), signature=..., constexprs=...)``):
     each config of :data:`LAUNCH_CONFIGS`, diagonal and full ``M``, float32 (IEEE and TF32),
-    bfloat16 and float16.
+    bfloat16 and float16; ``dx`` with and without its ``dM`` share (``DSIM``).
     """
     out = []
-    for kernel, configs in LAUNCH_CONFIGS.items():
+    for launch, configs in LAUNCH_CONFIGS.items():
         for cfg in configs:
             for dtype in _TL_DTYPES:
                 for precision in _precisions(dtype):
                     for full in (False, True):
                         ieee = dtype == torch.float32 and precision == "ieee"
                         constexprs = {"FULL": full, **cfg.constexprs(ieee), "DOT_F32": False, "PRECISION": precision}
-                        out.append((kernel, cfg, _signature(kernel, dtype), constexprs))
+                        if cfg.kernel == "dx":
+                            constexprs["DSIM"] = launch == "dx+dsim"
+                        out.append((cfg.kernel, cfg, _signature(cfg.kernel, dtype), constexprs))
     return out
 
 
@@ -518,7 +526,7 @@ def dw_split(rows: int, programs: int, block: int, interpret: bool) -> tuple[int
     return _cdiv(rows, per), per
 
 
-def _backward(grad_out, x, weight, sim, stride, padding, dilation, groups, need_dx, need_dw, need_dsim):
+def _backward(grad_out, x, weight, sim, stride, padding, dilation, groups, need_dx, need_dw, need_dsim, fuse_dsim):
     _check((x, weight, sim), ("x", "weight", "sim"))
     stride, padding, dilation = _pairs(stride, padding, dilation)
     groups = int(groups)
@@ -537,11 +545,17 @@ def _backward(grad_out, x, weight, sim, stride, padding, dilation, groups, need_
     if need_dx:
         dx = torch.empty_like(x)
         if dx.numel():
-            cfg = pick_config("dx", cg)
+            with_dsim = need_dsim and nl > 0 and fuse_dsim
+            cfg = pick_config("dx+dsim" if with_dsim else "dx", cg)
             grid = (_cdiv(n * h * w, cfg.block_m), _cdiv(cg, cfg.block_n), groups)
-            jit_kernel("dx", interpret)[grid](grad_out, wt, sim, dx, n * h * w, *dims, **common,
-                                              **cfg.constexprs(ieee), num_warps=cfg.num_warps,
+            # dM's per-channel-tile shares (the kernel's docstring); a one-element dummy where it is not asked
+            part = torch.zeros((grid[1] * groups,) + tuple(sim.shape) if with_dsim else (1,), dtype=torch.float32,
+                               device=x.device)
+            jit_kernel("dx", interpret)[grid](grad_out, wt, sim, dx, x, part, n * h * w, *dims, **common,
+                                              **cfg.constexprs(ieee), DSIM=with_dsim, num_warps=cfg.num_warps,
                                               num_stages=cfg.num_stages)
+            if with_dsim:  # the slots summed in a fixed order: reproducible
+                dsim = (part[0] if part.shape[0] == 1 else part.sum(0)).to(x.dtype)
     if need_dw:
         buf = torch.zeros(out_c, cg, p, dtype=torch.float32, device=x.device)
         if nl:
@@ -554,7 +568,7 @@ def _backward(grad_out, x, weight, sim, stride, padding, dilation, groups, need_
                                               **cfg.constexprs(ieee), num_warps=cfg.num_warps,
                                               num_stages=cfg.num_stages)
         dw = buf.to(x.dtype).reshape(weight.shape)
-    if need_dsim:
+    if need_dsim and dsim is None:
         dsim = torch.empty_like(sim)
         if nl:
             cfg = pick_config("dsim", cg)
@@ -583,12 +597,16 @@ def forward(x, weight, sim, stride, padding, dilation, groups) -> torch.Tensor:
         return _forward(x, weight, sim, stride, padding, dilation, groups)
 
 
-def backward(grad_out, x, weight, sim, stride, padding, dilation, groups, need_dx, need_dw, need_dsim):
+def backward(grad_out, x, weight, sim, stride, padding, dilation, groups, need_dx, need_dw, need_dsim,
+             fuse_dsim: bool = True):
     """Gradients ``(dx | None, dw | None, dsim | None)`` of :func:`forward` for ``grad_out``
     ``[N, C_out, H_out, W_out]``; each computed only when its ``need_*`` flag is true. Needs only
-    ``x``, ``weight`` and ``sim`` (no saved columns). Outputs in the input dtype."""
+    ``x``, ``weight`` and ``sim`` (no saved columns). Outputs in the input dtype. ``dx`` and ``dsim`` both
+    asked come from one kernel (``dx+dsim``); ``fuse_dsim=False`` runs the separate ``dM`` kernel instead (the same
+    values up to rounding; for benchmarks comparing the two, ``benchmarks/gpu_check.py``)."""
     with _on_device(x):
-        return _backward(grad_out, x, weight, sim, stride, padding, dilation, groups, need_dx, need_dw, need_dsim)
+        return _backward(grad_out, x, weight, sim, stride, padding, dilation, groups, need_dx, need_dw, need_dsim,
+                         fuse_dsim)
 
 
 # --------------------------------------------------------------------------------------------

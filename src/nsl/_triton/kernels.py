@@ -80,16 +80,26 @@ def ns_fwd_kernel(x_ptr, wt_ptr, sim_ptr, out_ptr,
     tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & o_ok[None, :])
 
 
-def ns_dx_kernel(g_ptr, wt_ptr, sim_ptr, dx_ptr,
+def ns_dx_kernel(g_ptr, wt_ptr, sim_ptr, dx_ptr, x_ptr, dsim_ptr,
                  NHW, C, H, W, Cg, Og, Ho, Wo, KW, P, SH, SW, PH, PW, DH, DW,
                  FULL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+                 DSIM: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
     """dx[n, g*Cg + c](i') = sum_{q, p, o} W[o, c, p] M[p, q](y) gout[n, o](y), y the output reading i' at q.
 
     Transposed (gather) formulation, no atomics: grid (cdiv(N*H*W, BLOCK_M), cdiv(Cg, BLOCK_N), G), a
     tile of input positions x input channels; for each tap q the rows whose ``i' + pad - dil * off(q)``
-    is a multiple of the stride gather ``gout`` scaled by ``M[p, q]`` and contract it with ``W_p`` over
-    output channels (diagonal: p = q only).
+    is a multiple of the stride gather ``gout`` and contract it with ``W_p`` over output channels
+    (diagonal: p = q only), scaled by ``M[p, q](y)``.
+
+    ``DSIM``: the same tile also gives ``dM``'s share of its channels, from the same GEMM. Its
+    ``h_p(y) = W_p^T gout(y)`` (this tile's channels) is exactly what ``dM[p, q](y) = sum_c h_p[c](y)
+    x_q[c](y)`` contracts, and ``x_q(y)`` is ``x`` at this tile's own input position ``i'``: so
+    ``h_p`` is computed unscaled, added to ``dx`` times ``M[p, q](y)``, and its channel sum against the
+    ``x`` tile is stored to the float32 partial buffer ``dsim_ptr [G * C_TILES, N, P or P*P, L]`` (slot
+    ``g * C_TILES + pid_n``; each ``(y, q)`` has one input position, so every entry has one writer and the
+    launcher sums the slots in a fixed order; taps in the padding are never written and stay 0). This
+    replaces the separate ``dM`` kernel's GEMM whenever ``dx`` is needed too. Without ``DSIM`` the tile
+    ``gout * M`` is scaled before the dot (``x_ptr``, ``dsim_ptr`` unused).
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -113,6 +123,15 @@ def ns_dx_kernel(g_ptr, wt_ptr, sim_ptr, dx_ptr,
         sim_row = n.to(tl.int64) * P * L
     dot_ty = tl.float32 if DOT_F32 else g_ptr.dtype.element_ty
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    if DSIM:
+        x_row = n.to(tl.int64) * C * HW + s
+        col = tl.arange(0, 16)  # the channel sum as a dot with a one-hot [BLOCK_N, 16] (see ns_dsim_kernel)
+        onehot = tl.where((ccols[:, None] >= 0) & (col[None, :] == 0), 1.0, 0.0)
+        slot = g * tl.num_programs(1) + pid_n
+        if FULL:
+            part_row = (slot.to(tl.int64) * (NHW // HW) + n) * P * P * L
+        else:
+            part_row = (slot.to(tl.int64) * (NHW // HW) + n) * P * L
     for q in range(0, P):
         th = ih + PH - (q // KW) * DH
         tw = iw + PW - (q % KW) * DW
@@ -131,15 +150,35 @@ def ns_dx_kernel(g_ptr, wt_ptr, sim_ptr, dx_ptr,
                 mv = tl.load(sim_ptr + sim_row + (p * P + q) * L + y, mask=ok, other=0.0).to(tl.float32)
             else:
                 mv = tl.load(sim_ptr + sim_row + q * L + y, mask=ok, other=0.0).to(tl.float32)
-            for o0 in range(0, Og, BLOCK_K):
-                oo = o0 + kk
-                o_ok = oo < Og
-                gv = tl.load(g_ptr + (g_row + y)[:, None] + oo[None, :] * L,
-                             mask=ok[:, None] & o_ok[None, :], other=0.0).to(tl.float32)
-                a = gv * mv[:, None]
-                wv = tl.load(wt_ptr + ((g * P + p) * Cg + ccols)[None, :] * Og + oo[:, None],
-                             mask=o_ok[:, None] & c_ok[None, :], other=0.0)
-                acc = tl.dot(a.to(dot_ty), wv.to(dot_ty), acc, input_precision=PRECISION)
+            if DSIM:
+                h = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+                for o0 in range(0, Og, BLOCK_K):
+                    oo = o0 + kk
+                    o_ok = oo < Og
+                    gv = tl.load(g_ptr + (g_row + y)[:, None] + oo[None, :] * L,
+                                 mask=ok[:, None] & o_ok[None, :], other=0.0)
+                    wv = tl.load(wt_ptr + ((g * P + p) * Cg + ccols)[None, :] * Og + oo[:, None],
+                                 mask=o_ok[:, None] & c_ok[None, :], other=0.0)
+                    h = tl.dot(gv.to(dot_ty), wv.to(dot_ty), h, input_precision=PRECISION)
+                acc += h * mv[:, None]
+                xv = tl.load(x_ptr + x_row[:, None] + (g * Cg + ccols)[None, :] * HW,  # the same tile each tap: cached
+                             mask=row_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+                red = tl.dot(h * xv, onehot, input_precision="ieee")
+                if FULL:
+                    off = part_row + (p * P + q) * L + y
+                else:
+                    off = part_row + q * L + y
+                tl.store(dsim_ptr + off[:, None] + col[None, :], red, mask=ok[:, None] & (col[None, :] == 0))
+            else:
+                for o0 in range(0, Og, BLOCK_K):
+                    oo = o0 + kk
+                    o_ok = oo < Og
+                    gv = tl.load(g_ptr + (g_row + y)[:, None] + oo[None, :] * L,
+                                 mask=ok[:, None] & o_ok[None, :], other=0.0).to(tl.float32)
+                    a = gv * mv[:, None]
+                    wv = tl.load(wt_ptr + ((g * P + p) * Cg + ccols)[None, :] * Og + oo[:, None],
+                                 mask=o_ok[:, None] & c_ok[None, :], other=0.0)
+                    acc = tl.dot(a.to(dot_ty), wv.to(dot_ty), acc, input_precision=PRECISION)
     dx_off = (n.to(tl.int64) * C * HW + s)[:, None] + (g * Cg + ccols)[None, :] * HW
     tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & c_ok[None, :])
 
