@@ -97,8 +97,10 @@ def ns_dx_kernel(g_ptr, wt_ptr, sim_ptr, dx_ptr, x_ptr, dsim_ptr,
     ``h_p`` is computed unscaled, added to ``dx`` times ``M[p, q](y)``, and its channel sum against the
     ``x`` tile is stored to the float32 partial buffer ``dsim_ptr [G * C_TILES, N, P or P*P, L]`` (slot
     ``g * C_TILES + pid_n``; each ``(y, q)`` has one input position, so every entry has one writer and the
-    launcher sums the slots in a fixed order; taps in the padding are never written and stay 0). This
-    replaces the separate ``dM`` kernel's GEMM whenever ``dx`` is needed too. Without ``DSIM`` the tile
+    launcher sums the slots in a fixed order; taps in the padding are never written and stay 0, also where a
+    non-finite ``gout`` would give the separate kernel NaN there). This replaces the separate ``dM`` kernel's GEMM
+    whenever ``dx`` is needed too, for ``G * C_TILES`` float32 copies of ``dM`` in memory (one for a layer of at
+    most ``BLOCK_N`` input channels and one group). Without ``DSIM`` the tile
     ``gout * M`` is scaled before the dot (``x_ptr``, ``dsim_ptr`` unused).
     """
     pid_m = tl.program_id(0)
