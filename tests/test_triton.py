@@ -133,9 +133,9 @@ NEEDS = {"dx+dsim": (True, False, True, True), "dx+dsim-separate": (True, False,
 @pytest.mark.parametrize("need", list(NEEDS))
 @pytest.mark.parametrize("case", ["wide-channels", "stride2-groups2-batch1", "full-k1x3-stride2-dilation2-groups2"])
 def test_backward_computes_what_is_asked(case, need):
-    """dx and dM come from one kernel when both are asked (``DSIM``: its per-channel-tile shares of dM, summed;
-    wide-channels has two channel tiles, groups 2 two groups), from their own kernels when one is or with
-    ``fuse_dsim=False``; the rest None."""
+    """dx and dM come from one kernel when both are asked and M is diagonal (``DSIM``: its per-channel-tile shares of
+    dM, summed; wide-channels has two channel tiles, groups 2 two groups), from their own kernels when one is, with
+    ``fuse_dsim=False`` or for full M; the rest None."""
     full = case.startswith("full-")
     geom = FULL_GEOMETRIES[case[5:]] if full else DIAG_GEOMETRIES[case]
     x, w, m, g, geo = _inputs(geom, full=full, seed=3)

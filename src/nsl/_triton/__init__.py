@@ -24,13 +24,13 @@ writes the ``P x C_in x L`` columns to memory; the backward needs only ``x``, ``
   input-channel blocks, builds the modulated tile ``m_p x_p`` (full: ``sum_q M[p, q] x_q``) in
   registers and feeds it to ``tl.dot``;
 * ``dx``: the transposed (gather) formulation over input positions, ``gout`` tiles times ``W_p``
-  scaled by ``M`` (no atomics); when ``dM`` is needed too, the same kernel also gives it from the
-  same ``h_p = W_p^T gout`` tile (``DSIM``: one GEMM per tap instead of two), as the CPU kernel does;
+  scaled by ``M`` (no atomics); when ``dM`` is needed too and ``M`` is diagonal, the same kernel also gives
+  it from the same ``h_q = W_q^T gout`` tile (``DSIM``: one GEMM per tap instead of two), as the CPU kernel does;
 * ``dW``: per (group, position) a ``[C_out-tile, C_in-tile]`` reduction over output positions,
   split over positions for parallelism and atomically added into a float32 buffer (the order of
   those additions varies, so dW is not bitwise reproducible run to run; a partial-sums buffer
   would be, at SPLIT times the weight's memory);
-* ``dM`` alone (``x`` needs no gradient, e.g. the first layer): ``h_p = W_p^T gout`` on chip
+* ``dM`` alone (``x`` needs no gradient, e.g. the first layer, or full ``M``): ``h_p = W_p^T gout`` on chip
   (``tl.dot``), reduced against the input taps.
 
 float32 operands use TF32 exactly when ``torch.backends.cuda.matmul.allow_tf32`` is True at
@@ -156,14 +156,14 @@ def aot_variants() -> list[tuple[str, LaunchConfig, dict[str, str], dict]]:
 
     For :func:`triton.compile` (``ASTSource(fn=jit_kernel(name), signature=..., constexprs=...)``):
     each config of :data:`LAUNCH_CONFIGS`, diagonal and full ``M``, float32 (IEEE and TF32),
-    bfloat16 and float16; ``dx`` with and without its ``dM`` share (``DSIM``).
+    bfloat16 and float16; ``dx`` with and without its ``dM`` share (``DSIM``, diagonal only).
     """
     out = []
     for launch, configs in LAUNCH_CONFIGS.items():
         for cfg in configs:
             for dtype in _TL_DTYPES:
                 for precision in _precisions(dtype):
-                    for full in (False, True):
+                    for full in ((False,) if launch == "dx+dsim" else (False, True)):
                         ieee = dtype == torch.float32 and precision == "ieee"
                         constexprs = {"FULL": full, **cfg.constexprs(ieee), "DOT_F32": False, "PRECISION": precision}
                         if cfg.kernel == "dx":
@@ -545,7 +545,7 @@ def _backward(grad_out, x, weight, sim, stride, padding, dilation, groups, need_
     if need_dx:
         dx = torch.empty_like(x)
         if dx.numel():
-            with_dsim = need_dsim and nl > 0 and fuse_dsim
+            with_dsim = need_dsim and nl > 0 and fuse_dsim and not full  # the dx kernel's docstring: why diagonal
             cfg = pick_config("dx+dsim" if with_dsim else "dx", cg)
             grid = (_cdiv(n * h * w, cfg.block_m), _cdiv(cg, cfg.block_n), groups)
             # dM's per-channel-tile shares (the kernel's docstring); a one-element dummy where it is not asked
@@ -602,7 +602,8 @@ def backward(grad_out, x, weight, sim, stride, padding, dilation, groups, need_d
     """Gradients ``(dx | None, dw | None, dsim | None)`` of :func:`forward` for ``grad_out``
     ``[N, C_out, H_out, W_out]``; each computed only when its ``need_*`` flag is true. Needs only
     ``x``, ``weight`` and ``sim`` (no saved columns). Outputs in the input dtype. ``dx`` and ``dsim`` both
-    asked come from one kernel (``dx+dsim``); ``fuse_dsim=False`` runs the separate ``dM`` kernel instead (the same
+    asked, for diagonal ``M``, come from one kernel (``dx+dsim``); ``fuse_dsim=False`` runs the separate ``dM``
+    kernel instead (the same
     values up to rounding; for benchmarks comparing the two, ``benchmarks/gpu_check.py``)."""
     with _on_device(x):
         return _backward(grad_out, x, weight, sim, stride, padding, dilation, groups, need_dx, need_dw, need_dsim,

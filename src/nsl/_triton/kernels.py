@@ -91,16 +91,17 @@ def ns_dx_kernel(g_ptr, wt_ptr, sim_ptr, dx_ptr, x_ptr, dsim_ptr,
     is a multiple of the stride gather ``gout`` and contract it with ``W_p`` over output channels
     (diagonal: p = q only), scaled by ``M[p, q](y)``.
 
-    ``DSIM``: the same tile also gives ``dM``'s share of its channels, from the same GEMM. Its
-    ``h_p(y) = W_p^T gout(y)`` (this tile's channels) is exactly what ``dM[p, q](y) = sum_c h_p[c](y)
-    x_q[c](y)`` contracts, and ``x_q(y)`` is ``x`` at this tile's own input position ``i'``: so
-    ``h_p`` is computed unscaled, added to ``dx`` times ``M[p, q](y)``, and its channel sum against the
-    ``x`` tile is stored to the float32 partial buffer ``dsim_ptr [G * C_TILES, N, P or P*P, L]`` (slot
-    ``g * C_TILES + pid_n``; each ``(y, q)`` has one input position, so every entry has one writer and the
-    launcher sums the slots in a fixed order; taps in the padding are never written and stay 0, also where a
-    non-finite ``gout`` would give the separate kernel NaN there). This replaces the separate ``dM`` kernel's GEMM
-    whenever ``dx`` is needed too, for ``G * C_TILES`` float32 copies of ``dM`` in memory (one for a layer of at
-    most ``BLOCK_N`` input channels and one group). Without ``DSIM`` the tile
+    ``DSIM`` (diagonal ``M`` only): the same tile also gives ``dm``'s share of its channels, from the same
+    GEMM. Its ``h_q(y) = W_q^T gout(y)`` (this tile's channels) is exactly what ``dm[q](y) = sum_c h_q[c](y)
+    x_q[c](y)`` contracts, and ``x_q(y)`` is ``x`` at this tile's own input position ``i'``: so ``h_q`` is
+    computed unscaled, added to ``dx`` times ``m[q](y)``, and its channel sum against the ``x`` tile is stored
+    to the float32 partial buffer ``dsim_ptr [G * C_TILES, N, P, L]`` (slot ``g * C_TILES + pid_n``; each
+    ``(y, q)`` has one input position, so every entry has one writer and the launcher sums the slots in a
+    fixed order; taps in the padding are never written and stay 0, also where a non-finite ``gout`` would give
+    the separate kernel NaN there). This replaces the separate ``dM`` kernel's GEMM whenever ``dx`` is needed
+    too, for ``G * C_TILES`` float32 copies of ``dm`` (``P`` values per location) in memory. Full ``M`` keeps
+    the separate kernel: the shared GEMMs would be ``P`` of its ``P * P + 2 P`` and the buffer ``P * P`` float32
+    values per location and slot. Without ``DSIM`` the tile
     ``gout * M`` is scaled before the dot (``x_ptr``, ``dsim_ptr`` unused).
     """
     pid_m = tl.program_id(0)
@@ -126,14 +127,12 @@ def ns_dx_kernel(g_ptr, wt_ptr, sim_ptr, dx_ptr, x_ptr, dsim_ptr,
     dot_ty = tl.float32 if DOT_F32 else g_ptr.dtype.element_ty
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     if DSIM:
+        tl.static_assert(not FULL, "DSIM: diagonal M only")
         x_row = n.to(tl.int64) * C * HW + s
         col = tl.arange(0, 16)  # the channel sum as a dot with a one-hot [BLOCK_N, 16] (see ns_dsim_kernel)
         onehot = tl.where((ccols[:, None] >= 0) & (col[None, :] == 0), 1.0, 0.0)
         slot = g * tl.num_programs(1) + pid_n
-        if FULL:
-            part_row = (slot.to(tl.int64) * (NHW // HW) + n) * P * P * L
-        else:
-            part_row = (slot.to(tl.int64) * (NHW // HW) + n) * P * L
+        part_row = (slot.to(tl.int64) * (NHW // HW) + n) * P * L
     for q in range(0, P):
         th = ih + PH - (q // KW) * DH
         tw = iw + PW - (q % KW) * DW
@@ -166,10 +165,7 @@ def ns_dx_kernel(g_ptr, wt_ptr, sim_ptr, dx_ptr, x_ptr, dsim_ptr,
                 xv = tl.load(x_ptr + x_row[:, None] + (g * Cg + ccols)[None, :] * HW,  # the same tile each tap: cached
                              mask=row_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
                 red = tl.dot(h * xv, onehot, input_precision="ieee")
-                if FULL:
-                    off = part_row + (p * P + q) * L + y
-                else:
-                    off = part_row + q * L + y
+                off = part_row + q * L + y
                 tl.store(dsim_ptr + off[:, None] + col[None, :], red, mask=ok[:, None] & (col[None, :] == 0))
             else:
                 for o0 in range(0, Og, BLOCK_K):
