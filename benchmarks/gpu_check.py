@@ -9,8 +9,9 @@
 
    * ``conv``: ``F.conv2d`` (cuDNN), the baseline of every ratio;
    * ``triton-diag`` / ``triton-full``: ``ns_conv2d`` given ``M`` (diagonal / full) on the Triton kernels;
-   * ``triton-diag-separate`` / ``triton-full-separate``: the same with ``dM`` from its own kernel instead of
-     the ``dx`` kernel's shares (``nsl._triton.backward(..., fuse_dsim=False)``), to measure what the fusion gains;
+   * ``triton-diag-separate``: the same with ``dm`` from its own kernel instead of the ``dx`` kernel's shares
+     (``nsl._triton.backward(..., fuse_dsim=False)``; full ``M`` always takes that kernel), to measure what the
+     fusion gains;
    * ``unfold-diag``: the pure-PyTorch memory-lean backend;
    * ``deform_conv2d``: ``torchvision.ops.deform_conv2d`` with zero offsets and ``mask = m`` (the
      same diagonal computation), where torchvision imports.
@@ -51,8 +52,7 @@ SHAPES = {  # name: (N, C_in, C_out, H = W), as in benchmarks/layers.py
     "imagenet-c256": (8, 256, 256, 14),
 }
 TINY_SHAPES = {"tiny-c3": (1, 3, 4, 5)}  # --cpu-interpret: the interpreter costs seconds per call
-IMPLS = ("conv", "triton-diag", "triton-full", "triton-diag-separate", "triton-full-separate", "unfold-diag",
-         "deform_conv2d")
+IMPLS = ("conv", "triton-diag", "triton-full", "triton-diag-separate", "unfold-diag", "deform_conv2d")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TARGETS = {"time_x_conv": 1.5, "deform_speedup": 5.0, "peak_x_conv": 1.5}
 

@@ -31,8 +31,7 @@ def test_gpu_check_cpu_interpret(tmp_path):
     assert data["tests"]["ok"] and data["tests"]["counts"].get("skipped", 0) >= 1
     impls = {(r["dtype"], r["impl"]) for r in data["rows"]}
     for dtype in ("float32", "bfloat16"):
-        for impl in ("conv", "triton-diag", "triton-full", "triton-diag-separate", "triton-full-separate",
-                     "unfold-diag"):
+        for impl in ("conv", "triton-diag", "triton-full", "triton-diag-separate", "unfold-diag"):
             assert (dtype, impl) in impls
     for r in data["rows"]:
         assert r["ms"] > 0 and r["x_conv"] > 0
