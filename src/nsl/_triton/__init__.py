@@ -114,8 +114,7 @@ _DW_MIN_STEPS = 8  # ... but give every program at least this many BLOCK_K steps
 
 def pick_config(kernel: str, channels: int) -> LaunchConfig:
     """The configuration the launcher uses for ``kernel`` (a key of :data:`LAUNCH_CONFIGS`); ``channels`` is the
-    N-dimension size
-    (output channels per group for ``fwd``, input channels per group for ``dx``). With two configs
+    N-dimension size (output channels per group for ``fwd``, input channels per group for ``dx``). With two configs
     narrow layers (<= 32 channels) take the first, wider ones the second; today every kernel has one
     tile shape (a 32-wide variant for narrow layers doubled the ahead-of-time compile test's time
     without a GPU measurement to justify it), and the reduction step depends on the dtype
@@ -548,9 +547,9 @@ def _backward(grad_out, x, weight, sim, stride, padding, dilation, groups, need_
             with_dsim = need_dsim and nl > 0 and fuse_dsim and not full  # the dx kernel's docstring: why diagonal
             cfg = pick_config("dx+dsim" if with_dsim else "dx", cg)
             grid = (_cdiv(n * h * w, cfg.block_m), _cdiv(cg, cfg.block_n), groups)
-            # dM's per-channel-tile shares (the kernel's docstring); a one-element dummy where it is not asked
-            part = torch.zeros((grid[1] * groups,) + tuple(sim.shape) if with_dsim else (1,), dtype=torch.float32,
-                               device=x.device)
+            # dM's per-channel-tile shares (the kernel's docstring); an unfilled one-element dummy where not asked
+            f32 = {"dtype": torch.float32, "device": x.device}
+            part = torch.zeros(grid[1] * groups, *sim.shape, **f32) if with_dsim else torch.empty(1, **f32)
             jit_kernel("dx", interpret)[grid](grad_out, wt, sim, dx, x, part, n * h * w, *dims, **common,
                                               **cfg.constexprs(ieee), DSIM=with_dsim, num_warps=cfg.num_warps,
                                               num_stages=cfg.num_stages)
@@ -603,8 +602,7 @@ def backward(grad_out, x, weight, sim, stride, padding, dilation, groups, need_d
     ``[N, C_out, H_out, W_out]``; each computed only when its ``need_*`` flag is true. Needs only
     ``x``, ``weight`` and ``sim`` (no saved columns). Outputs in the input dtype. ``dx`` and ``dsim`` both
     asked, for diagonal ``M``, come from one kernel (``dx+dsim``); ``fuse_dsim=False`` runs the separate ``dM``
-    kernel instead (the same
-    values up to rounding; for benchmarks comparing the two, ``benchmarks/gpu_check.py``)."""
+    kernel instead (the same values up to rounding; for benchmarks comparing the two, ``benchmarks/gpu_check.py``)."""
     with _on_device(x):
         return _backward(grad_out, x, weight, sim, stride, padding, dilation, groups, need_dx, need_dw, need_dsim,
                          fuse_dsim)

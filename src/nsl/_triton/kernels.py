@@ -101,8 +101,8 @@ def ns_dx_kernel(g_ptr, wt_ptr, sim_ptr, dx_ptr, x_ptr, dsim_ptr,
     the separate kernel NaN there). This replaces the separate ``dM`` kernel's GEMM whenever ``dx`` is needed
     too, for ``G * C_TILES`` float32 copies of ``dm`` (``P`` values per location) in memory. Full ``M`` keeps
     the separate kernel: the shared GEMMs would be ``P`` of its ``P * P + 2 P`` and the buffer ``P * P`` float32
-    values per location and slot. Without ``DSIM`` the tile
-    ``gout * M`` is scaled before the dot (``x_ptr``, ``dsim_ptr`` unused).
+    values per location and slot. Without ``DSIM`` the tile ``gout * M`` is scaled before the dot (``x_ptr``,
+    ``dsim_ptr`` unused): one accumulator, which the ``dx`` config's wider, pipelined reduction needs to fit.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
